@@ -1,0 +1,52 @@
+# eopd: `make help` lists the targets. Every target creates the virtual environment it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-all test-gpu lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+# The CPU build of torch goes in first (a local wheel or the PyTorch CPU index; the plain PyPI wheel on
+# macOS, which is CPU-only), so that resolving the package never pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip 2>/dev/null || true
+	$(VENV)/bin/pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+	  || $(VENV)/bin/pip install -q "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX) \
+	  || $(VENV)/bin/pip install -q "torch==$(TORCH_VERSION)"
+	$(VENV)/bin/pip install -q -e '.[dev]' 2> >(grep -v "is ignored: it is neither" >&2)
+	touch $@
+
+venv: $(VENV)/.installed ## create .venv with the CPU build of torch and the package in editable mode
+
+test: $(VENV)/.installed ## run the default tests (CPU, offline, a few minutes)
+	$(PY) -m pytest -q
+
+test-all: $(VENV)/.installed ## run every test, the slow ones included
+	$(PY) -m pytest -q -m "not gpu"
+
+test-gpu: $(VENV)/.installed ## run the tests that need a CUDA device
+	$(PY) -m pytest -q -m gpu
+
+lint: $(VENV)/.installed ## ruff lint and format check
+	$(VENV)/bin/ruff check eopd tests scripts
+	$(VENV)/bin/ruff format --check eopd tests scripts
+
+format: $(VENV)/.installed ## ruff format and autofix
+	$(VENV)/bin/ruff format eopd tests scripts
+	$(VENV)/bin/ruff check --fix eopd tests scripts
+
+bench: $(VENV)/.installed ## print time and peak memory of the objective, naive against fused
+	$(PY) scripts/bench_objectives.py
+
+clean: ## remove caches (keeps .venv and outputs/)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info

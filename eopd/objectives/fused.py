@@ -1,0 +1,225 @@
+"""Memory-bounded losses over a large vocabulary: logits computed tile by tile over token positions.
+
+At a 150k vocabulary the [tokens, vocab] logits (and their log-softmax and gradient) are the memory wall.
+Here a model's side is either materialised logits (`Tensor`, shape (N, V)) or `LinearLogits`: the final
+hidden states (N, H) and the output layer's weight (V, H), from which logits are formed one tile of
+positions at a time, so that no full logits tensor ever exists.
+
+Two engines:
+  - `tiled_loss` for a scalar loss whose per-token coefficients are known up front (every objective in
+    this package): each tile's gradient is computed in the forward pass and only grad(hidden) (N, H) and
+    grad(weight) (V, H) are kept. Same matrix products as the naive path, one tile of logits in memory.
+  - `per_token_fused` for any per-token function (each divergence of `divergences.py`): the output keeps
+    its per-token shape and the tile's logits are recomputed in the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class LinearLogits:
+    """Logits represented by final hidden states and an output layer, never materialised in full.
+
+    Attributes:
+        hidden: (..., H) hidden states after the final norm, i.e. the output layer's input.
+        weight: (V_padded, H) output-layer weight (`model.get_output_embeddings().weight`).
+        vocab_size: the shared vocabulary V <= V_padded; rows past it (padded embeddings) are ignored.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.hidden.shape[-1] != self.weight.shape[-1]:
+            raise ValueError(
+                f"hidden size {self.hidden.shape[-1]} does not match the output weight {tuple(self.weight.shape)}"
+                " (expected weight of shape (V, H))"
+            )
+        if self.vocab_size is None:
+            self.vocab_size = self.weight.shape[0]
+        if not 1 <= self.vocab_size <= self.weight.shape[0]:
+            raise ValueError(
+                f"vocab_size={self.vocab_size} must lie in [1, {self.weight.shape[0]}] (the weight's rows)"
+            )
+        self.weight = self.weight[: self.vocab_size]
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape the logits would have: (..., V)."""
+        return torch.Size((*self.hidden.shape[:-1], self.vocab_size))
+
+    def rows(self, index: Tensor) -> LinearLogits:
+        """The positions selected by a boolean mask over the leading dims, flattened: (N, H)."""
+        return LinearLogits(self.hidden[index], self.weight, self.vocab_size)
+
+    def logits(self, start: int = 0, end: int | None = None) -> Tensor:
+        """Float32 logits of rows [start, end) of a flat (N, H) hidden: (n, V)."""
+        return (self.hidden[start:end] @ self.weight.T).float()
+
+
+LogitSource = Tensor | LinearLogits
+
+
+def source_rows(source: LogitSource, index: Tensor) -> LogitSource:
+    """Select positions of a logit source with a boolean mask over its leading dims -> (N, V) or (N, H)."""
+    return source.rows(index) if isinstance(source, LinearLogits) else source[index]
+
+
+def source_tile(source: LogitSource, start: int, end: int) -> Tensor:
+    """Float32 logits of rows [start, end) of a flat source: (n, V)."""
+    return source.logits(start, end) if isinstance(source, LinearLogits) else source[start:end].float()
+
+
+def source_len(source: LogitSource) -> int:
+    return source.hidden.shape[0] if isinstance(source, LinearLogits) else source.shape[0]
+
+
+TileLoss = Callable[[Tensor, int, int], Tensor]
+"""tile_fn(student_logits_tile (n, V) float32, start, end) -> scalar loss of that tile."""
+
+
+def tiled_loss(student: LogitSource, tile_fn: TileLoss, *, chunk_size: int = 1024) -> Tensor:
+    """Sum of `tile_fn` over tiles of `chunk_size` positions of a flat (N, ...) student source.
+
+    The gradient with respect to the student's logits is taken tile by tile during the forward pass and
+    pushed straight into the gradients of the hidden states and the output weight (or of the logits),
+    so peak memory holds one tile of logits instead of all of them. `tile_fn` may close over any
+    detached per-token data (teacher statistics, coefficients); only the student is differentiated.
+
+    Returns:
+        A 0-dim float32 tensor, differentiable with respect to the student's hidden states and weight (or
+        logits).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of token positions")
+    if isinstance(student, LinearLogits):
+        return _LinearTiledLoss.apply(student.hidden, student.weight, tile_fn, chunk_size)
+    return _LogitsTiledLoss.apply(student, tile_fn, chunk_size)
+
+
+def _tile_value_and_grad(tile_fn: TileLoss, logits: Tensor, start: int, end: int, need_grad: bool):
+    with torch.enable_grad():
+        logits = logits.detach().requires_grad_(need_grad)
+        value = tile_fn(logits, start, end)
+        if need_grad and value.requires_grad:
+            (grad,) = torch.autograd.grad(value, logits)
+        else:
+            grad = torch.zeros_like(logits) if need_grad else None
+    return value.detach(), grad
+
+
+class _LinearTiledLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, tile_fn: TileLoss, chunk_size: int) -> Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_grad = need_h or need_w
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            h = hidden[start:end]
+            logits = (h @ weight.T).float()  # (n, V)
+            value, grad = _tile_value_and_grad(tile_fn, logits, start, end, need_grad)
+            total += value
+            if need_grad:
+                grad = grad.to(weight.dtype)
+                if need_h:
+                    grad_hidden[start:end] = grad @ weight  # (n, H)
+                if need_w:
+                    grad_weight.addmm_(grad.T.float(), h.float())  # (V, H)
+        ctx.save_for_backward(
+            grad_hidden if need_h else None,
+            grad_weight.to(weight.dtype) if need_w else None,
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.to(torch.float32)
+        return (
+            grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None,
+            None,
+            None,
+        )
+
+
+class _LogitsTiledLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, tile_fn: TileLoss, chunk_size: int) -> Tensor:
+        need_grad = ctx.needs_input_grad[0]
+        grad_logits = torch.zeros_like(logits) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], chunk_size):
+            end = min(start + chunk_size, logits.shape[0])
+            value, grad = _tile_value_and_grad(tile_fn, logits[start:end].float(), start, end, need_grad)
+            total += value
+            if need_grad:
+                grad_logits[start:end] = grad.to(logits.dtype)
+        ctx.save_for_backward(grad_logits)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        (grad_logits,) = ctx.saved_tensors
+        if grad_logits is None:
+            return None, None, None
+        return grad_logits * grad_output.to(grad_logits.dtype), None, None
+
+
+def per_token_fused(
+    divergence: Callable[..., Tensor],
+    student: LinearLogits,
+    teacher: LogitSource,
+    *,
+    chunk_size: int = 1024,
+    **options,
+) -> Tensor:
+    """Any per-token divergence of (student_logits, teacher_logits) without full logits in memory.
+
+    Args:
+        divergence: a function of `divergences.py`, e.g. `forward_kl`.
+        student: flat `LinearLogits` with hidden (N, H).
+        teacher: flat `LinearLogits` with hidden (N, H_t), or teacher logits (N, V).
+        chunk_size: positions per tile.
+        **options: passed to `divergence` (temperature, beta, k, ...).
+
+    Returns:
+        (N,) per-token values, differentiable with respect to the student. Each tile's logits are
+        recomputed in the backward pass (activation checkpointing per tile).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of token positions")
+    n = source_len(student)
+    if source_len(teacher) != n:
+        raise ValueError(f"student has {n} positions but teacher has {source_len(teacher)}")
+
+    def tile(h: Tensor, w: Tensor, t: Tensor | None, tw: Tensor | None, th: Tensor | None) -> Tensor:
+        teacher_logits = t.float() if t is not None else (th @ tw.T).float()
+        return divergence((h @ w.T).float(), teacher_logits, **options)
+
+    outputs = []
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        if isinstance(teacher, LinearLogits):
+            args = (
+                student.hidden[start:end],
+                student.weight,
+                None,
+                teacher.weight,
+                teacher.hidden[start:end],
+            )
+        else:
+            args = (student.hidden[start:end], student.weight, teacher[start:end], None, None)
+        outputs.append(checkpoint(tile, *args, use_reentrant=False))
+    return torch.cat(outputs) if outputs else student.hidden.new_zeros(0, dtype=torch.float32)

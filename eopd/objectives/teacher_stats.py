@@ -1,0 +1,118 @@
+"""The teacher's per-token statistics, reduced from its logits chunk by chunk.
+
+`opd` and `eopd` never need the teacher's full distribution during an update: only log pi_te(y_t) of the
+sampled token, the entropy H_t (for the gate) and the top-k log-probs and indices (for the forward-KL
+term). `teacher_token_stats` computes them once per rollout batch, one tile of positions at a time, so a
+training step never holds full teacher logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from eopd.objectives.divergences import _check_temperature, _check_top_k
+from eopd.objectives.fused import LogitSource, source_len, source_tile
+
+
+@dataclass
+class TeacherStats:
+    """Per-token teacher statistics over positions of shape (...), all at one temperature.
+
+    Attributes:
+        token_logprobs: (...) log pi_te(y_t) of the sampled token.
+        entropy: (...) H_t = -sum_v pi_te(v) log pi_te(v), full vocabulary, nats.
+        topk_logprobs: (..., k) full-vocabulary log-probs of the teacher's k most likely tokens.
+        topk_indices: (..., k) their token ids.
+        temperature: the temperature the teacher's logits were divided by.
+    """
+
+    token_logprobs: Tensor
+    entropy: Tensor
+    topk_logprobs: Tensor
+    topk_indices: Tensor
+    temperature: float = 1.0
+
+    @property
+    def k(self) -> int:
+        return self.topk_logprobs.shape[-1]
+
+    @property
+    def topk_mass(self) -> Tensor:
+        """(...) teacher probability mass covered by its top-k tokens."""
+        return self.topk_logprobs.float().exp().sum(-1)
+
+    def rows(self, index) -> TeacherStats:
+        """Index every field over the leading dims (a boolean mask, slice or index tensor)."""
+        return TeacherStats(
+            **{f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "temperature"},
+            temperature=self.temperature,
+        )
+
+    def to(self, device) -> TeacherStats:
+        return TeacherStats(
+            **{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "temperature"},
+            temperature=self.temperature,
+        )
+
+
+@torch.no_grad()
+def teacher_token_stats(
+    teacher: LogitSource,
+    tokens: Tensor,
+    *,
+    k: int = 16,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> TeacherStats:
+    """Reduce teacher logits to `TeacherStats`, one tile of positions at a time.
+
+    Args:
+        teacher: logits (..., V), or `LinearLogits` with hidden (..., H) and the output weight.
+        tokens: (...) the sampled token at each position.
+        k: how many of the teacher's top tokens to keep (the paper: 16).
+        temperature: divide logits by this before the softmax (must equal the sampling temperature).
+        chunk_size: positions per tile; peak memory is about chunk_size x V floats.
+
+    Returns:
+        TeacherStats with leading shape equal to `tokens.shape`.
+    """
+    _check_temperature(temperature)
+    lead = tokens.shape
+    if isinstance(teacher, Tensor):
+        vocab = teacher.shape[-1]
+        if teacher.shape[:-1] != lead:
+            raise ValueError(
+                f"teacher logits shape {tuple(teacher.shape)} does not match tokens shape {tuple(lead)}"
+            )
+        flat = teacher.reshape(-1, vocab)
+    else:
+        vocab = teacher.vocab_size
+        if teacher.hidden.shape[:-1] != lead:
+            raise ValueError(
+                f"teacher hidden shape {tuple(teacher.hidden.shape)} does not match tokens shape {tuple(lead)}"
+            )
+        flat = type(teacher)(teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight, vocab)
+    _check_top_k(k, vocab)
+    flat_tokens = tokens.reshape(-1)
+    n = source_len(flat)
+    device = flat_tokens.device
+    token_logprobs = torch.empty(n, device=device)
+    entropy = torch.empty(n, device=device)
+    topk_logprobs = torch.empty(n, k, device=device)
+    topk_indices = torch.empty(n, k, dtype=torch.long, device=device)
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        logp = torch.log_softmax(source_tile(flat, start, end) / temperature, dim=-1)  # (n, V)
+        token_logprobs[start:end] = logp.gather(-1, flat_tokens[start:end, None]).squeeze(-1)
+        entropy[start:end] = -(logp.exp() * logp).sum(-1)
+        topk_logprobs[start:end], topk_indices[start:end] = logp.topk(k, dim=-1)
+    return TeacherStats(
+        token_logprobs=token_logprobs.reshape(lead),
+        entropy=entropy.reshape(lead),
+        topk_logprobs=topk_logprobs.reshape(*lead, k),
+        topk_indices=topk_indices.reshape(*lead, k),
+        temperature=temperature,
+    )
