@@ -1,0 +1,350 @@
+"""Model building, teacher/student vocabulary checks, and hidden states / logits at response positions."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+if TYPE_CHECKING:  # rollout.py imports this module, so the batch type is only named, not imported
+    from eopd.rollout import RolloutBatch
+
+_FAMILIES = {
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+}
+
+
+def _require_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def build_causal_lm(
+    *,
+    family: str = "qwen3",
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 512,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> PreTrainedModel:
+    """Build a randomly initialised causal LM from a transformers config, the same weights for a seed.
+
+    Meant for tests, toy experiments and pretraining small teachers; real pairs are loaded with
+    `AutoModelForCausalLM.from_pretrained`.
+
+    Args:
+        family: "qwen3" (Qwen3Config) or "llama" (LlamaConfig).
+        vocab_size: rows of the embedding and output matrices.
+        hidden_size: model width; must be divisible by `num_heads`.
+        num_layers: decoder layers.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (grouped-query attention); defaults to `num_heads`. Must divide
+            `num_heads`.
+        intermediate_size: MLP width; defaults to `4 * hidden_size`.
+        max_position_embeddings: longest sequence the rotary embedding is configured for.
+        tie_word_embeddings: share the input embedding with the output layer.
+        seed: seeds the weight initialisation (the global RNG state is restored afterwards).
+        bos_token_id, eos_token_id, pad_token_id: written into the config (and generation config).
+
+    Returns:
+        The model in training mode, float32, on the CPU.
+
+    Raises:
+        ValueError: naming the offending argument.
+    """
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be one of {sorted(_FAMILIES)}, got {family!r}")
+    for name, value in [
+        ("vocab_size", vocab_size),
+        ("hidden_size", hidden_size),
+        ("num_layers", num_layers),
+        ("num_heads", num_heads),
+        ("max_position_embeddings", max_position_embeddings),
+    ]:
+        _require_positive(name, value)
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+    _require_positive("num_kv_heads", num_kv_heads)
+    _require_positive("intermediate_size", intermediate_size)
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
+    special_ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    for name, token_id in special_ids.items():
+        if token_id is not None and not 0 <= token_id < vocab_size:
+            raise ValueError(f"{name} must lie in [0, vocab_size={vocab_size}), got {token_id}")
+
+    config_class, model_class = _FAMILIES[family]
+    config = config_class(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        # Qwen3Config defaults head_dim to 128 regardless of width; tie it to the width instead.
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    # fork_rng keeps building a model from disturbing the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return model
+
+
+def vocab_size_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> int:
+    """The effective vocabulary size: the ids a model can really be asked about.
+
+    Embedding matrices are often padded beyond the tokenizer (Qwen3: 151936 rows for 151669 tokens), and
+    the padded rows are never produced by the tokenizer. With a tokenizer this is `len(tokenizer)`;
+    without one, the rows of the output layer.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer, if there is one.
+    """
+    if tokenizer is not None:
+        return len(tokenizer)
+    return output_weight(model).shape[0]
+
+
+class VocabularyMismatchError(ValueError):
+    """The student and teacher tokenizers do not map text and ids the same way."""
+
+
+DEFAULT_PROBES: tuple[str, ...] = (
+    "Let's think step by step and output the final answer within \\boxed{}.",
+    "Find all real x such that x^2 - 5x + 6 = 0. The answer is $\\boxed{2, 3}$.",
+    "  leading spaces,\ttabs\nand\n\nnewlines  ",
+    "1234567890 3.14159 -42 1e-9 1/2 \\frac{a}{b} \\sqrt{2} \\int_0^1 x\\,dx",
+    "def f(x):\n    return {'a': [x, x ** 2]}  # code",
+    "Ünïcödé: naïve café, Ωμέγα, Привет, 数学问题, 🙂",
+)
+"""Text the two tokenizers must split into the same ids: prose, LaTeX, digits, whitespace, code, Unicode."""
+
+
+def _first_difference(left: Sequence[int], right: Sequence[int]) -> int:
+    for position, (a, b) in enumerate(zip(left, right, strict=False)):
+        if a != b:
+            return position
+    return min(len(left), len(right))
+
+
+def _describe_token_at(tokenizer: PreTrainedTokenizerBase, ids: list[int], position: int) -> str:
+    if position >= len(ids):
+        return f"<end of encoding after {len(ids)} tokens>"
+    return f"id {ids[position]} {tokenizer.convert_ids_to_tokens(ids[position])!r}"
+
+
+def check_shared_vocabulary(
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    probes: Sequence[str] = DEFAULT_PROBES,
+    *,
+    ignore_ids: Collection[int] = (),
+) -> int:
+    """Check that student and teacher share one vocabulary, so that logits can be compared id by id.
+
+    Three checks, each naming what differs: the same `len()`; the same ids for every probe string
+    (encoded without special tokens); the same token string at every id of `get_vocab()`.
+
+    Args:
+        student_tokenizer: the student's tokenizer.
+        teacher_tokenizer: the teacher's tokenizer.
+        probes: strings both must encode identically.
+        ignore_ids: ids whose token strings may differ in the whole-vocabulary check, e.g. special tokens
+            that `remap_end_token` translates. They are not skipped in the probe check, so keep special
+            tokens out of the probes.
+
+    Returns:
+        The shared vocabulary size, `len(student_tokenizer)`.
+
+    Raises:
+        VocabularyMismatchError: on the first difference found.
+    """
+    size = len(student_tokenizer)
+    if len(teacher_tokenizer) != size:
+        raise VocabularyMismatchError(
+            f"tokenizer sizes differ: student has {size} tokens, teacher has {len(teacher_tokenizer)}"
+        )
+
+    for probe in probes:
+        student_ids = student_tokenizer.encode(probe, add_special_tokens=False)
+        teacher_ids = teacher_tokenizer.encode(probe, add_special_tokens=False)
+        if student_ids == teacher_ids:
+            continue
+        at = _first_difference(student_ids, teacher_ids)
+        raise VocabularyMismatchError(
+            f"probe {probe!r} encodes differently from token {at} on: "
+            f"student {_describe_token_at(student_tokenizer, student_ids, at)}, "
+            f"teacher {_describe_token_at(teacher_tokenizer, teacher_ids, at)}"
+        )
+
+    student_pieces = {token_id: piece for piece, token_id in student_tokenizer.get_vocab().items()}
+    teacher_pieces = {token_id: piece for piece, token_id in teacher_tokenizer.get_vocab().items()}
+    ignored = set(ignore_ids)
+    for token_id in sorted(student_pieces.keys() | teacher_pieces.keys()):
+        if token_id in ignored:
+            continue
+        student_piece = student_pieces.get(token_id)
+        teacher_piece = teacher_pieces.get(token_id)
+        if student_piece != teacher_piece:
+            raise VocabularyMismatchError(
+                f"token id {token_id} differs: student {student_piece!r}, teacher {teacher_piece!r} "
+                "(None: the id is missing on that side)"
+            )
+    return size
+
+
+def remap_end_token(input_ids: Tensor, response_mask: Tensor, *, from_id: int, to_id: int) -> Tensor:
+    """Replace the student's end token by the teacher's inside the response, on a copy.
+
+    A base-model student ends its answers with `<|endoftext|>`, while a chat teacher ends them with
+    `<|im_end|>`; scored as is, the teacher finds the student's end token unlikely and the student learns
+    never to stop (PAPER.md section 3). The teacher should therefore score a copy in which the end token
+    is translated. Prompt tokens and padding are left alone, even when the pad id equals `from_id`.
+
+    Args:
+        input_ids: (B, P + R) prompts followed by responses, or (B, R) responses alone.
+        response_mask: (B, R) bool, True on response tokens (the last R columns of `input_ids`).
+        from_id: the student's end token id.
+        to_id: the teacher's end token id.
+
+    Returns:
+        (B, P + R) a new tensor; `input_ids` is not modified.
+    """
+    if input_ids.dim() != 2 or response_mask.dim() != 2:
+        raise ValueError(
+            f"input_ids and response_mask must be 2-D, got shapes {tuple(input_ids.shape)} and "
+            f"{tuple(response_mask.shape)}"
+        )
+    batch_size, response_length = response_mask.shape
+    if input_ids.shape[0] != batch_size or input_ids.shape[1] < response_length:
+        raise ValueError(
+            f"response_mask {tuple(response_mask.shape)} does not fit the last columns of input_ids "
+            f"{tuple(input_ids.shape)}"
+        )
+    remapped = input_ids.clone()
+    responses = remapped[:, input_ids.shape[1] - response_length :]  # a view into the copy
+    responses[(responses == from_id) & response_mask.bool()] = to_id
+    return remapped
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that count only attended tokens, so left padding does not shift positions.
+
+    Args:
+        attention_mask: (B, L) 1 for real tokens, 0 for padding.
+
+    Returns:
+        (B, L) long: `cumsum - 1` over the mask, 0 on left padding.
+    """
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
+
+
+def output_weight(model: PreTrainedModel) -> Tensor:
+    """The output layer's weight, (V, H): logits are `hidden_states @ output_weight(model).T`."""
+    return model.get_output_embeddings().weight
+
+
+def _decoder_of(model: PreTrainedModel) -> torch.nn.Module | None:
+    # Llama/Qwen3-style causal LMs keep the decoder (embeddings, layers, final norm) in `.model`.
+    decoder = getattr(model, "model", None)
+    if isinstance(decoder, torch.nn.Module):
+        return decoder
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else None
+
+
+def final_hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The last hidden states after the final norm: what the output layer multiplies.
+
+    Position ids come from the attention mask (`position_ids_from_mask`), so a left-padded sequence gets
+    the same hidden states at its real tokens as the same sequence unpadded, and the same positions as
+    `eopd.rollout.sample` used when it drew the tokens.
+
+    Args:
+        model: a causal LM.
+        input_ids: (B, L) token ids.
+        attention_mask: (B, L) 1 for real tokens, 0 for padding.
+
+    Returns:
+        (B, L, H) in the model's dtype. Values at padded positions are meaningless.
+    """
+    position_ids = position_ids_from_mask(attention_mask)
+    decoder = _decoder_of(model)
+    if decoder is not None:
+        out = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        return out.last_hidden_state
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        output_hidden_states=True,
+    )
+    return out.hidden_states[-1]
+
+
+def response_hidden_states(
+    model: PreTrainedModel, batch: RolloutBatch, *, input_ids: Tensor | None = None
+) -> Tensor:
+    """Hidden states at the positions that predict each response token.
+
+    Response token r sits at position P + r of the full sequence and is predicted from position
+    P + r - 1, so this returns positions P - 1 ... P + R - 2.
+
+    Args:
+        model: a causal LM (student or teacher).
+        batch: the rollout to score.
+        input_ids: (B, P + R) ids to score instead of `batch.input_ids`, e.g. the teacher's copy from
+            `remap_end_token`; the batch's attention mask is used either way.
+
+    Returns:
+        (B, R, H); rows where `batch.response_mask` is False are meaningless.
+    """
+    ids = batch.input_ids if input_ids is None else input_ids
+    if ids.shape != batch.input_ids.shape:
+        raise ValueError(f"input_ids has shape {tuple(ids.shape)}, the batch {tuple(batch.input_ids.shape)}")
+    hidden = final_hidden_states(model, ids, batch.attention_mask)  # (B, P + R, H)
+    start = batch.prompt_length - 1
+    return hidden[:, start : start + batch.response_mask.shape[1]]
+
+
+def response_logits(
+    model: PreTrainedModel, batch: RolloutBatch, *, input_ids: Tensor | None = None
+) -> Tensor:
+    """Logits for every response token, (B, R, V): only for small vocabularies (tests, toy tasks).
+
+    At a 150k vocabulary, (B, R, V) does not fit; compute from `response_hidden_states` and
+    `output_weight` in chunks instead. Arguments are those of `response_hidden_states`.
+    """
+    hidden = response_hidden_states(model, batch, input_ids=input_ids)
+    return model.get_output_embeddings()(hidden)

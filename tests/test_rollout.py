@@ -1,0 +1,289 @@
+"""Tests for eopd.rollout: the batch layout, end/pad handling, top-p, and KV-cached sampling vs scoring."""
+
+import math
+
+import pytest
+import torch
+
+from eopd.models import build_causal_lm, final_hidden_states, output_weight, response_logits
+from eopd.rollout import RolloutBatch, _draw, pad_prompts, sample
+
+PAD = 0
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]  # different lengths: left padding is exercised
+
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def model(request):
+    """A tiny random model with a sharpened output layer, so greedy decoding is far from ties."""
+    model = build_causal_lm(
+        family=request.param, vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, seed=0
+    )
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20)  # logit std of a few nats instead of ~0.1
+    return model.eval()
+
+
+def greedy(model, prompts, **kwargs):
+    kwargs.setdefault("pad_token_id", PAD)
+    return sample(model, prompts, temperature=0.0, **kwargs)
+
+
+def greedy_by_recomputing(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding the slow way: the full sequence through the model at every step, no cache."""
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            ids = torch.tensor([sequence])
+            hidden = final_hidden_states(model, ids, torch.ones_like(ids))[0, -1]
+            sequence.append(int((output_weight(model) @ hidden).argmax()))
+    return sequence[len(prompt) :]
+
+
+def test_pad_prompts_left_pads():
+    input_ids, attention_mask = pad_prompts([[1, 2], [3, 4, 5]], pad_token_id=9)
+    assert input_ids.tolist() == [[9, 1, 2], [3, 4, 5]]
+    assert attention_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        pad_prompts([[1], []], pad_token_id=9)
+
+
+def test_kv_cached_greedy_equals_recomputing_each_step(model):
+    # No end token in reach (id 49 is never chosen within 8 steps here), so every row runs to the limit.
+    batch = greedy(model, PROMPTS, max_new_tokens=8, eos_token_ids=49)
+    for row, prompt in enumerate(PROMPTS):
+        expected = greedy_by_recomputing(model, prompt, 8)
+        assert 49 not in expected
+        assert batch.responses[row].tolist() == expected
+
+
+def test_left_padded_batch_decodes_like_each_prompt_alone(model):
+    batch = greedy(model, PROMPTS, max_new_tokens=8, eos_token_ids=49)
+    for row, prompt in enumerate(PROMPTS):
+        alone = greedy(model, [prompt], max_new_tokens=8, eos_token_ids=49)
+        assert batch.responses[row].tolist() == alone.responses[0].tolist()
+
+
+def test_end_token_mid_response_is_kept_and_what_follows_is_padding(model):
+    free = greedy(model, [PROMPTS[1]], max_new_tokens=8, eos_token_ids=49).responses[0].tolist()
+    end = free[3]
+    at = free.index(end)  # the first time the chosen end token appears
+    batch = greedy(model, [PROMPTS[1], PROMPTS[0]], max_new_tokens=8, eos_token_ids=[49, end])
+    ended, other = batch.select([0]), batch.select([1])
+    assert ended.responses[0, : at + 1].tolist() == free[: at + 1]
+    assert ended.response_mask[0].tolist() == [True] * (at + 1) + [False] * (batch.response_length - at - 1)
+    assert set(ended.responses[0, at + 1 :].tolist()) <= {PAD}
+    assert not bool(ended.truncated[0])
+    assert int(ended.response_lengths[0]) == at + 1
+    # The other row is unaffected by its neighbour ending.
+    assert (
+        other.responses[0].tolist()[: other.response_lengths[0]]
+        == greedy(model, [PROMPTS[0]], max_new_tokens=8, eos_token_ids=[49, end])
+        .responses[0]
+        .tolist()[: other.response_lengths[0]]
+    )
+    # Scoring sees exactly the tokens the mask covers.
+    assert torch.equal(batch.attention_mask[:, batch.prompt_length :], batch.response_mask.long())
+
+
+def test_pad_equal_to_end_token_still_masks_the_real_end(model):
+    free = greedy(model, [PROMPTS[1]], max_new_tokens=8, eos_token_ids=49).responses[0].tolist()
+    end = free[2]
+    at = free.index(end)
+    # Row 0 ends at `at`; row 1 (a prompt whose greedy path differs) keeps going, so row 0 gets padding.
+    batch = greedy(model, [PROMPTS[1], PROMPTS[2]], max_new_tokens=8, eos_token_ids=end, pad_token_id=end)
+    lengths = batch.response_lengths.tolist()
+    assert lengths[0] == at + 1
+    assert lengths[1] > lengths[0], "test needs row 1 to run longer than row 0"
+    mask = batch.response_mask[0].tolist()
+    assert mask == [True] * (at + 1) + [False] * (batch.response_length - at - 1)
+    assert batch.responses[0, at].item() == end  # the real end token, masked in
+    assert batch.responses[0, at + 1 :].eq(end).all()  # padding with the same id, masked out
+    assert batch.num_valid_tokens == sum(lengths)
+
+
+def test_no_end_token_before_the_limit_is_truncated(model):
+    batch = greedy(model, PROMPTS, max_new_tokens=5, eos_token_ids=49)
+    assert batch.response_length == 5
+    assert batch.truncated.all()
+    assert batch.response_mask.all()
+    assert batch.num_valid_tokens == 15
+
+
+def test_sampling_stops_once_every_row_has_ended(model):
+    first_tokens = greedy(model, PROMPTS, max_new_tokens=1, eos_token_ids=49).responses[:, 0].tolist()
+    batch = greedy(model, PROMPTS, max_new_tokens=20, eos_token_ids=first_tokens)
+    assert batch.response_length == 1
+    assert not batch.truncated.any()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_match_scoring_at_the_same_temperature(model, temperature):
+    generator = torch.Generator().manual_seed(0)
+    batch = sample(
+        model, PROMPTS, max_new_tokens=12, eos_token_ids=[3, 4], pad_token_id=PAD, temperature=temperature,
+        generator=generator,
+    )  # fmt: skip
+    assert batch.response_mask.sum(-1).min() >= 1
+    with torch.no_grad():
+        logprobs = torch.log_softmax(response_logits(model, batch).float() / temperature, dim=-1)
+    scored = logprobs.gather(-1, batch.responses[..., None]).squeeze(-1) * batch.response_mask
+    torch.testing.assert_close(batch.sampler_logprobs, scored, atol=1e-5, rtol=1e-5)
+    assert batch.sampler_logprobs[~batch.response_mask].eq(0).all()
+
+
+def test_seeded_generator_reproduces_the_rollout(model):
+    def draw(seed):
+        return sample(
+            model, PROMPTS, max_new_tokens=10, eos_token_ids=3, pad_token_id=PAD,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+
+    first, again, other = draw(1), draw(1), draw(2)
+    assert torch.equal(first.input_ids, again.input_ids)
+    assert torch.equal(first.sampler_logprobs, again.sampler_logprobs)
+    assert not torch.equal(first.input_ids, other.input_ids)
+
+
+def test_tiny_top_p_decodes_greedily(model):
+    greedy_batch = greedy(model, PROMPTS, max_new_tokens=6, eos_token_ids=49)
+    nucleus_of_one = sample(
+        model, PROMPTS, max_new_tokens=6, eos_token_ids=49, pad_token_id=PAD, top_p=1e-6,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert torch.equal(nucleus_of_one.input_ids, greedy_batch.input_ids)
+    assert nucleus_of_one.sampler_logprobs.eq(0).all()  # the kept token has all the mass
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(20_000, 4)
+    generator = torch.Generator().manual_seed(0)
+    # Mass 0.5 alone is short of 0.7; with 0.3 it reaches 0.8: tokens 1 and 3, renormalised.
+    tokens, logprobs = _draw(logits, temperature=1.0, top_p=0.7, generator=generator)
+    assert set(tokens.tolist()) == {1, 3}
+    assert abs(tokens.eq(1).float().mean().item() - 0.625) < 0.02
+    expected = torch.where(tokens == 1, math.log(0.5 / 0.8), math.log(0.3 / 0.8))
+    torch.testing.assert_close(logprobs, expected)
+    # A top token that reaches the mass alone is the whole nucleus.
+    tokens, logprobs = _draw(logits[:100], temperature=1.0, top_p=0.45, generator=generator)
+    assert tokens.eq(1).all() and logprobs.abs().max() < 1e-6
+
+
+def test_sampling_restores_the_training_mode_and_builds_no_graph(model):
+    model.train()
+    try:
+        batch = sample(model, PROMPTS, max_new_tokens=3, eos_token_ids=49, pad_token_id=PAD)
+        assert model.training
+        assert not batch.sampler_logprobs.requires_grad
+    finally:
+        model.eval()
+    sample(model, PROMPTS, max_new_tokens=3, eos_token_ids=49, pad_token_id=PAD)
+    assert not model.training
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_new_tokens": 0}, r"max_new_tokens must be an integer >= 1, got 0"),
+        ({"temperature": -0.5}, r"temperature must be a finite number >= 0 .*got -0.5"),
+        ({"top_p": 0.0}, r"top_p must lie in \(0, 1\] .*got 0.0"),
+        ({"top_p": 1.5}, r"top_p must lie in \(0, 1\] .*got 1.5"),
+        ({"eos_token_ids": []}, r"eos_token_ids must name at least one"),
+        ({"pad_token_id": 50}, r"pad_token_id must lie in \[0, 50\)"),
+        ({"prompts": [[1, 2], [60]]}, r"prompts\[1\] holds ids outside \[0, 50\)"),
+    ],
+)
+def test_bad_sampling_arguments_are_named(model, overrides, message):
+    arguments = dict(prompts=PROMPTS, max_new_tokens=4, eos_token_ids=3, pad_token_id=PAD)
+    arguments.update(overrides)
+    prompts = arguments.pop("prompts")
+    with pytest.raises(ValueError, match=message):
+        sample(model, prompts, **arguments)
+
+
+# --- RolloutBatch ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_rollouts(model):
+    """Two sampled batches of different prompt and response widths, with their response logits."""
+    short = sample(model, [[5, 6], [7]], max_new_tokens=4, eos_token_ids=3, pad_token_id=PAD, temperature=0.0)
+    long = sample(
+        model, [[8, 9, 10, 11, 12]], max_new_tokens=9, eos_token_ids=49, pad_token_id=PAD, temperature=0.0
+    )
+    assert (short.prompt_length, short.response_length) != (long.prompt_length, long.response_length)
+    return short, long
+
+
+def test_select_returns_the_rows_asked_for(two_rollouts):
+    short, _ = two_rollouts
+    picked = short.select(torch.tensor([1]))
+    assert picked.batch_size == 1
+    assert torch.equal(picked.input_ids, short.input_ids[1:])
+    assert torch.equal(picked.sampler_logprobs, short.sampler_logprobs[1:])
+    assert torch.equal(short.select(slice(0, 1)).response_mask, short.response_mask[:1])
+    assert torch.equal(short.select([1, 0]).input_ids, short.input_ids.flip(0))
+    by_mask = short.select(torch.tensor([False, True]))  # a row mask, not the indices 0 and 1
+    assert torch.equal(by_mask.input_ids, picked.input_ids)
+
+
+def test_concat_repads_and_scores_like_the_parts(model, two_rollouts):
+    short, long = two_rollouts
+    both = RolloutBatch.concat([short, long], pad_token_id=PAD)
+    assert both.prompt_length == max(short.prompt_length, long.prompt_length)
+    assert both.response_length == max(short.response_length, long.response_length)
+    assert both.num_valid_tokens == short.num_valid_tokens + long.num_valid_tokens
+    assert torch.equal(both.truncated, torch.cat([short.truncated, long.truncated]))
+    with torch.no_grad():
+        parts = [response_logits(model, short), response_logits(model, long)]
+        joined = response_logits(model, both)
+    for rows, part, batch in [(slice(0, 2), parts[0], short), (slice(2, 3), parts[1], long)]:
+        width = batch.response_length
+        assert torch.equal(both.responses[rows, :width], batch.responses)
+        assert torch.equal(both.response_mask[rows, :width], batch.response_mask)
+        mask = batch.response_mask
+        torch.testing.assert_close(joined[rows, :width][mask], part[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_batch_rejects_inconsistent_shapes():
+    with pytest.raises(ValueError, match="response_mask must have shape"):
+        RolloutBatch(
+            input_ids=torch.zeros(2, 5, dtype=torch.long),
+            attention_mask=torch.ones(2, 5, dtype=torch.long),
+            response_mask=torch.ones(2, 3, dtype=torch.bool),
+            prompt_length=3,
+            truncated=torch.zeros(2, dtype=torch.bool),
+        )
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        ),
+    ],
+)
+def test_rollout_on_a_device_is_reproducible_and_scored_consistently(device):
+    model = (
+        build_causal_lm(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, seed=0).to(device).eval()
+    )
+
+    def draw():
+        return sample(
+            model, PROMPTS, max_new_tokens=10, eos_token_ids=3, pad_token_id=PAD, temperature=0.8, top_p=0.9,
+            generator=torch.Generator(device=device).manual_seed(0),
+        )  # fmt: skip
+
+    batch, again = draw(), draw()
+    assert batch.input_ids.device.type == device
+    assert torch.equal(batch.input_ids, again.input_ids)
+    assert torch.equal(batch.to("cpu").input_ids, batch.input_ids.cpu())
+    # With top_p < 1 the sampler's log-prob is at least the full distribution's (mass renormalised up).
+    with torch.no_grad():
+        full = torch.log_softmax(response_logits(model, batch).float() / 0.8, dim=-1)
+    scored = full.gather(-1, batch.responses[..., None]).squeeze(-1)
+    mask = batch.response_mask
+    assert (batch.sampler_logprobs[mask] >= scored[mask] - 1e-4).all()
