@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -348,3 +351,98 @@ def response_logits(
     """
     hidden = response_hidden_states(model, batch, input_ids=input_ids)
     return model.get_output_embeddings()(hidden)
+
+
+# ---- loading a teacher/student pair -------------------------------------------------------------------
+
+EMBEDDED_TOKENIZER = "embedded"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a local directory or hub id (`path`), or built from the fields below.
+
+    Attributes:
+        path: a directory saved with `save_pretrained`, or a Hugging Face hub id; None builds a randomly
+            initialised model with `build_causal_lm` from the remaining fields (tests, smoke runs).
+        tokenizer: the tokenizer's directory or hub id; None = `path`; "embedded" = the project's
+            character tokenizer (`eopd.tasks.tokenizer`), built offline.
+        family, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, seed: for path=None.
+    """
+
+    path: str | None = None
+    tokenizer: str | None = None
+    family: str = "qwen3"
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    seed: int = 0
+
+    def check(self, key: str) -> None:
+        """Fail before anything loads when `path` is neither a local model directory nor a plausible hub id."""
+        if self.path is None:
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"{key}.path is null, so {key}.tokenizer must name a tokenizer (e.g. 'embedded')"
+                )
+            return
+        local = Path(self.path).expanduser()
+        looks_local = self.path.startswith((".", "/", "~")) or local.exists() or self.path.count("/") != 1
+        if looks_local and not (local / "config.json").is_file():
+            raise ValueError(
+                f"{key}.path={self.path!r}: no model there (expected a directory with config.json, saved by "
+                "save_pretrained). Fix the path, or give a hub id such as Qwen/Qwen3-1.7B-Base"
+            )
+        if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(self.path):
+            raise ValueError(
+                f"{key}.path={self.path!r} is a hub id, but HF_HUB_OFFLINE=1 and it is not in the local cache: "
+                "download it first (unset HF_HUB_OFFLINE with network access) or point to a local directory"
+            )
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - any failure to look means "not cached"
+        return False
+
+
+def load_tokenizer(source: ModelSource, *, eos_token: str | None = None):
+    """The tokenizer of a model source; `eos_token` picks the end token of the embedded tokenizer."""
+    name = source.tokenizer or source.path
+    if name == EMBEDDED_TOKENIZER:
+        from eopd.tasks.tokenizer import END_OF_TEXT, build_tokenizer
+
+        return build_tokenizer(eos_token=eos_token or END_OF_TEXT)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def load_model(
+    source: ModelSource, *, vocab_size: int, dtype: str = "float32", special_ids: dict | None = None
+):
+    """Load (or build) a causal LM in `dtype`; a built model gets an output layer of `vocab_size` rows."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
+    if source.path is None:
+        model = build_causal_lm(
+            family=source.family,
+            vocab_size=vocab_size,
+            hidden_size=source.hidden_size,
+            num_layers=source.num_layers,
+            num_heads=source.num_heads,
+            num_kv_heads=source.num_kv_heads,
+            intermediate_size=source.intermediate_size,
+            seed=source.seed,
+            **(special_ids or {}),
+        )
+        return model.to(DTYPES[dtype])
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype])

@@ -274,6 +274,7 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> RolloutBatch:
     """Sample one response per prompt with a KV cache, recording the sampler's log-probabilities.
 
@@ -293,14 +294,16 @@ def sample(
             reaches top_p (at least one token); 1 samples from the full distribution.
         generator: the random stream for `torch.multinomial`, on the model's device; a generator
             seeded the same reproduces the rollout exactly (for the same batch of prompts).
+        vocab_size: sample only among the first `vocab_size` ids: the vocabulary shared with the
+            teacher, without the padded rows of the output layer. None = every row.
 
     Returns:
         A `RolloutBatch` with R <= max_new_tokens (fewer when every row ended early).
     """
     eos_ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
-    vocab_size = model.get_input_embeddings().num_embeddings
+    embedding_rows = model.get_input_embeddings().num_embeddings
     _validate_sampling_arguments(
-        prompts, vocab_size, max_new_tokens, eos_ids, pad_token_id, temperature, top_p
+        prompts, embedding_rows, max_new_tokens, eos_ids, pad_token_id, temperature, top_p
     )
 
     device = next(model.parameters()).device
@@ -328,7 +331,7 @@ def sample(
                 **prefill_extra,
             )
             for step in range(max_new_tokens):
-                next_logits = out.logits[:, -1].float()  # (B, V)
+                next_logits = out.logits[:, -1, :vocab_size].float()  # (B, V)
                 token, logprob = _draw(next_logits, temperature=temperature, top_p=top_p, generator=generator)
                 is_valid = ~finished
                 token = torch.where(is_valid, token, torch.full_like(token, pad_token_id))
@@ -360,4 +363,30 @@ def sample(
         prompt_length=input_ids.shape[1],
         truncated=~finished,
         sampler_logprobs=torch.stack(logprobs, dim=1),
+    )
+
+
+def with_prompts(batch: RolloutBatch, prompts: list[list[int]], *, pad_token_id: int) -> RolloutBatch:
+    """The same responses behind other prompts: e.g. the teacher's chat-formatted copy of a rollout.
+
+    Args:
+        batch: the rollout.
+        prompts: one list of token ids per row, in the other model's format.
+        pad_token_id: id for the new left padding.
+
+    Returns:
+        A batch whose prompt block is `prompts` (left-padded) and whose response block, response mask,
+        truncation flags and sampler log-probs are those of `batch`.
+    """
+    if len(prompts) != batch.batch_size:
+        raise ValueError(f"got {len(prompts)} prompts for a batch of {batch.batch_size} rows")
+    prompt_ids, prompt_mask = pad_prompts(prompts, pad_token_id)
+    device = batch.input_ids.device
+    return RolloutBatch(
+        input_ids=torch.cat([prompt_ids.to(device), batch.responses], dim=1),
+        attention_mask=torch.cat([prompt_mask.to(device), batch.response_mask.long()], dim=1),
+        response_mask=batch.response_mask,
+        prompt_length=prompt_ids.shape[1],
+        truncated=batch.truncated,
+        sampler_logprobs=batch.sampler_logprobs,
     )

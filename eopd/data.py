@@ -1,0 +1,117 @@
+"""Prompt data: records, how each model formats a prompt, and the dataloader of rollout batches.
+
+A record is a dict with at least "prompt" (text) and usually "answer" and "id". Each model sees the prompt
+in its own format (a base student: plain text; a chat teacher: its chat template); the response tokens
+are shared, only the prompt part differs between the two contexts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+TEMPLATES = ("plain", "chat")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one model sees a prompt.
+
+    Attributes:
+        template: "plain" (prefix + text + suffix, encoded as is) or "chat" (one user turn through the
+            tokenizer's chat template, with the generation prompt).
+        prefix: text before the prompt (plain) or a system message (chat, when non-empty).
+        suffix: text after the prompt, e.g. the paper's "Let's think step by step and output the final
+            answer within \\boxed{}."
+        enable_thinking: passed to chat templates that know it (Qwen3: False = non-thinking mode).
+    """
+
+    template: str = "plain"
+    prefix: str = ""
+    suffix: str = ""
+    enable_thinking: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"format.template={self.template!r} is unknown; allowed: {', '.join(TEMPLATES)}")
+
+    def render(self, tokenizer: Any, text: str) -> str:
+        """The prompt as text, ready to encode without adding special tokens."""
+        if self.template == "plain":
+            return f"{self.prefix}{text}{self.suffix}"
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                f"format.template='chat' but the tokenizer {type(tokenizer).__name__} has no chat_template; "
+                "use template='plain' or a tokenizer with a chat template"
+            )
+        messages = [{"role": "user", "content": f"{text}{self.suffix}"}]
+        if self.prefix:
+            messages.insert(0, {"role": "system", "content": self.prefix})
+        extra = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+
+    def encode(self, tokenizer: Any, text: str) -> list[int]:
+        """Token ids of the rendered prompt."""
+        return list(tokenizer.encode(self.render(tokenizer, text), add_special_tokens=False))
+
+
+class PromptDataset(Dataset):
+    """Records rendered for the student and the teacher.
+
+    Items are dicts: "prompt_ids" (student format), "teacher_prompt_ids" (teacher format), plus the
+    record's own fields ("prompt", "answer", "id", ...).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[dict[str, Any]],
+        *,
+        student_tokenizer: Any,
+        student_format: PromptFormat,
+        teacher_tokenizer: Any = None,
+        teacher_format: PromptFormat | None = None,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
+        self.records = list(records)
+        self.items = []
+        teacher_tokenizer = teacher_tokenizer or student_tokenizer
+        teacher_format = teacher_format or student_format
+        self.dropped = 0
+        for record in self.records:
+            student_ids = student_format.encode(student_tokenizer, record["prompt"])
+            teacher_ids = teacher_format.encode(teacher_tokenizer, record["prompt"])
+            if max_prompt_tokens is not None and max(len(student_ids), len(teacher_ids)) > max_prompt_tokens:
+                self.dropped += 1  # counted and reported, never a crash mid-run
+                continue
+            self.items.append({**record, "prompt_ids": student_ids, "teacher_prompt_ids": teacher_ids})
+        if not self.items:
+            raise ValueError(
+                f"no prompt left out of {len(self.records)} records"
+                + (
+                    f" after dropping those over max_prompt_tokens={max_prompt_tokens}"
+                    if self.dropped
+                    else ""
+                )
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def prompt_loader(dataset: Dataset, *, batch_size: int, seed: int = 0, shuffle: bool = True) -> DataLoader:
+    """Rollout batches of `batch_size` prompts (lists of item dicts), reshuffled each epoch from `seed`."""
+    if len(dataset) < batch_size:
+        raise ValueError(
+            f"data.batch_size={batch_size} exceeds the {len(dataset)} training prompts; lower data.batch_size"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True, collate_fn=list, generator=generator
+    )

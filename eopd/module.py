@@ -1,0 +1,611 @@
+"""DistillModule: one LightningModule holding the student and the frozen teacher, one rollout batch a step.
+
+A training step, as in the paper (PAPER.md section 3), flows one way:
+
+    prompts -> rollout (student samples; or the teacher, or a per-batch mix)
+            -> teacher statistics (one teacher forward, reduced tile by tile: no full teacher logits)
+            -> old log-probs (one student forward, no grad) and the diagnostics at the rollout policy
+            -> ppo_epochs x (rollout batch / mini-batch) optimizer steps on the objective
+
+Usable without Hydra:
+
+    module = DistillModule(student, teacher, preset("eopd"), tokenizer=tok, pair=PairSpec(...))
+    lightning.Trainer(max_steps=...).fit(module, train_dataloaders=prompt_loader)
+
+The teacher is deliberately not a registered submodule: it stays in eval mode whatever `fit` does, has no
+gradients, is not in the optimizer and not in any checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from eopd.models import output_weight, remap_end_token, response_hidden_states
+from eopd.objectives import LinearLogits, Metrics, Objective, TeacherStats, teacher_token_stats
+from eopd.rollout import RolloutBatch, sample, with_prompts
+
+ROLLOUT_SOURCES = ("student", "teacher", "mix")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """Where responses come from and how they are sampled.
+
+    Attributes:
+        source: "student" (on-policy, the default), "teacher" (off-policy sequence-level KD, the paper's
+            KD baseline) or "mix" (per rollout batch, the student with probability `lmbda`, as in GKD).
+        lmbda: probability of an on-policy batch when source is "mix".
+        temperature: sampling temperature; the objective scores at its own temperature and the two must
+            agree (checked at construction).
+        top_p: nucleus sampling; < 1 samples from a truncated distribution that the loss does not see.
+        max_new_tokens: response length limit; responses that hit it are counted as truncated.
+    """
+
+    source: str = "student"
+    lmbda: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.source not in ROLLOUT_SOURCES:
+            raise ValueError(
+                f"rollout.source={self.source!r} is unknown; allowed: {', '.join(ROLLOUT_SOURCES)}"
+            )
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(
+                f"rollout.lmbda={self.lmbda!r} must lie in [0, 1] (probability of on-policy batches)"
+            )
+        if not self.temperature > 0:
+            raise ValueError(
+                f"rollout.temperature={self.temperature!r} must be > 0 (the paper samples at 1.0)"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rollout.top_p={self.top_p!r} must lie in (0, 1]")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """How a rollout batch becomes optimizer steps (paper: 128 prompts, mini-batch 32, 1 epoch: 4 steps).
+
+    Attributes:
+        mini_batch_size: prompts per optimizer step; must divide the rollout batch size.
+        micro_batch_size: prompts per forward/backward inside a mini-batch (gradient accumulation); the
+            loss is normalised by the mini-batch's token count, so it does not change the result.
+        ppo_epochs: passes over the rollout batch.
+        grad_clip: max gradient norm (0 disables clipping).
+        shuffle: shuffle rows before splitting into mini-batches (seeded by step).
+    """
+
+    mini_batch_size: int = 32
+    micro_batch_size: int | None = None
+    ppo_epochs: int = 1
+    grad_clip: float = 1.0
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("mini_batch_size", "ppo_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"update.{name}={value!r} must be a positive integer")
+        micro = self.micro_batch_size
+        if micro is not None and (not isinstance(micro, int) or micro < 1 or self.mini_batch_size % micro):
+            raise ValueError(
+                f"update.micro_batch_size={micro!r} must be a positive divisor of "
+                f"update.mini_batch_size={self.mini_batch_size} (or null for no accumulation)"
+            )
+        if self.grad_clip < 0:
+            raise ValueError(f"update.grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")
+
+    def steps_per_rollout(self, rollout_batch_size: int) -> int:
+        """Optimizer steps per rollout batch."""
+        if rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"the rollout batch of {rollout_batch_size} prompts is not a multiple of "
+                f"update.mini_batch_size={self.mini_batch_size}; make data.batch_size a multiple of it"
+            )
+        return self.ppo_epochs * (rollout_batch_size // self.mini_batch_size)
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """AdamW with an optional linear warm-up and a cosine or constant schedule (paper: 3e-6, cosine, wd 0.01)."""
+
+    lr: float = 3e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.lr={self.lr!r} must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay={self.weight_decay!r} must be >= 0")
+        if self.schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"optimizer.schedule={self.schedule!r} is unknown; allowed: {', '.join(LR_SCHEDULES)}"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps={self.warmup_steps!r} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optimizer.min_lr_ratio={self.min_lr_ratio!r} must lie in [0, 1]")
+
+    def factor(self, step: int, total_steps: int) -> float:
+        """The learning-rate multiplier at an optimizer step."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        span = max(total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Token-level facts about the teacher/student pair.
+
+    Attributes:
+        vocab_size: the shared vocabulary (`eopd.models.check_shared_vocabulary`); output rows past it are
+            padded embeddings and are sliced off for sampling and scoring.
+        pad_token_id: padding id for both models.
+        student_eos_ids: ids that end a student response.
+        teacher_eos_ids: ids that end a teacher response (off-policy rollouts); defaults to the student's.
+        remap_end_token: (from_id, to_id): on the copy the teacher scores, replace the student's end token
+            by the teacher's (PAPER.md section 3: a base student's <|endoftext|> -> the chat teacher's
+            <|im_end|>). None disables it.
+    """
+
+    vocab_size: int
+    pad_token_id: int
+    student_eos_ids: tuple[int, ...]
+    teacher_eos_ids: tuple[int, ...] | None = None
+    remap_end_token: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "student_eos_ids", tuple(self.student_eos_ids))
+        if self.teacher_eos_ids is None:
+            object.__setattr__(self, "teacher_eos_ids", self.student_eos_ids)
+        object.__setattr__(self, "teacher_eos_ids", tuple(self.teacher_eos_ids))
+        if self.remap_end_token is not None:
+            object.__setattr__(self, "remap_end_token", tuple(self.remap_end_token))
+        ids = [*self.student_eos_ids, *self.teacher_eos_ids, self.pad_token_id, *(self.remap_end_token or ())]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"pair token ids {bad} lie outside the shared vocabulary [0, {self.vocab_size})")
+
+
+@dataclass(frozen=True)
+class LogSpec:
+    """What is logged beyond the scalar metrics.
+
+    Attributes:
+        samples_every: rollout steps between logged samples (wandb Table and samples.jsonl); 0 = never.
+        num_samples: rows per sample log.
+        histograms_every: rollout steps between entropy histograms (wandb only); 0 = never.
+    """
+
+    samples_every: int = 10
+    num_samples: int = 4
+    histograms_every: int = 10
+
+
+@dataclass
+class _TeacherSide:
+    stats: TeacherStats
+    hidden: Tensor | None  # (B, R, H_t) kept for full-vocabulary terms and exact diagnostics
+
+
+class DistillModule(L.LightningModule):
+    """On-policy distillation of `student` from a frozen `teacher` with any `Objective`.
+
+    Args:
+        student: a causal LM (Hugging Face `PreTrainedModel`), trained.
+        teacher: a causal LM sharing the student's vocabulary, frozen.
+        objective: the loss (`eopd.objectives.preset("eopd")` or any `Objective`).
+        pair: token ids and vocabulary of the pair.
+        tokenizer: the student's tokenizer, for decoding logged samples and saving with the student.
+        rollout, update, optim, logging: see the Spec classes.
+        seed: seeds rollouts, the rollout-source coin and mini-batch shuffling (a function of the step, so
+            a resumed run draws the same).
+
+    The dataloader yields lists of dicts with "prompt_ids" (student format) and optionally
+    "teacher_prompt_ids" (teacher format; defaults to the student's) and "prompt" (text, for logs).
+    """
+
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        teacher: torch.nn.Module,
+        objective: Objective,
+        *,
+        pair: PairSpec,
+        tokenizer: Any = None,
+        rollout: RolloutSpec | None = None,
+        update: UpdateSpec | None = None,
+        optim: OptimSpec | None = None,
+        logging: LogSpec | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
+        self.objective = objective
+        self.pair = pair
+        self.tokenizer = tokenizer
+        self.rollout_spec = rollout or RolloutSpec()
+        self.update_spec = update or UpdateSpec()
+        self.optim_spec = optim or OptimSpec()
+        self.log_spec = logging or LogSpec()
+        self.seed = seed
+        self.automatic_optimization = False
+        self.rollout_step = 0
+        if self.rollout_spec.temperature != objective.temperature:
+            raise ValueError(
+                f"rollout.temperature={self.rollout_spec.temperature} differs from the objective's scoring "
+                f"temperature {objective.temperature}: sample and score at the same temperature"
+            )
+        _freeze(teacher)
+        for name, model in (("student", student), ("teacher", teacher)):
+            rows = output_weight(model).shape[0]
+            if rows < pair.vocab_size:
+                raise ValueError(
+                    f"{name} output layer has {rows} rows, fewer than the shared vocabulary {pair.vocab_size}"
+                )
+
+    # ---- Lightning plumbing ------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        self.teacher.to(self.device)
+        _freeze(self.teacher)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch  # lists of prompt records: token ids move to the device when the rollout is built
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["eopd"] = {"rollout_step": self.rollout_step}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.rollout_step = checkpoint.get("eopd", {}).get("rollout_step", 0)
+
+    def configure_optimizers(self):
+        spec = self.optim_spec
+        optimizer = torch.optim.AdamW(
+            [p for p in self.student.parameters() if p.requires_grad],
+            lr=spec.lr,
+            weight_decay=spec.weight_decay,
+            betas=spec.betas,
+        )
+        total = self._total_optimizer_steps()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: spec.factor(step, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_optimizer_steps(self) -> int:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        return 1_000_000
+
+    # ---- one training step = one rollout batch -----------------------------------------------------
+
+    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        timer = _PhaseTimer()
+        with timer("rollout"):
+            rollout, on_policy = self.make_rollout(batch)
+        with timer("teacher"):
+            teacher_side = self.score_teacher(rollout, batch)
+        with timer("old_logprobs"):
+            old_logprobs, diagnostics = self.score_old_policy(rollout, teacher_side)
+        with timer("update"):
+            update_metrics = self.update(rollout, teacher_side, old_logprobs)
+        self.rollout_step += 1
+
+        logs = {k: v for k, v in diagnostics.means().items() if not k.startswith(("loss/", "ppo/"))}
+        updates = update_metrics.means()
+        logs.update({k: v for k, v in updates.items() if k.startswith(("loss/", "ppo/", "train/"))})
+        logs["train/loss"] = updates.get("loss/total", float("nan"))
+        logs.update(self._rollout_metrics(rollout, old_logprobs, on_policy))
+        logs.update({f"time/{k}": v for k, v in timer.seconds.items()})
+        total = sum(timer.seconds.values())
+        logs["time/step"] = total
+        logs["perf/tokens_per_s"] = rollout.num_valid_tokens / max(total, 1e-9)
+        logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        logs["step/rollout"] = float(self.rollout_step)
+        progress = {"loss": logs["train/loss"]}
+        for key, short in (("div/fkl", "fkl"), ("entropy/student", "H_s"), ("gate/fraction", "gate")):
+            if key in logs:
+                progress[short] = logs[key]
+        self.log_dict(progress, prog_bar=True, logger=False, batch_size=rollout.batch_size)
+        self.log_dict(logs, prog_bar=False, logger=True, batch_size=rollout.batch_size)
+        self._log_samples(batch, rollout, teacher_side)
+
+    def make_rollout(self, batch: list[dict[str, Any]]) -> tuple[RolloutBatch, bool]:
+        """Sample one response per prompt from the student (or the teacher); return it in student format."""
+        spec = self.rollout_spec
+        generator = torch.Generator(device=self.device).manual_seed(self._stream(0))
+        if spec.source == "student":
+            on_policy = True
+        elif spec.source == "teacher":
+            on_policy = False
+        else:
+            coin = torch.Generator().manual_seed(self._stream(1))
+            on_policy = bool(torch.rand((), generator=coin) < spec.lmbda)
+        student_prompts = [row["prompt_ids"] for row in batch]
+        common = dict(
+            max_new_tokens=spec.max_new_tokens,
+            pad_token_id=self.pair.pad_token_id,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            generator=generator,
+            vocab_size=self.pair.vocab_size,
+        )
+        if on_policy:
+            return sample(
+                self.student, student_prompts, eos_token_ids=self.pair.student_eos_ids, **common
+            ), True
+        teacher_prompts = [row.get("teacher_prompt_ids", row["prompt_ids"]) for row in batch]
+        drawn = sample(self.teacher, teacher_prompts, eos_token_ids=self.pair.teacher_eos_ids, **common)
+        rollout = with_prompts(drawn, student_prompts, pad_token_id=self.pair.pad_token_id)
+        if self.pair.remap_end_token is not None:  # the teacher's end token, as the student would write it
+            to_id, from_id = self.pair.remap_end_token
+            ids = remap_end_token(rollout.input_ids, rollout.response_mask, from_id=from_id, to_id=to_id)
+            rollout = RolloutBatch(
+                ids,
+                rollout.attention_mask,
+                rollout.response_mask,
+                rollout.prompt_length,
+                rollout.truncated,
+                rollout.sampler_logprobs,
+            )
+        return rollout, False
+
+    @torch.no_grad()
+    def score_teacher(self, rollout: RolloutBatch, batch: list[dict[str, Any]]) -> _TeacherSide:
+        """One teacher forward on its own copy of the rollout, reduced to per-token statistics."""
+        teacher_prompts = [row.get("teacher_prompt_ids", row["prompt_ids"]) for row in batch]
+        copy = with_prompts(rollout, teacher_prompts, pad_token_id=self.pair.pad_token_id)
+        ids = copy.input_ids
+        if self.pair.remap_end_token is not None:
+            from_id, to_id = self.pair.remap_end_token
+            ids = remap_end_token(ids, copy.response_mask, from_id=from_id, to_id=to_id)
+        hidden = response_hidden_states(self.teacher, copy, input_ids=ids)  # (B, R, H_t)
+        source = LinearLogits(hidden, output_weight(self.teacher), self.pair.vocab_size)
+        stats = teacher_token_stats(
+            source,
+            rollout.responses,
+            k=self.objective.top_k,
+            temperature=self.objective.temperature,
+            chunk_size=self.objective.chunk_size,
+        )
+        return _TeacherSide(stats=stats, hidden=hidden)
+
+    @torch.no_grad()
+    def score_old_policy(self, rollout: RolloutBatch, teacher: _TeacherSide) -> tuple[Tensor, Metrics]:
+        """One student forward: log pi_old(y_t) and every diagnostic at the rollout policy (exact, full vocab)."""
+        was_training = self.student.training
+        self.student.eval()  # the policy that sampled: no dropout
+        try:
+            hidden = response_hidden_states(self.student, rollout)  # (B, R, H)
+        finally:
+            self.student.train(was_training)
+        student = LinearLogits(hidden, output_weight(self.student), self.pair.vocab_size)
+        mask = rollout.response_mask
+        old = teacher_token_stats(
+            student,
+            rollout.responses,
+            k=1,
+            temperature=self.objective.temperature,
+            chunk_size=self.objective.chunk_size,
+        ).token_logprobs
+        teacher_full = LinearLogits(teacher.hidden, output_weight(self.teacher), self.pair.vocab_size)
+        diagnostics = self.objective(
+            student=student,
+            tokens=rollout.responses,
+            mask=mask,
+            teacher_stats=teacher.stats,
+            teacher=teacher_full,
+            old_logprobs=old,
+            step=self.global_step,
+        ).metrics
+        return old, diagnostics
+
+    def update(self, rollout: RolloutBatch, teacher: _TeacherSide, old_logprobs: Tensor) -> Metrics:
+        """ppo_epochs x mini-batches optimizer steps on the objective; returns their merged metrics."""
+        spec = self.update_spec
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        n_rows = rollout.batch_size
+        steps_per_epoch = self.update_spec.steps_per_rollout(n_rows) // spec.ppo_epochs
+        gates = self.objective.gate_weights(
+            teacher.stats.entropy, rollout.response_mask, step=self.global_step
+        )
+        teacher_weight = output_weight(self.teacher)
+        metrics = Metrics()
+        for epoch in range(spec.ppo_epochs):
+            if spec.shuffle:
+                order = torch.randperm(
+                    n_rows, generator=torch.Generator().manual_seed(self._stream(2 + epoch))
+                )
+            else:
+                order = torch.arange(n_rows)
+            for k in range(steps_per_epoch):
+                rows = order[k * spec.mini_batch_size : (k + 1) * spec.mini_batch_size].to(self.device)
+                count = rollout.response_mask[rows].sum()
+                count = (
+                    self.trainer.strategy.reduce(count.float(), reduce_op="sum")
+                    if self._distributed
+                    else count
+                )
+                micro = spec.micro_batch_size or spec.mini_batch_size
+                step_metrics = Metrics()
+                for start in range(0, len(rows), micro):
+                    part = rows[start : start + micro]
+                    sub = rollout.select(part)
+                    hidden = response_hidden_states(self.student, sub)
+                    student = LinearLogits(hidden, output_weight(self.student), self.pair.vocab_size)
+                    full_teacher = None
+                    if self.objective.needs_teacher_logits:
+                        full_teacher = LinearLogits(
+                            teacher.hidden[part], teacher_weight, self.pair.vocab_size
+                        )
+                    out = self.objective(
+                        student=student,
+                        tokens=sub.responses,
+                        mask=sub.response_mask,
+                        teacher_stats=teacher.stats.rows(part),
+                        teacher=full_teacher,
+                        old_logprobs=old_logprobs[part],
+                        gate_weights=gates[:, part],
+                        step=self.global_step,
+                        num_valid_tokens=count,
+                    )
+                    self.manual_backward(out.loss)
+                    step_metrics.merge([out.metrics])
+                grad_norm = self._clip_and_step(optimizer, scheduler)
+                step_metrics.add_sums("train/grad_norm", grad_norm, 1.0)
+                metrics.merge([step_metrics])
+        return metrics
+
+    def _clip_and_step(self, optimizer, scheduler) -> float:
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        max_norm = self.update_spec.grad_clip if self.update_spec.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return grad_norm
+
+    @property
+    def _distributed(self) -> bool:
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and trainer.world_size > 1
+
+    def _stream(self, purpose: int) -> int:
+        """A seed for one purpose at this rollout step: reproducible, and the same after a resume."""
+        rank = self.global_rank if self._distributed else 0
+        return (self.seed * 1_000_003 + self.rollout_step * 101 + purpose) * 7919 + rank
+
+    # ---- logging -----------------------------------------------------------------------------------
+
+    def _rollout_metrics(
+        self, rollout: RolloutBatch, old_logprobs: Tensor, on_policy: bool
+    ) -> dict[str, float]:
+        lengths = rollout.response_lengths.float()
+        mask = rollout.response_mask
+        logs = {
+            "rollout/len_mean": float(lengths.mean()),
+            "rollout/len_max": float(lengths.max()),
+            "rollout/truncated_frac": float(rollout.truncated.float().mean()),
+            "rollout/on_policy": float(on_policy),
+        }
+        if on_policy and rollout.sampler_logprobs is not None and mask.any():
+            # On-policy guard: the sampler's log-probs against the trainer's recomputed ones.
+            log_ratio = (old_logprobs - rollout.sampler_logprobs)[mask]
+            logs["rollout/sampler_kl_k3"] = float((torch.expm1(log_ratio) - log_ratio).mean())
+            logs["rollout/sampler_ratio_mean"] = float(log_ratio.exp().mean())
+        return logs
+
+    def _log_samples(self, batch: list[dict[str, Any]], rollout: RolloutBatch, teacher: _TeacherSide) -> None:
+        spec = self.log_spec
+        step = self.rollout_step
+        want_samples = spec.samples_every > 0 and (step == 1 or step % spec.samples_every == 0)
+        want_hist = spec.histograms_every > 0 and step % spec.histograms_every == 0
+        if not (want_samples or want_hist) or self.global_rank != 0:
+            return
+        mask = rollout.response_mask
+        if want_samples and self.tokenizer is not None:
+            rows = []
+            for i in range(min(spec.num_samples, rollout.batch_size)):
+                ids = rollout.responses[i][mask[i]].tolist()
+                entropy = teacher.stats.entropy[i][mask[i]].tolist()
+                pieces = [self.tokenizer.decode([t]) for t in ids]
+                rows.append(
+                    {
+                        "step": step,
+                        "prompt": batch[i].get("prompt", self.tokenizer.decode(batch[i]["prompt_ids"])),
+                        "response": self.tokenizer.decode(ids),
+                        "teacher_entropy": " ".join(
+                            f"{p!r}:{h:.2f}" for p, h in zip(pieces, entropy, strict=True)
+                        ),
+                    }
+                )
+            run_dir = Path(self.trainer.default_root_dir) if self._trainer is not None else None
+            if run_dir is not None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                with open(run_dir / "samples.jsonl", "a") as f:
+                    for row in rows:
+                        f.write(json.dumps(row) + "\n")
+            for logger in self.loggers:
+                if type(logger).__name__ == "WandbLogger":
+                    columns = list(rows[0]) if rows else []
+                    logger.log_table(
+                        "samples", columns=columns, data=[list(r.values()) for r in rows], step=step
+                    )
+        if want_hist:
+            for logger in self.loggers:
+                if type(logger).__name__ == "WandbLogger":
+                    import wandb
+
+                    student_entropy = self._student_entropy(rollout)
+                    logger.experiment.log(
+                        {
+                            "hist/teacher_entropy": wandb.Histogram(
+                                teacher.stats.entropy[mask].cpu().numpy()
+                            ),
+                            "hist/student_entropy": wandb.Histogram(student_entropy.cpu().numpy()),
+                            "trainer/global_step": self.global_step,
+                        }
+                    )
+
+    @torch.no_grad()
+    def _student_entropy(self, rollout: RolloutBatch) -> Tensor:
+        hidden = response_hidden_states(self.student, rollout)[rollout.response_mask]
+        source = LinearLogits(hidden, output_weight(self.student), self.pair.vocab_size)
+        tokens = rollout.responses[rollout.response_mask]
+        return teacher_token_stats(source, tokens, k=1, temperature=self.objective.temperature).entropy
+
+
+def _freeze(model: torch.nn.Module) -> None:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+class _PhaseTimer:
+    """Wall-clock seconds per named phase (synchronising CUDA so that the phases are honest)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        _sync()
+        start = time.perf_counter()
+        yield
+        _sync()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+__all__ = ["DistillModule", "LogSpec", "OptimSpec", "PairSpec", "RolloutSpec", "UpdateSpec"]

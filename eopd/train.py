@@ -1,0 +1,326 @@
+"""The training entry point: compose a config with Hydra, check it, load the pair, distil, save.
+
+    python -m eopd.train                                   # the default config
+    python -m eopd.train objective=opd seed=1              # another objective, another seed
+    python -m eopd.train objective=eopd objective.tau=1.0 logger=wandb
+    python -m eopd.train -m objective=opd,eopd seed=0,1,2  # a grid (Hydra multirun)
+
+Every config error (unknown option, bad value, missing model path, impossible batch sizes) is reported
+before any model loads. `main()` returns the metric a sweeper optimises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("eopd.train")
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _optimizer_steps(rollout_steps: int, ppo_epochs: int, batch_size: int, mini_batch_size: int) -> int:
+    return int(rollout_steps) * int(ppo_epochs) * max(int(batch_size) // int(mini_batch_size), 1)
+
+
+OmegaConf.register_new_resolver("eopd.optimizer_steps", _optimizer_steps, replace=True)
+OmegaConf.register_new_resolver(
+    "eopd.fraction_of", lambda total, f: max(int(int(total) * float(f)), 1), replace=True
+)
+
+
+@dataclass
+class Plan:
+    """Everything checked and built from the config before a model loads."""
+
+    objective: Any
+    rollout: Any
+    update: Any
+    optim: Any
+    logging: Any
+    student_source: Any
+    teacher_source: Any
+    student_format: Any
+    teacher_format: Any
+    records: dict[str, list[dict[str, Any]]]
+    run_dir: Path
+    max_steps: int
+
+
+def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
+    """Check the whole config and build the cheap objects; raise ValueError naming the key otherwise."""
+    from hydra.utils import instantiate
+
+    from eopd.data import PromptFormat
+    from eopd.models import ModelSource
+    from eopd.module import LogSpec, OptimSpec, RolloutSpec, UpdateSpec
+
+    run_dir = Path(run_dir)
+    _check_positive(cfg, "rollout_steps")
+    objective = _build("objective", lambda: instantiate(cfg.objective))
+    rollout = _build("rollout", lambda: RolloutSpec(**_plain(cfg.rollout)))
+    update = _build("update", lambda: UpdateSpec(**_plain(cfg["update"])))
+    optim = _build("optimizer", lambda: OptimSpec(**_plain(cfg.optimizer)))
+    log_spec = _build("log", lambda: LogSpec(**_plain(cfg.log)))
+    _check_positive(cfg, "data.batch_size")
+    steps_per_rollout = _build("update", lambda: update.steps_per_rollout(cfg.data.batch_size))
+    pair = cfg.pair
+    sources = {}
+    for side in ("student", "teacher"):
+        fields = _plain(pair[side])
+        fields.setdefault("tokenizer", pair.get("tokenizer"))
+        source = _build(f"pair.{side}", lambda fields=fields: ModelSource(**fields))
+        source.check(f"pair.{side}")
+        sources[side] = source
+    student_format = _build("pair.student_format", lambda: PromptFormat(**_plain(pair.student_format)))
+    teacher_format = _build("pair.teacher_format", lambda: PromptFormat(**_plain(pair.teacher_format)))
+    records = load_records(cfg.data)
+    _check_writable(run_dir)
+    return Plan(
+        objective=objective,
+        rollout=rollout,
+        update=update,
+        optim=optim,
+        logging=log_spec,
+        student_source=sources["student"],
+        teacher_source=sources["teacher"],
+        student_format=student_format,
+        teacher_format=teacher_format,
+        records=records,
+        run_dir=run_dir,
+        max_steps=cfg.rollout_steps * steps_per_rollout,
+    )
+
+
+def load_records(data_cfg: DictConfig) -> dict[str, list[dict[str, Any]]]:
+    """Prompt records per split from the data config."""
+    source = data_cfg.get("source")
+    if source == "embedded":
+        from eopd.tasks.multipath import make_splits
+
+        splits = make_splits(data_cfg.seed, data_cfg.n_train, data_cfg.n_val, data_cfg.n_test)
+        return {
+            name: [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "problem": p} for p in problems]
+            for name, problems in splits.items()
+        }
+    raise ValueError(f"data.source={source!r} is unknown; allowed: embedded")
+
+
+def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
+    """Train with a composed config, writing into `run_dir`; returns the final logged metrics."""
+    import lightning as L
+
+    from eopd.data import PromptDataset, prompt_loader
+    from eopd.models import check_shared_vocabulary, load_model, load_tokenizer
+    from eopd.module import DistillModule, PairSpec
+
+    p = plan(cfg, run_dir)  # every check that needs no model
+    p.run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, p.run_dir / "config.yaml", resolve=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    pair = cfg.pair
+    student_tokenizer = load_tokenizer(p.student_source, eos_token=pair.student_eos)
+    teacher_tokenizer = load_tokenizer(p.teacher_source, eos_token=pair.teacher_eos)
+    vocab_size = check_shared_vocabulary(student_tokenizer, teacher_tokenizer)
+    student_eos = _token_id(student_tokenizer, pair.student_eos, "pair.student_eos")
+    teacher_eos = _token_id(teacher_tokenizer, pair.teacher_eos, "pair.teacher_eos")
+    pad = student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else student_eos
+    remap = (student_eos, teacher_eos) if pair.remap_end_token and student_eos != teacher_eos else None
+    pair_spec = PairSpec(
+        vocab_size=vocab_size,
+        pad_token_id=pad,
+        student_eos_ids=(student_eos,),
+        teacher_eos_ids=(teacher_eos,),
+        remap_end_token=remap,
+    )
+    special = {"eos_token_id": student_eos, "pad_token_id": pad}
+    student = load_model(p.student_source, vocab_size=vocab_size, dtype=pair.dtype, special_ids=special)
+    teacher = load_model(p.teacher_source, vocab_size=vocab_size, dtype=pair.dtype, special_ids=special)
+    log.info(
+        "pair %s: student %.2fM params, teacher %.2fM params, shared vocabulary %d",
+        pair.name,
+        _millions(student),
+        _millions(teacher),
+        vocab_size,
+    )
+    _log_prompt_example(p, student_tokenizer, teacher_tokenizer)
+
+    train_set = PromptDataset(
+        p.records["train"],
+        student_tokenizer=student_tokenizer,
+        student_format=p.student_format,
+        teacher_tokenizer=teacher_tokenizer,
+        teacher_format=p.teacher_format,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+    )
+    if train_set.dropped:
+        log.warning(
+            "dropped %d training prompts longer than data.max_prompt_tokens=%d",
+            train_set.dropped,
+            cfg.data.max_prompt_tokens,
+        )
+    loader = prompt_loader(train_set, batch_size=cfg.data.batch_size, seed=cfg.seed)
+
+    module = DistillModule(
+        student,
+        teacher,
+        p.objective,
+        pair=pair_spec,
+        tokenizer=student_tokenizer,
+        rollout=p.rollout,
+        update=p.update,
+        optim=p.optim,
+        logging=p.logging,
+        seed=cfg.seed,
+    )
+    trainer = L.Trainer(
+        max_steps=p.max_steps,
+        default_root_dir=str(p.run_dir),
+        logger=_loggers(cfg, p.run_dir),
+        callbacks=_callbacks(cfg, p.run_dir),
+        **_plain(cfg.trainer),
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    _save_student(module, p.run_dir / "student")
+    metrics = {k: float(v) for k, v in trainer.logged_metrics.items()}
+    log.info("student saved to %s", p.run_dir / "student")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the metric a sweeper maximises (final -train/loss for now)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = run(cfg, run_dir)
+    except ConfigError as error:
+        log.error("%s", error)
+        sys.exit(2)
+    return -metrics.get("train/loss", float("inf"))
+
+
+# ---- helpers of this entry point ---------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+def _build(key: str, make):
+    try:
+        return make()
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - re-raised with the config key that caused it
+        cause = error.__cause__ if error.__cause__ is not None else error
+        raise ConfigError(f"config '{key}': {cause}") from error
+
+
+def _check_positive(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"config '{key}'={value!r} must be a positive integer")
+
+
+def _check_writable(run_dir: Path) -> None:
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(
+            f"output directory {run_dir} is not writable ({probe} denies writing); set output_root=..."
+        )
+
+
+def _plain(node) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def _token_id(tokenizer, token: str, key: str) -> int:
+    ids = tokenizer.convert_tokens_to_ids([token])
+    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+        raise ConfigError(f"config '{key}'={token!r} is not a token of the tokenizer")
+    return int(ids[0])
+
+
+def _millions(model) -> float:
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def _log_prompt_example(p: Plan, student_tokenizer, teacher_tokenizer) -> None:
+    text = p.records["train"][0]["prompt"]
+    log.info("student prompt format: %r", p.student_format.render(student_tokenizer, text))
+    log.info("teacher prompt format: %r", p.teacher_format.render(teacher_tokenizer, text))
+
+
+def _loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    wandb_cfg = cfg.logger.get("wandb")
+    if wandb_cfg is not None and wandb_cfg.get("mode", "auto") != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        mode = wandb_cfg.get("mode", "auto")
+        if mode == "auto":
+            mode = "online" if _wandb_api_key_present() else "offline"
+        if mode == "offline":
+            log.info(
+                "wandb: offline (no API key); sync later with `wandb sync %s/wandb/offline-run-*`", run_dir
+            )
+        loggers.append(
+            WandbLogger(
+                project=wandb_cfg.project,
+                entity=wandb_cfg.get("entity"),
+                name=cfg.run_name,
+                group=cfg.group,
+                tags=list(cfg.tags),
+                save_dir=str(run_dir),
+                offline=mode == "offline",
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
+    return loggers
+
+
+def _wandb_api_key_present() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    every = cfg.callbacks.checkpoint_every_n_steps
+    return [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"),
+            every_n_train_steps=every if every and every > 0 else None,
+            save_last=True,
+            save_top_k=-1 if every else 0,
+            save_on_train_epoch_end=False,
+        )
+    ]
+
+
+def _save_student(module, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    module.student.save_pretrained(directory)
+    if module.tokenizer is not None:
+        module.tokenizer.save_pretrained(directory)
+
+
+if __name__ == "__main__":
+    main()
