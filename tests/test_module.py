@@ -1,0 +1,203 @@
+"""DistillModule on a tiny random pair: what one step does to the student, and what it must not do to the teacher."""
+
+import lightning as L
+import pytest
+import torch
+
+from eopd.models import build_causal_lm, output_weight
+from eopd.module import DistillModule, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
+from eopd.objectives import preset
+
+V, PAD, EOS, TEACHER_EOS = 40, 0, 1, 2
+
+
+def tiny_pair(seed=0):
+    student = build_causal_lm(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, seed=seed)
+    teacher = build_causal_lm(vocab_size=V + 8, hidden_size=48, num_layers=2, num_heads=4, seed=seed + 1)
+    return student, teacher  # the teacher's output layer is padded past the shared vocabulary
+
+
+def prompts(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(2, 6, (1,), generator=g))
+        ids = torch.randint(3, V, (length,), generator=g).tolist()
+        rows.append({"prompt_ids": ids, "teacher_prompt_ids": [3, *ids]})  # teacher format differs
+    return rows
+
+
+def make_module(objective="eopd", **kw):
+    student, teacher = tiny_pair()
+    pair = PairSpec(
+        vocab_size=V,
+        pad_token_id=PAD,
+        student_eos_ids=(EOS,),
+        teacher_eos_ids=(TEACHER_EOS,),
+        remap_end_token=(EOS, TEACHER_EOS),
+    )
+    return DistillModule(
+        student,
+        teacher,
+        preset(objective, top_k=8),
+        pair=pair,
+        rollout=kw.pop("rollout", RolloutSpec(max_new_tokens=10)),
+        update=kw.pop("update", UpdateSpec(mini_batch_size=4)),
+        optim=OptimSpec(lr=1e-3, schedule="constant"),
+        **kw,
+    )
+
+
+def fit(module, tmp_path, rollout_steps=1, batch_size=8):
+    loader = torch.utils.data.DataLoader(
+        prompts(batch_size * rollout_steps), batch_size=batch_size, collate_fn=list
+    )
+    steps = rollout_steps * module.update_spec.steps_per_rollout(batch_size)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)],
+    )
+    trainer.fit(module, loader)
+    return trainer
+
+
+def test_one_rollout_step_trains_the_student_and_leaves_the_teacher_alone(tmp_path):
+    module = make_module()
+    student_before = [p.detach().clone() for p in module.student.parameters()]
+    teacher_before = [p.detach().clone() for p in module.teacher.parameters()]
+    trainer = fit(module, tmp_path)
+
+    assert trainer.global_step == 2  # 8 prompts / mini-batch 4 = 2 optimizer steps for one rollout batch
+    assert torch.isfinite(torch.tensor(float(trainer.logged_metrics["train/loss"])))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(student_before, module.student.parameters(), strict=True)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, module.teacher.parameters(), strict=True))
+    assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
+    assert not module.teacher.training  # still in eval mode after fit
+    optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimizer_params & {id(p) for p in module.teacher.parameters()}
+    assert optimizer_params == {id(p) for p in module.student.parameters()}
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert checkpoint["state_dict"] and not any(k.startswith("teacher") for k in checkpoint["state_dict"])
+    assert all(k.startswith("student.") for k in checkpoint["state_dict"])
+    assert checkpoint["eopd"]["rollout_step"] == 1
+
+
+@pytest.mark.parametrize("objective", ["opd", "fkl", "jsd"])
+def test_other_objectives_train(tmp_path, objective):
+    module = make_module(objective)
+    trainer = fit(module, tmp_path)
+    assert torch.isfinite(torch.tensor(float(trainer.logged_metrics["train/loss"])))
+
+
+def test_off_policy_and_mixed_rollouts(tmp_path):
+    module = make_module(rollout=RolloutSpec(source="teacher", max_new_tokens=10))
+    trainer = fit(module, tmp_path)
+    assert float(trainer.logged_metrics["rollout/on_policy"]) == 0.0
+    module = make_module(rollout=RolloutSpec(source="mix", lmbda=0.0, max_new_tokens=10))
+    assert float(fit(module, tmp_path / "mix").logged_metrics["rollout/on_policy"]) == 0.0
+
+
+def gradients_of_one_update(micro_batch_size):
+    """The gradients the optimizer would apply at the first update of a fixed rollout batch."""
+    module = make_module(update=UpdateSpec(mini_batch_size=4, micro_batch_size=micro_batch_size))
+    module.student.train()
+    batch = prompts(4)
+    rollout, _ = module.make_rollout(batch)
+    teacher = module.score_teacher(rollout, batch)
+    old, _ = module.score_old_policy(rollout, teacher)
+    captured = {}
+
+    class Capture:
+        param_groups = [{"lr": 0.0}]
+
+        def step(self):
+            captured["grads"] = [p.grad.clone() for p in module.student.parameters()]
+
+        def zero_grad(self, set_to_none=True):
+            module.student.zero_grad(set_to_none=True)
+
+    module.optimizers = lambda: Capture()
+    module.lr_schedulers = lambda: type("NoSchedule", (), {"step": lambda self: None})()
+    module.manual_backward = lambda loss: loss.backward()
+    module.update(rollout, teacher, old)
+    return captured["grads"]
+
+
+def test_micro_batches_give_the_same_update_as_whole_mini_batches():
+    """Gradient accumulation over micro-batches is normalised by the mini-batch's token count."""
+    whole, accumulated = gradients_of_one_update(None), gradients_of_one_update(1)
+    for a, b in zip(accumulated, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_scores_its_own_prompt_format_with_the_end_token_remapped():
+    module = make_module()
+    batch = prompts(4)
+    rollout, _ = module.make_rollout(batch)
+    seen = {}
+    inner = module.teacher.model.forward
+
+    def inner_spy(*args, **kwargs):
+        seen["ids"] = kwargs["input_ids"]
+        return inner(*args, **kwargs)
+
+    module.teacher.model.forward = inner_spy
+    module.score_teacher(rollout, batch)
+    ids = seen["ids"]
+    responses = ids[:, -rollout.response_length :]
+    mask = rollout.response_mask
+    assert not (responses[mask] == EOS).any()  # the student's end token never reaches the teacher
+    ended = (rollout.responses == EOS) & mask
+    assert torch.equal(responses[ended], torch.full_like(responses[ended], TEACHER_EOS))
+    for row, item in enumerate(batch):  # teacher format: the extra leading token 3
+        prompt = ids[row, : ids.shape[1] - rollout.response_length]
+        assert (
+            prompt[prompt != PAD].tolist()[-len(item["teacher_prompt_ids"]) :] == item["teacher_prompt_ids"]
+        )
+
+
+def test_samples_stay_inside_the_shared_vocabulary():
+    module = make_module()
+    with torch.no_grad():  # make the teacher's padded rows the most likely tokens
+        output_weight(module.teacher)[V:] = 0
+    rollout, _ = module.make_rollout(prompts(8))
+    assert int(rollout.responses.max()) < V
+
+
+def test_bad_construction_is_reported():
+    student, teacher = tiny_pair()
+    pair = PairSpec(vocab_size=V, pad_token_id=PAD, student_eos_ids=(EOS,))
+    with pytest.raises(ValueError, match="temperature"):
+        DistillModule(student, teacher, preset("eopd", temperature=0.7, top_k=8), pair=pair)
+    with pytest.raises(ValueError, match="fewer than the shared vocabulary"):
+        DistillModule(
+            student,
+            teacher,
+            preset("eopd", top_k=8),
+            pair=PairSpec(vocab_size=V + 20, pad_token_id=PAD, student_eos_ids=(EOS,)),
+        )
+    with pytest.raises(ValueError, match="outside the shared vocabulary"):
+        PairSpec(vocab_size=V, pad_token_id=V + 1, student_eos_ids=(EOS,))
+    with pytest.raises(ValueError, match="rollout.source='bogus'"):
+        RolloutSpec(source="bogus")
+    with pytest.raises(ValueError, match="micro_batch_size=3"):
+        UpdateSpec(mini_batch_size=4, micro_batch_size=3)
+    with pytest.raises(ValueError, match="not a multiple of update.mini_batch_size=3"):
+        UpdateSpec(mini_batch_size=3).steps_per_rollout(8)
+
+
+def test_lr_schedule_warmup_and_cosine():
+    spec = OptimSpec(lr=1.0, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
+    assert spec.factor(0, 12) == pytest.approx(0.5)
+    assert spec.factor(1, 12) == pytest.approx(1.0)
+    assert spec.factor(2, 12) == pytest.approx(1.0)
+    assert spec.factor(7, 12) == pytest.approx(0.55)
+    assert spec.factor(12, 12) == pytest.approx(0.1)
+    assert OptimSpec(schedule="constant").factor(50, 10) == 1.0
