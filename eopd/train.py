@@ -52,6 +52,9 @@ class Plan:
     records: dict[str, list[dict[str, Any]]]
     run_dir: Path
     max_steps: int
+    recipe: Any = None
+    eval_spec: Any = None
+    final_spec: Any = None
 
 
 def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
@@ -59,8 +62,10 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     from hydra.utils import instantiate
 
     from eopd.data import PromptFormat
+    from eopd.evaluate import GRADERS
     from eopd.models import ModelSource
     from eopd.module import LogSpec, OptimSpec, RolloutSpec, UpdateSpec
+    from eopd.pretrain import PairRecipe
 
     run_dir = Path(run_dir)
     _check_positive(cfg, "rollout_steps")
@@ -72,16 +77,37 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     _check_positive(cfg, "data.batch_size")
     steps_per_rollout = _build("update", lambda: update.steps_per_rollout(cfg.data.batch_size))
     pair = cfg.pair
+    student_format = _build("pair.student_format", lambda: PromptFormat(**_plain(pair.student_format)))
+    teacher_format = _build("pair.teacher_format", lambda: PromptFormat(**_plain(pair.teacher_format)))
+    recipe = None
+    if pair.get("build") is not None:
+        recipe = _build(
+            "pair.build",
+            lambda: PairRecipe.from_dict(
+                _plain(pair.build), student_format=student_format, teacher_format=teacher_format
+            ),
+        )
     sources = {}
     for side in ("student", "teacher"):
         fields = _plain(pair[side])
         fields.setdefault("tokenizer", pair.get("tokenizer"))
         source = _build(f"pair.{side}", lambda fields=fields: ModelSource(**fields))
-        source.check(f"pair.{side}")
+        if recipe is None:  # a pair with a recipe is built before it loads
+            source.check(f"pair.{side}")
         sources[side] = source
-    student_format = _build("pair.student_format", lambda: PromptFormat(**_plain(pair.student_format)))
-    teacher_format = _build("pair.teacher_format", lambda: PromptFormat(**_plain(pair.teacher_format)))
+    eval_spec = _build("eval", lambda: _eval_spec(cfg.eval, cfg.eval))
+    final_spec = _build("eval.final", lambda: _eval_spec(cfg.eval, cfg.eval.final))
+    for key in ("grader",):
+        if cfg.eval[key] not in GRADERS:
+            raise ConfigError(
+                f"config 'eval.{key}'={cfg.eval[key]!r} is unknown; allowed: {', '.join(GRADERS)}"
+            )
     records = load_records(cfg.data)
+    for key, node in (("eval.split", cfg.eval), ("eval.final.split", cfg.eval.final)):
+        if node.split not in records:
+            raise ConfigError(
+                f"config '{key}'={node.split!r} is not a data split; allowed: {', '.join(records)}"
+            )
     _check_writable(run_dir)
     return Plan(
         objective=objective,
@@ -96,6 +122,9 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         records=records,
         run_dir=run_dir,
         max_steps=cfg.rollout_steps * steps_per_rollout,
+        recipe=recipe,
+        eval_spec=eval_spec,
+        final_spec=final_spec,
     )
 
 
@@ -118,6 +147,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     import lightning as L
 
     from eopd.data import PromptDataset, prompt_loader
+    from eopd.evaluate import GRADERS, ModelSide, PeriodicEvaluation, evaluate
     from eopd.models import check_shared_vocabulary, load_model, load_tokenizer
     from eopd.module import DistillModule, PairSpec
 
@@ -127,6 +157,10 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     pair = cfg.pair
+    if p.recipe is not None:
+        from eopd.pretrain import ensure_pair
+
+        ensure_pair(p.recipe, Path(pair.build_dir))
     student_tokenizer = load_tokenizer(p.student_source, eos_token=pair.student_eos)
     teacher_tokenizer = load_tokenizer(p.teacher_source, eos_token=pair.teacher_eos)
     vocab_size = check_shared_vocabulary(student_tokenizer, teacher_tokenizer)
@@ -181,23 +215,65 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         logging=p.logging,
         seed=cfg.seed,
     )
+    student_side = ModelSide(student, student_tokenizer, p.student_format, (student_eos,))
+    teacher_side = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
+    grader = GRADERS[cfg.eval.grader]()
+
+    def evaluation(spec, split: str, n_problems: int, side: ModelSide, with_teacher: bool = True):
+        records = p.records[split][:n_problems]
+        return evaluate(
+            side,
+            records,
+            grader,
+            spec,
+            vocab_size=vocab_size,
+            teacher=teacher_side if with_teacher else None,
+            remap_end_token_ids=remap,
+        )
+
+    final = cfg.eval.final
+    table: dict[str, dict[str, float]] = {}
+    if final.enabled:
+        table["student before"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
+    callbacks = _callbacks(cfg, p.run_dir)
+    periodic = PeriodicEvaluation(
+        lambda model: evaluation(
+            p.eval_spec,
+            cfg.eval.split,
+            cfg.eval.n_problems,
+            ModelSide(model, student_tokenizer, p.student_format, (student_eos,)),
+        ),
+        every_n_rollout_steps=cfg.eval.every_n_rollout_steps,
+        at_end=True,
+    )
+    callbacks.append(periodic)
     trainer = L.Trainer(
         max_steps=p.max_steps,
         default_root_dir=str(p.run_dir),
         logger=_loggers(cfg, p.run_dir),
-        callbacks=_callbacks(cfg, p.run_dir),
+        callbacks=callbacks,
         **_plain(cfg.trainer),
     )
     trainer.fit(module, train_dataloaders=loader)
     _save_student(module, p.run_dir / "student")
-    metrics = {k: float(v) for k, v in trainer.logged_metrics.items()}
     log.info("student saved to %s", p.run_dir / "student")
+    metrics = {k: float(v) for k, v in trainer.logged_metrics.items()}
+    if periodic.history:
+        metrics.update({f"val/{k}": v for k, v in periodic.history[-1][1].items()})
+    if final.enabled:
+        table["student after"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
+        teacher_alone = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
+        table["teacher"] = evaluation(
+            p.final_spec, final.split, final.n_problems, teacher_alone, with_teacher=False
+        )
+        _report_table(table, p.final_spec, final, p.run_dir)
+        metrics.update({f"test/{k}": v for k, v in table["student after"].items()})
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the metric a sweeper maximises (final -train/loss for now)."""
+    """Hydra entry point; returns the metric a sweeper maximises: the final validation Pass@k (k = n)."""
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -206,7 +282,7 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as error:
         log.error("%s", error)
         sys.exit(2)
-    return -metrics.get("train/loss", float("inf"))
+    return metrics.get(f"val/pass@{cfg.eval.n_samples}", float("nan"))
 
 
 # ---- helpers of this entry point ---------------------------------------------------------------------
@@ -224,6 +300,38 @@ def _build(key: str, make):
     except Exception as error:  # noqa: BLE001 - re-raised with the config key that caused it
         cause = error.__cause__ if error.__cause__ is not None else error
         raise ConfigError(f"config '{key}': {cause}") from error
+
+
+def _eval_spec(base, node):
+    from eopd.evaluate import EvalSpec
+
+    keys = ("n_samples", "temperature", "top_p", "max_new_tokens", "batch_size", "seed", "tau")
+    return EvalSpec(**{k: node.get(k, base.get(k)) for k in keys})
+
+
+def _report_table(table, spec, final, run_dir: Path) -> None:
+    import json
+
+    from eopd.evaluate import format_table
+
+    n = spec.n_samples
+    keys = [
+        f"avg@{n}",
+        "pass@1",
+        f"pass@{n}",
+        f"maj@{n}",
+        "paths/distinct",
+        "entropy/student",
+        "entropy/student_high_frac",
+        "div/fkl_high_entropy",
+    ]
+    text = format_table(table, keys)
+    header = (
+        f"final evaluation on {final.n_problems} {final.split} problems, {n} samples each, "
+        f"temperature {spec.temperature}, top-p {spec.top_p}"
+    )
+    print(f"\n{header}\n{text}\n", flush=True)
+    (run_dir / "eval.json").write_text(json.dumps(table, indent=2))
 
 
 def _check_positive(cfg: DictConfig, key: str) -> None:

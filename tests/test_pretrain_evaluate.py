@@ -1,0 +1,92 @@
+"""The embedded pair's build (fingerprint, reuse, atomicity) and the sampling evaluation, on tiny recipes."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eopd import pretrain
+from eopd.data import PromptFormat
+from eopd.evaluate import EmbeddedGrader, EvalSpec, ModelSide, evaluate, format_table
+from eopd.models import build_causal_lm
+from eopd.pretrain import ModelRecipe, PairRecipe, ensure_pair
+from eopd.tasks.multipath import make_splits
+from eopd.tasks.tokenizer import IM_END, build_tokenizer
+
+TINY = ModelRecipe(hidden_size=16, num_layers=1, num_heads=2, steps=2, batch_size=4, warmup_steps=1)
+
+
+def tiny_recipe(**kw):
+    return PairRecipe(n_train=50, teacher=kw.pop("teacher", TINY), student=TINY, threads=1, **kw)
+
+
+def test_build_saves_loadable_models_and_reuses_by_fingerprint(tmp_path, monkeypatch):
+    recipe = tiny_recipe()
+    directory = ensure_pair(recipe, tmp_path / "pair")
+    manifest = json.loads((directory / "pair.json").read_text())
+    assert manifest["fingerprint"] == recipe.fingerprint()
+    for role in ("teacher", "student"):
+        AutoModelForCausalLM.from_pretrained(directory / role)
+        tokenizer = AutoTokenizer.from_pretrained(directory / role)
+        assert tokenizer.eos_token == (IM_END if role == "teacher" else "<|endoftext|>")
+
+    calls = []
+    monkeypatch.setattr(pretrain, "build_pair", lambda *a, **k: calls.append(a))
+    ensure_pair(recipe, directory)
+    assert calls == []  # same recipe: reused
+    changed = tiny_recipe(teacher=ModelRecipe(**{**TINY.__dict__, "steps": 3}))
+    assert changed.fingerprint() != recipe.fingerprint()
+    ensure_pair(changed, directory)
+    assert len(calls) == 1  # another recipe: rebuilt
+
+
+def test_a_half_built_pair_is_never_reused(tmp_path, monkeypatch):
+    recipe = tiny_recipe()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setattr(pretrain, "train_supervised", crash)
+    with pytest.raises(RuntimeError):
+        ensure_pair(recipe, tmp_path / "pair")
+    assert not (tmp_path / "pair" / "pair.json").exists()
+
+
+def embedded_records(n):
+    problems = make_splits(0, 50, n, 0)["val"]
+    return [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "problem": p} for p in problems]
+
+
+class Always:
+    def __init__(self, value):
+        self.value = value
+
+    def grade(self, record, response):
+        return self.value
+
+    def answer(self, record, response):
+        return "x"
+
+    def path(self, record, response):
+        return response
+
+
+def test_evaluate_metrics_are_consistent(tmp_path):
+    tokenizer = build_tokenizer()
+    model = build_causal_lm(vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, seed=0)
+    side = ModelSide(model, tokenizer, PromptFormat(suffix="\n"), (tokenizer.eos_token_id,))
+    spec = EvalSpec(n_samples=4, max_new_tokens=6, batch_size=3)
+    records = embedded_records(5)
+    ones = evaluate(side, records, Always(True), spec, vocab_size=len(tokenizer), teacher=side)
+    zeros = evaluate(side, records, Always(False), spec, vocab_size=len(tokenizer))
+    assert ones["avg@4"] == ones["pass@1"] == ones["pass@4"] == ones["maj@4"] == 1.0
+    assert zeros["avg@4"] == zeros["pass@4"] == zeros["maj@4"] == 0.0
+    assert ones["div/fkl_high_entropy"] == pytest.approx(0.0, abs=1e-5)  # the same model as teacher
+    assert ones["entropy/student"] > 0 and 0 <= ones["entropy/student_high_frac"] <= 1
+    assert ones["len_mean"] <= 6
+    # The same seed draws the same samples; the real grader rejects a random model's responses.
+    real = evaluate(side, records, EmbeddedGrader(), spec, vocab_size=len(tokenizer))
+    again = evaluate(side, records, EmbeddedGrader(), spec, vocab_size=len(tokenizer))
+    assert real == again and real["avg@4"] == 0.0
+    table = format_table({"a": ones, "b": zeros}, ["avg@4", "pass@4", "missing"])
+    assert "avg@4" in table and "missing" in table and table.count("\n") == 2
