@@ -1,0 +1,304 @@
+"""The embedded multi-path task: add distinct digits modulo 10 in any order, one running total per step.
+
+A problem is a list of distinct residues, e.g. the prompt `add mod 10: 3 5 2 7 1`. A solution picks an
+order of the terms and writes the running total after each one, then the answer after `#`:
+
+    3+5=8+2=0+7=7+1=8#8          (order 3, 5, 2, 7, 1)
+    7+1=8+5=3+3=6+2=8#8          (order 7, 1, 5, 3, 2)
+
+Read `a+b=c+d=e` as "a plus b is c; c plus d is e": each `=c` is the total so far, modulo 10. Every order
+of the terms is a valid path, so a problem with n terms has n! solution paths, all with the same answer.
+
+This is the structure the paper's method is about, made exact. Under the reference sampler (uniform over
+orders) the next token is uncertain only where a term is chosen: the k-th choice is uniform over the
+n - k terms left, with entropy ln(n - k) nats (ln 3 = 1.10 and above pass the paper's tau = 0.8; ln 2 =
+0.69 does not). Every other token (operators, totals, the answer, the end token) is certain. With the
+default sizes of 5 to 7 terms about 16% of response tokens are branch points, close to the 18.5% the
+paper measured for its math teacher (`ideal_high_entropy_fraction`).
+
+Tokens here are characters, as in `eopd.tasks.tokenizer`, plus one end-of-response token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+MODULUS = 10
+DEFAULT_SIZES = (5, 6, 7)
+ANSWER_MARK = "#"
+SPLITS = ("train", "val", "test")
+
+_SOLUTION = re.compile(r"(\d)((?:\+\d=\d)+)#(\d)")
+_STEP = re.compile(r"\+(\d)=(\d)")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: distinct residues to add modulo `modulus`, in the order the prompt shows them.
+
+    Attributes:
+        id: unique within its split, e.g. "test-00042".
+        terms: the residues, distinct, each in [0, modulus), at least two.
+        modulus: at most 10, so every term and total is one digit (one token).
+    """
+
+    id: str
+    terms: tuple[int, ...]
+    modulus: int = MODULUS
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.modulus <= 10:
+            raise ValueError(f"modulus must lie in [2, 10] (one digit per number), got {self.modulus}")
+        if len(self.terms) < 2:
+            raise ValueError(f"a problem needs at least two terms, got {self.terms}")
+        if len(set(self.terms)) != len(self.terms):
+            raise ValueError(f"terms must be distinct, got {self.terms}")
+        if not all(isinstance(term, int) and 0 <= term < self.modulus for term in self.terms):
+            raise ValueError(f"terms must be integers in [0, {self.modulus}), got {self.terms}")
+
+    @property
+    def prompt(self) -> str:
+        """The user message, e.g. `add mod 10: 3 5 2 7 1`."""
+        return f"add mod {self.modulus}: " + " ".join(map(str, self.terms))
+
+    @property
+    def answer(self) -> str:
+        """The final answer as it appears after `#`: the sum of the terms modulo `modulus`."""
+        return str(sum(self.terms) % self.modulus)
+
+    @property
+    def content_key(self) -> tuple[int, ...]:
+        """What makes two problems the same problem: the set of terms, whatever order the prompt shows."""
+        return tuple(sorted(self.terms))
+
+    @property
+    def num_paths(self) -> int:
+        """Number of valid solution paths: one per order of the terms."""
+        return math.factorial(len(self.terms))
+
+
+def solution_text(problem: Problem, order: Sequence[int]) -> str:
+    """Write the solution that adds the terms in `order`, e.g. `3+5=8+2=0#0` for order (3, 5, 2).
+
+    Raises:
+        ValueError: if `order` is not a permutation of the problem's terms.
+    """
+    if sorted(order) != sorted(problem.terms):
+        raise ValueError(f"order {tuple(order)} is not a permutation of the terms {problem.terms}")
+    total = order[0]
+    text = str(order[0])
+    for term in order[1:]:
+        total = (total + term) % problem.modulus
+        text += f"+{term}={total}"
+    return f"{text}{ANSWER_MARK}{total}"
+
+
+def valid_paths(problem: Problem) -> Iterator[tuple[int, ...]]:
+    """Every valid solution path (an order of the terms); n! of them, so only for small problems."""
+    return itertools.permutations(problem.terms)
+
+
+def reference_solution(problem: Problem, rng: random.Random) -> str:
+    """Sample a reference solution uniformly over the valid paths.
+
+    The order is `rng.sample(terms, n)`, a uniformly random permutation; since the terms are distinct,
+    different orders give different texts, so the text is uniform over the n! solution texts.
+
+    Args:
+        problem: the problem to solve.
+        rng: the source of randomness; the same state gives the same solution.
+
+    Returns:
+        The solution text, without any end token.
+    """
+    return solution_text(problem, rng.sample(problem.terms, len(problem.terms)))
+
+
+def _strip_response(response: str) -> str:
+    # Generation may leave its end token or trailing whitespace in the text; nothing after it counts.
+    for end_token in ("<|im_end|>", "<|endoftext|>"):
+        response = response.split(end_token, 1)[0]
+    return response.strip()
+
+
+def solution_path(problem: Problem, response: str) -> tuple[int, ...] | None:
+    """Which valid path a correct response took: its order of the terms, or None if it is not a valid solution.
+
+    A response is valid when it has the solution format, uses every term exactly once, every running total
+    is right, and the answer after `#` equals the last total and the problem's answer. Text after an end
+    token (`<|im_end|>` or `<|endoftext|>`) and surrounding whitespace are ignored. Never raises on
+    malformed text.
+
+    Returns:
+        The order of the terms, e.g. (3, 5, 2), hashable, so distinct paths can be counted.
+    """
+    match = _SOLUTION.fullmatch(_strip_response(response))
+    if match is None:
+        return None
+    steps = [(int(term), int(total)) for term, total in _STEP.findall(match.group(2))]
+    order = (int(match.group(1)), *(term for term, _ in steps))
+    if sorted(order) != sorted(problem.terms):
+        return None
+    total = order[0]
+    for term, written_total in steps:
+        total = (total + term) % problem.modulus
+        if written_total != total:
+            return None
+    if int(match.group(3)) != total:
+        return None
+    return order
+
+
+def grade(problem: Problem, response: str, *, check_steps: bool = True) -> bool:
+    """Grade a response exactly.
+
+    Args:
+        problem: the problem the response answers.
+        response: the generated text (end tokens and trailing text after them are ignored).
+        check_steps: True (default): the response must be a valid solution (see `solution_path`), so a
+            lucky final answer after wrong steps fails. False: only the answer after the last `#` must
+            equal the problem's answer, as a math grader would check.
+
+    Returns:
+        Whether the response is correct. Malformed text is graded False, never raises.
+    """
+    if check_steps:
+        return solution_path(problem, response) is not None
+    text = _strip_response(response)
+    if ANSWER_MARK not in text:
+        return False
+    return text.rsplit(ANSWER_MARK, 1)[1].strip() == problem.answer
+
+
+def ideal_token_entropies(problem: Problem) -> list[float]:
+    """Entropy (nats) of the true next-token distribution at every response token, under the reference sampler.
+
+    The reference sampler draws a uniform order of the terms, so at the token that writes the k-th term
+    (k = 0, 1, ...) the n - k unused terms are equally likely: entropy ln(n - k). Every other token is
+    determined by the tokens before it: entropy 0. The positions do not depend on which path is taken.
+    `tests/tasks/test_multipath.py` checks this against the conditional distribution computed by brute
+    force from all n! solution texts.
+
+    Returns:
+        One entropy per response token: each character of the solution, then the end token (whose
+        entropy is 0: after the answer digit the response always ends). Length 4n for n terms.
+    """
+    n = len(problem.terms)
+    # Layout: t0 + t1 = s + t2 = s ... + t(n-1) = s # a <end>; terms sit at 0, 2, 6, 10, ...
+    length = 1 + 4 * (n - 1) + 2 + 1
+    entropies = [0.0] * length
+    term_positions = [0, *(2 + 4 * step for step in range(n - 1))]
+    for k, position in enumerate(term_positions):
+        entropies[position] = math.log(n - k)
+    return entropies
+
+
+def ideal_high_entropy_fraction(problems: Iterable[Problem], tau: float = 0.8) -> float:
+    """Fraction of response tokens whose ideal next-token entropy is at least `tau`, over `problems`.
+
+    What a teacher that had learnt the task perfectly would show at tau. Token-weighted (total high-entropy
+    tokens over total tokens, the way a batch is counted), and exact: each problem's reference solutions all
+    have the same length and the same entropy at each position. The end token counts as a response token.
+
+    Returns:
+        The fraction in [0, 1]; 0.163 for the default splits at tau = 0.8 (5, 6, 7 terms give 3/20, 4/24,
+        5/28).
+
+    Raises:
+        ValueError: if `problems` is empty.
+    """
+    high = total = 0
+    for problem in problems:
+        entropies = ideal_token_entropies(problem)
+        high += sum(entropy >= tau for entropy in entropies)
+        total += len(entropies)
+    if total == 0:
+        raise ValueError("ideal_high_entropy_fraction needs at least one problem")
+    return high / total
+
+
+def make_splits(
+    seed: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    *,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    modulus: int = MODULUS,
+) -> dict[str, list[Problem]]:
+    """Generate train, validation and test problems, disjoint by content (the set of terms).
+
+    Every set of `size` distinct residues (for each size in `sizes`) is a content; the contents are shuffled
+    by `seed`. Test takes the first min(n_test, K // 4) of them, validation the next min(n_val, K // 4),
+    train all the rest (K = number of contents: 582 for the defaults), so the evaluation splits see as many
+    different contents as possible and train keeps at least half. Each split cycles through its contents,
+    showing each time a fresh random order of the terms; prompts are unique within a split.
+
+    The test split depends only on (seed, n_test, sizes, modulus), and validation only on those and n_val,
+    so growing the training set leaves the evaluation sets unchanged.
+
+    Args:
+        seed: the same seed gives the same problems.
+        n_train, n_val, n_test: problems per split (zero allowed).
+        sizes: numbers of terms a problem may have, each in [2, modulus].
+        modulus: at most 10.
+
+    Returns:
+        {"train": [...], "val": [...], "test": [...]} with ids like "val-00003".
+
+    Raises:
+        ValueError: on bad sizes or counts, or when a split asks for more problems than its contents have
+            distinct orders.
+    """
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    if any(not isinstance(count, int) or count < 0 for count in counts.values()):
+        raise ValueError(f"problem counts must be non-negative integers, got {counts}")
+    if not sizes or any(not 2 <= size <= modulus for size in sizes):
+        raise ValueError(f"sizes must be a non-empty list of integers in [2, {modulus}], got {sizes}")
+
+    contents = [
+        combination
+        for size in sorted(set(sizes))
+        for combination in itertools.combinations(range(modulus), size)
+    ]
+    random.Random(seed).shuffle(contents)
+    eval_cap = len(contents) // 4
+    n_test_contents = min(n_test, eval_cap)
+    n_val_contents = min(n_val, eval_cap)
+    pools = {
+        "test": contents[:n_test_contents],
+        "val": contents[n_test_contents : n_test_contents + n_val_contents],
+        "train": contents[n_test_contents + n_val_contents :],
+    }
+
+    splits = {}
+    for split in SPLITS:
+        pool, count = pools[split], counts[split]
+        if count and not pool:
+            raise ValueError(f"no contents left for the {split} split")
+        if count:
+            per_content = -(-count // len(pool))
+            fewest_orders = min(math.factorial(len(content)) for content in pool[: min(count, len(pool))])
+            if per_content > fewest_orders:
+                raise ValueError(
+                    f"{split} asks for {count} problems from {len(pool)} contents: more than the "
+                    f"{fewest_orders} orders some content has"
+                )
+        # A string seed per split keeps each split's draws independent of the other splits' sizes.
+        rng = random.Random(f"{seed}/{split}")
+        seen_prompts: set[tuple[int, ...]] = set()
+        problems = []
+        for index in range(count):
+            content = pool[index % len(pool)]
+            terms = tuple(rng.sample(content, len(content)))
+            while terms in seen_prompts:
+                terms = tuple(rng.sample(content, len(content)))
+            seen_prompts.add(terms)
+            problems.append(Problem(id=f"{split}-{index:05d}", terms=terms, modulus=modulus))
+        splits[split] = problems
+    return splits
