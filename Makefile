@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-all test-gpu lint format bench clean
+.PHONY: help venv train test test-all test-gpu lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed ## create .venv with the CPU build of torch and the package in editable mode
+
+train: $(VENV)/.installed ## distil on the embedded default (builds the pair on first use) and print the evaluation table
+	$(PY) -m eopd.train $(ARGS)
 
 test: $(VENV)/.installed ## run the default tests (CPU, offline, a few minutes)
 	$(PY) -m pytest -q

@@ -313,6 +313,7 @@ class DistillModule(L.LightningModule):
             teacher_side = self.score_teacher(rollout, batch)
         with timer("old_logprobs"):
             old_logprobs, diagnostics = self.score_old_policy(rollout, teacher_side)
+        lr = self.optimizers().param_groups[0]["lr"]  # the rate this rollout's first update uses
         with timer("update"):
             update_metrics = self.update(rollout, teacher_side, old_logprobs)
         self.rollout_step += 1
@@ -326,7 +327,7 @@ class DistillModule(L.LightningModule):
         total = sum(timer.seconds.values())
         logs["time/step"] = total
         logs["perf/tokens_per_s"] = rollout.num_valid_tokens / max(total, 1e-9)
-        logs["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        logs["train/lr"] = lr
         logs["step/rollout"] = float(self.rollout_step)
         progress = {"loss": logs["train/loss"]}
         for key, short in (("div/fkl", "fkl"), ("entropy/student", "H_s"), ("gate/fraction", "gate")):

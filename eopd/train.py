@@ -74,6 +74,17 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     update = _build("update", lambda: UpdateSpec(**_plain(cfg["update"])))
     optim = _build("optimizer", lambda: OptimSpec(**_plain(cfg.optimizer)))
     log_spec = _build("log", lambda: LogSpec(**_plain(cfg.log)))
+    if rollout.temperature != objective.temperature:
+        raise ConfigError(
+            f"config 'rollout.temperature'={rollout.temperature} differs from 'objective.temperature'="
+            f"{objective.temperature}: sample and score at the same temperature (leave objective.temperature "
+            "at its default ${rollout.temperature})"
+        )
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda") and not _cuda_available():
+        raise ConfigError(
+            f"config 'trainer.accelerator'={accelerator!r} but no CUDA device is visible; use trainer=cpu"
+        )
     _check_positive(cfg, "data.batch_size")
     steps_per_rollout = _build("update", lambda: update.steps_per_rollout(cfg.data.batch_size))
     pair = cfg.pair
@@ -93,7 +104,7 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         fields.setdefault("tokenizer", pair.get("tokenizer"))
         source = _build(f"pair.{side}", lambda fields=fields: ModelSource(**fields))
         if recipe is None:  # a pair with a recipe is built before it loads
-            source.check(f"pair.{side}")
+            _build(f"pair.{side}", lambda source=source, side=side: source.check(f"pair.{side}"))
         sources[side] = source
     eval_spec = _build("eval", lambda: _eval_spec(cfg.eval, cfg.eval))
     final_spec = _build("eval.final", lambda: _eval_spec(cfg.eval, cfg.eval.final))
@@ -102,7 +113,12 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             raise ConfigError(
                 f"config 'eval.{key}'={cfg.eval[key]!r} is unknown; allowed: {', '.join(GRADERS)}"
             )
-    records = load_records(cfg.data)
+    records = _build("data", lambda: load_records(cfg.data))
+    if len(records["train"]) < cfg.data.batch_size:
+        raise ConfigError(
+            f"config 'data.batch_size'={cfg.data.batch_size} exceeds the {len(records['train'])} training prompts; "
+            "lower data.batch_size or add prompts"
+        )
     for key, node in (("eval.split", cfg.eval), ("eval.final.split", cfg.eval.final)):
         if node.split not in records:
             raise ConfigError(
@@ -332,6 +348,12 @@ def _report_table(table, spec, final, run_dir: Path) -> None:
     )
     print(f"\n{header}\n{text}\n", flush=True)
     (run_dir / "eval.json").write_text(json.dumps(table, indent=2))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_positive(cfg: DictConfig, key: str) -> None:

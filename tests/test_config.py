@@ -1,0 +1,321 @@
+"""The Hydra configs: every option composes and plans, and every config error is named before a model loads."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+import eopd.models
+import eopd.train
+from eopd.objectives import PRESETS, Objective
+from eopd.schedules import Constant, Cosine, Linear, Step
+from eopd.train import ConfigError, plan
+
+CONF_DIR = Path(eopd.train.CONF_DIR)
+REPO = CONF_DIR.parent
+GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_train(overrides: Sequence[str] = (), *, hydra_node: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+# ---- every option composes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_has_an_option(group):
+    assert options(group), f"conf/{group}/ has no option file"
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [pytest.param(g, o, id=f"{g}={o}") for g in GROUPS for o in options(g)]
+)
+def test_option_composes_and_plans(group, option, tmp_path):
+    cfg = compose_train([f"{group}={option}"])
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="trainer.accelerator"):
+            plan(cfg, tmp_path / "run")
+        cfg = compose_train([f"{group}={option}", "trainer.accelerator=cpu", "trainer.precision=32-true"])
+
+    p = plan(cfg, tmp_path / "run")
+
+    assert isinstance(p.objective, Objective)
+    assert p.records["train"], "no training prompts"
+    # Schedules span ${total_optimizer_steps}: it must be the number of steps the trainer runs.
+    assert p.max_steps == cfg.total_optimizer_steps
+
+
+def test_every_preset_has_an_objective_option():
+    assert set(options("objective")) == set(PRESETS)
+
+
+@pytest.mark.parametrize("name", options("objective"))
+def test_objective_option_builds_the_preset_of_its_name(name, tmp_path):
+    objective = plan(compose_train([f"objective={name}"]), tmp_path / "run").objective
+
+    assert objective.name == name
+
+
+def _forward_kl_term(objective: Objective):
+    return next(t for t in objective.terms if t.kind == "topk_fkl")
+
+
+def _check_constant(term, steps):
+    assert term.weight == Constant(1.0)
+    assert term.gate.tau == Constant(0.8)
+
+
+def _check_alpha_decay(kind):
+    def check(term, steps):
+        assert isinstance(term.weight, kind)
+        assert term.weight(0) == pytest.approx(1.0)
+        assert term.weight(steps) == pytest.approx(0.0)  # decays over exactly the run's optimizer steps
+        assert term.weight(steps // 2) == pytest.approx(0.5)
+        assert term.gate.tau == Constant(0.8)
+
+    return check
+
+
+def _check_tau_step(term, steps):
+    assert isinstance(term.gate.tau, Step)
+    assert term.gate.tau(0) == pytest.approx(1.2)
+    assert term.gate.tau(steps // 2 - 1) == pytest.approx(1.2)
+    assert term.gate.tau(steps // 2) == pytest.approx(0.8)
+    assert term.weight == Constant(1.0)
+
+
+SCHEDULE_CHECKS = {
+    "constant": _check_constant,
+    "alpha_linear_decay": _check_alpha_decay(Linear),
+    "alpha_cosine_decay": _check_alpha_decay(Cosine),
+    "tau_step": _check_tau_step,
+}
+
+
+@pytest.mark.parametrize("schedule", options("schedule"))
+def test_schedule_reaches_the_eopd_forward_kl_term(schedule, tmp_path):
+    assert schedule in SCHEDULE_CHECKS, f"add what conf/schedule/{schedule}.yaml should do to SCHEDULE_CHECKS"
+    cfg = compose_train(["objective=eopd", f"schedule={schedule}"])
+
+    p = plan(cfg, tmp_path / "run")
+
+    SCHEDULE_CHECKS[schedule](_forward_kl_term(p.objective), p.max_steps)
+
+
+# ---- experiments and sweeps ----------------------------------------------------------------------------
+
+
+def _leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _at(node: dict, dotted: str):
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_overlays_the_defaults_and_the_command_line_wins(experiment):
+    overlay = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml"))
+
+    composed = OmegaConf.to_container(compose_train([f"experiment={experiment}"]))
+    for key, value in _leaves(overlay):
+        assert _at(composed, key) == value, f"experiment={experiment} did not set {key}"
+
+    assert compose_train([f"experiment={experiment}", "rollout_steps=2"]).rollout_steps == 2
+
+
+@pytest.mark.parametrize("sweep", options("sweep"))
+def test_sweep_is_a_multirun_over_options_that_exist(sweep, tmp_path):
+    cfg = compose_train([f"sweep={sweep}"], hydra_node=True)
+
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    assert cfg.group, "a sweep names its group: the sweep directory and the wandb group"
+    params = cfg.hydra.sweeper.params
+    assert params, "hydra.sweeper.params is empty"
+    parser = OverridesParser.create()
+    grid = {}
+    for key, values in params.items():
+        override = parser.parse_override(f"{key}={values}")
+        grid[key] = list(override.sweep_string_iterator())
+        if key in GROUPS:
+            unknown = set(grid[key]) - set(options(key))
+            assert not unknown, f"sweep {sweep} names {key} options that do not exist: {sorted(unknown)}"
+        else:
+            assert OmegaConf.select(cfg, key) is not None, f"sweep {sweep} sweeps {key}, not a config key"
+
+    # Every job of the grid composes and plans (objective presets build, seeds apply).
+    for combination in itertools.product(*grid.values()):
+        overrides = [f"{key}={value}" for key, value in zip(grid, combination, strict=True)]
+        job = compose_train([f"sweep={sweep}", *overrides])
+        job_plan = plan(job, tmp_path / "run")
+        for key, value in zip(grid, combination, strict=True):
+            if key == "objective":
+                assert job_plan.objective.name == value
+            elif key not in GROUPS:
+                assert str(OmegaConf.select(job, key)) == value
+
+
+# ---- config errors -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Make loading any tokenizer or model fail the test."""
+
+    def forbidden(*args, **kwargs):
+        pytest.fail("a model or tokenizer was loaded before the config error was reported")
+
+    monkeypatch.setattr(eopd.models, "load_model", forbidden)
+    monkeypatch.setattr(eopd.models, "load_tokenizer", forbidden)
+
+
+def test_unknown_objective_lists_the_available_options():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_train(["objective=eopdd"])
+
+    message = str(info.value)
+    assert "objective" in message
+    assert "Available options" in message
+    assert "eopd" in message.split("Available options", 1)[1]
+
+
+CONFIG_ERRORS = [
+    pytest.param(["objective.tau=-1"], ConfigError, ["objective", "tau=-1"], id="negative-tau"),
+    pytest.param(["objective.eps_low=0"], ConfigError, ["objective", "eps_low=0"], id="eps_low-zero"),
+    pytest.param(["rollout.top_p=1.5"], ConfigError, ["rollout.top_p=1.5", "(0, 1]"], id="top_p"),
+    pytest.param(
+        ["rollout.source=bogus"], ConfigError, ["rollout.source", "student, teacher, mix"], id="source"
+    ),
+    pytest.param(
+        ["data.batch_size=16", "update.mini_batch_size=3"],
+        ConfigError,
+        ["update.mini_batch_size=3", "data.batch_size"],
+        id="mini-batch-does-not-divide-batch",
+    ),
+    pytest.param(
+        ["update.mini_batch_size=8", "update.micro_batch_size=3"],
+        ConfigError,
+        ["update.micro_batch_size=3", "update.mini_batch_size=8"],
+        id="micro-batch-does-not-divide-mini-batch",
+    ),
+    pytest.param(["rollout_steps=0"], ConfigError, ["rollout_steps"], id="zero-rollout-steps"),
+    pytest.param(
+        ["pair.student.path={tmp}/no_such_model"],
+        ValueError,
+        ["pair.student.path", "no_such_model", "config.json"],
+        id="missing-student-directory",
+    ),
+    pytest.param(
+        ["pair.teacher.path=eopd-tests/not-a-cached-model"],
+        ValueError,
+        ["pair.teacher.path", "HF_HUB_OFFLINE"],
+        id="uncached-hub-id-offline",
+    ),
+    pytest.param(
+        ["optimizer.schedule=linearr"],
+        ConfigError,
+        ["optimizer.schedule", "cosine, constant"],
+        id="lr-schedule",
+    ),
+    pytest.param(
+        ["data.n_train=8", "data.batch_size=16"],
+        ValueError,
+        ["'data.batch_size'=16", "8 training prompts"],
+        id="batch-larger-than-training-set",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "error", "names"), CONFIG_ERRORS)
+def test_config_error_is_reported_before_any_model_loads(
+    overrides, error, names, tmp_path, monkeypatch, no_model_loads
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose_train([o.format(tmp=tmp_path) for o in overrides])
+    run_dir = tmp_path / "run"
+
+    with pytest.raises(error) as info:
+        eopd.train.run(cfg, run_dir)
+
+    for name in names:
+        assert name in str(info.value)
+    assert not run_dir.exists(), "a failed config check left a run directory behind"
+
+
+def test_unwritable_output_root_is_reported_before_any_model_loads(tmp_path, no_model_loads):
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if os.access(read_only, os.W_OK):
+            pytest.skip("chmod does not stop this user from writing (root)")
+        cfg = compose_train([f"output_root={read_only}"])
+
+        with pytest.raises(ConfigError, match="output_root"):
+            eopd.train.run(cfg, Path(cfg.output_root) / "runs" / "eopd-s0")
+    finally:
+        read_only.chmod(0o755)
+
+
+def test_temperature_mismatch_is_reported_before_any_model_loads(tmp_path, no_model_loads):
+    cfg = compose_train(["objective.temperature=0.7", "rollout.temperature=1.0"])
+
+    with pytest.raises(ValueError, match="rollout.temperature") as info:
+        eopd.train.run(cfg, tmp_path / "run")
+
+    assert "0.7" in str(info.value)
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+
+def _train_cli(*overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, "-m", "eopd.train", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "rollout_steps=0",
+        "pair.student.path=/no/such/model",
+    ],
+)
+def test_cli_config_error_exits_2_with_a_message_not_a_traceback(override, tmp_path):
+    result = _train_cli(override, f"output_root={tmp_path}")
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert override.split("=")[0] in output
+    assert "Traceback" not in output

@@ -1,0 +1,220 @@
+"""End to end: `eopd.train.run` on the tiny pair writes metrics, samples, the config, a checkpoint and the student."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import eopd.train
+from eopd.models import load_model, load_tokenizer
+
+CONF_DIR = Path(eopd.train.CONF_DIR)
+REPO = CONF_DIR.parent
+TINY = [
+    "logger=csv",
+    "data.batch_size=4",
+    "update.mini_batch_size=2",
+    "rollout.max_new_tokens=8",
+    "data.n_train=64",
+]
+REQUIRED_COLUMNS = [
+    "train/loss",
+    "div/fkl",
+    "entropy/student",
+    "gate/fraction",
+    "rollout/len_mean",
+    "time/rollout",
+    "perf/tokens_per_s",
+    "train/lr",
+]
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return [row for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+# ---- one tiny run, read by several tests -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    cfg = compose_train(["rollout_steps=2", *TINY])
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    metrics = eopd.train.run(cfg, run_dir)
+    return cfg, run_dir, metrics
+
+
+def test_metrics_csv_has_every_key_finite_at_every_rollout_step(tiny_run):
+    cfg, run_dir, _ = tiny_run
+
+    rows = read_metrics(run_dir)
+
+    assert len(rows) == cfg.rollout_steps
+    for row in rows:
+        for column in REQUIRED_COLUMNS:
+            assert row.get(column), f"metrics.csv has no {column} at step {row.get('step')}"
+            assert math.isfinite(float(row[column])), f"{column}={row[column]} at step {row.get('step')}"
+
+
+def test_run_returns_the_last_logged_loss(tiny_run):
+    _, run_dir, metrics = tiny_run
+
+    assert metrics["train/loss"] == pytest.approx(float(read_metrics(run_dir)[-1]["train/loss"]))
+
+
+def test_samples_are_training_prompts_with_responses_and_teacher_entropy(tiny_run):
+    cfg, run_dir, _ = tiny_run
+    train_prompts = {r["prompt"] for r in eopd.train.load_records(cfg.data)["train"]}
+
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+
+    assert rows
+    for row in rows:
+        assert row["prompt"] in train_prompts
+        assert isinstance(row["response"], str)
+        entropies = [float(h) for h in re.findall(r":(-?[0-9.]+)(?= |$)", row["teacher_entropy"])]
+        assert entropies or not row["response"], "a response without per-token teacher entropy"
+        assert all(h >= 0 for h in entropies)
+
+
+def test_config_yaml_is_the_resolved_config(tiny_run):
+    cfg, run_dir, _ = tiny_run
+
+    text = (run_dir / "config.yaml").read_text()
+
+    assert "${" not in text
+    assert OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) == OmegaConf.to_container(
+        cfg, resolve=True
+    )
+
+
+def test_saved_student_loads_with_transformers_and_was_trained(tiny_run):
+    cfg, run_dir, _ = tiny_run
+    p = eopd.train.plan(cfg, run_dir)
+    tokenizer = load_tokenizer(p.student_source, eos_token=cfg.pair.student_eos)
+    eos = tokenizer.convert_tokens_to_ids(cfg.pair.student_eos)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    initial = load_model(
+        p.student_source,
+        vocab_size=len(tokenizer),
+        dtype=cfg.pair.dtype,
+        special_ids={"eos_token_id": eos, "pad_token_id": pad},
+    ).state_dict()
+
+    saved = AutoModelForCausalLM.from_pretrained(run_dir / "student").state_dict()
+    saved_tokenizer = AutoTokenizer.from_pretrained(run_dir / "student")
+
+    text = p.records["train"][0]["prompt"]
+    assert saved_tokenizer.encode(text) == tokenizer.encode(text)
+    assert saved_tokenizer.eos_token == cfg.pair.student_eos
+    assert saved.keys() == initial.keys()
+    change = max((saved[k] - initial[k]).abs().max().item() for k in initial)
+    # Moved, but only by a few optimizer steps' worth: the same initial model, trained.
+    assert 0 < change < 10 * p.max_steps * cfg.optimizer.lr
+
+
+def test_checkpoint_holds_the_student_and_not_the_teacher(tiny_run):
+    cfg, run_dir, _ = tiny_run
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+    keys = list(checkpoint["state_dict"])
+    assert any(k.startswith("student.") for k in keys)
+    assert not [k for k in keys if k.startswith("teacher")]
+    assert checkpoint["eopd"]["rollout_step"] == cfg.rollout_steps
+
+
+def test_help_lists_every_group_and_option():
+    result = subprocess.run(
+        [sys.executable, "-m", "eopd.train", "--help"],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    groups_section = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    lines = {line.split(":")[0]: line for line in groups_section.splitlines() if ":" in line}
+    for group in sorted(d for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra"):
+        assert group.name in lines, f"--help does not list the {group.name} group"
+        for option in group.glob("*.yaml"):
+            assert option.stem in lines[group.name]
+
+
+# ---- slow: wandb, every preset, a sweep ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_wandb_without_an_api_key_writes_an_offline_run_into_the_run_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline must come from eopd's own decision
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a wandb key
+    cfg = compose_train(["rollout_steps=1", *TINY, "logger=wandb"])
+    run_dir = tmp_path / "run"
+
+    eopd.train.run(cfg, run_dir)
+
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert list(offline_runs[0].glob("*.wandb")), "the offline run has no .wandb data file"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", sorted(p.stem for p in (CONF_DIR / "objective").glob("*.yaml")))
+def test_every_objective_trains_one_rollout_step(objective, tmp_path):
+    cfg = compose_train(["rollout_steps=1", *TINY, f"objective={objective}"])
+
+    metrics = eopd.train.run(cfg, tmp_path / "run")
+
+    assert math.isfinite(metrics["train/loss"])
+    if objective in ("rkl", "fkl", "jsd"):  # analytic divergences are never negative
+        assert metrics["train/loss"] >= 0
+
+
+@pytest.mark.slow
+def test_sweep_runs_the_grid_narrowed_from_the_command_line(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eopd.train",
+            "sweep=divergences",
+            "objective=opd,eopd",
+            "seed=0",
+            "rollout_steps=1",
+            *TINY,
+            f"output_root={tmp_path}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    (sweep_dir,) = (tmp_path / "sweeps" / "divergences").iterdir()
+    jobs = sorted(d for d in sweep_dir.iterdir() if d.is_dir())
+    assert sorted(d.name.split("_", 1)[1] for d in jobs) == ["eopd-s0", "opd-s0"]
+    for job in jobs:
+        assert read_metrics(job), f"{job.name} logged no training step"
