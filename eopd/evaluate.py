@@ -277,6 +277,7 @@ class PeriodicEvaluation(Callback):
         metrics = self.run_evaluation(pl_module.student)
         self.history.append((trainer.global_step, metrics))
         logged = {f"val/{k}": v for k, v in metrics.items()}
+        logged["step/rollout"] = float(getattr(pl_module, "rollout_step", 0))
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=trainer.global_step)
         log.info(

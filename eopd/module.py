@@ -257,6 +257,7 @@ class DistillModule(L.LightningModule):
         self.seed = seed
         self.automatic_optimization = False
         self.rollout_step = 0
+        self.last_logs: dict[str, float] = {}
         if self.rollout_spec.temperature != objective.temperature:
             raise ValueError(
                 f"rollout.temperature={self.rollout_spec.temperature} differs from the objective's scoring "
@@ -334,7 +335,11 @@ class DistillModule(L.LightningModule):
             if key in logs:
                 progress[short] = logs[key]
         self.log_dict(progress, prog_bar=True, logger=False, batch_size=rollout.batch_size)
-        self.log_dict(logs, prog_bar=False, logger=True, batch_size=rollout.batch_size)
+        # Logged at the optimizer step, the step validation and checkpoints use (Lightning's own step under
+        # manual optimisation counts batches instead).
+        self.last_logs = logs
+        for logger in self.loggers:
+            logger.log_metrics(logs, step=self.global_step)
         self._log_samples(batch, rollout, teacher_side)
 
     def make_rollout(self, batch: list[dict[str, Any]]) -> tuple[RolloutBatch, bool]:

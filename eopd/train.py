@@ -273,7 +273,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     trainer.fit(module, train_dataloaders=loader)
     _save_student(module, p.run_dir / "student")
     log.info("student saved to %s", p.run_dir / "student")
-    metrics = {k: float(v) for k, v in trainer.logged_metrics.items()}
+    metrics = dict(module.last_logs)
     if periodic.history:
         metrics.update({f"val/{k}": v for k, v in periodic.history[-1][1].items()})
     if final.enabled:

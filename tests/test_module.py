@@ -73,7 +73,7 @@ def test_one_rollout_step_trains_the_student_and_leaves_the_teacher_alone(tmp_pa
     trainer = fit(module, tmp_path)
 
     assert trainer.global_step == 2  # 8 prompts / mini-batch 4 = 2 optimizer steps for one rollout batch
-    assert torch.isfinite(torch.tensor(float(trainer.logged_metrics["train/loss"])))
+    assert torch.isfinite(torch.tensor(float(trainer.lightning_module.last_logs["train/loss"])))
     assert any(
         not torch.equal(a, b) for a, b in zip(student_before, module.student.parameters(), strict=True)
     )
@@ -93,15 +93,15 @@ def test_one_rollout_step_trains_the_student_and_leaves_the_teacher_alone(tmp_pa
 def test_other_objectives_train(tmp_path, objective):
     module = make_module(objective)
     trainer = fit(module, tmp_path)
-    assert torch.isfinite(torch.tensor(float(trainer.logged_metrics["train/loss"])))
+    assert torch.isfinite(torch.tensor(float(trainer.lightning_module.last_logs["train/loss"])))
 
 
 def test_off_policy_and_mixed_rollouts(tmp_path):
     module = make_module(rollout=RolloutSpec(source="teacher", max_new_tokens=10))
     trainer = fit(module, tmp_path)
-    assert float(trainer.logged_metrics["rollout/on_policy"]) == 0.0
+    assert float(trainer.lightning_module.last_logs["rollout/on_policy"]) == 0.0
     module = make_module(rollout=RolloutSpec(source="mix", lmbda=0.0, max_new_tokens=10))
-    assert float(fit(module, tmp_path / "mix").logged_metrics["rollout/on_policy"]) == 0.0
+    assert float(fit(module, tmp_path / "mix").lightning_module.last_logs["rollout/on_policy"]) == 0.0
 
 
 def gradients_of_one_update(micro_batch_size):

@@ -1,0 +1,839 @@
+"""Compares finished runs across variants and seeds: final metrics with confidence intervals, paired
+differences against a baseline, training curves, Pass@k against k, and a markdown report.
+
+    python -m eopd.compare outputs/sweeps/gates/2026-01-01_12-00-00            # every run under a folder
+    python -m eopd.compare run_a/ run_b/ run_c/ --baseline opd --out compare/  # chosen run directories
+    python -m eopd.compare outputs/sweeps/tau_alpha/<time> --by objective.tau --by objective.alpha \
+        --baseline "tau=0.8,alpha=1.0"                                         # variants from config keys
+    python -m eopd.compare my-entity/eopd/gates                                # a wandb group (online only)
+
+A run is a folder holding `config.yaml` and `metrics.csv` (what `eopd.train` writes). Its variant is the
+value of `--by` in its config (default `objective.name`); its seed is `seed`. Final metrics come from
+`eval.json` ("student after") when the run has one, otherwise from the last logged value of each column
+of `metrics.csv`. Intervals are two-sided t intervals over seeds (n - 1 degrees of freedom); with one
+seed there is none. The difference against the baseline is paired: per seed, variant minus baseline,
+then the same interval over those differences. Writes report.md, comparison.md, comparison.csv and the
+PNG plots into `--out` (default: `<folder>/compare`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import shlex
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BY = ("objective.name",)
+# The diagnostics the paper argues with (PAPER.md section 5), plotted over training for every variant.
+CURVES = (
+    ("entropy/student", "student_entropy.png", "Student token entropy", "entropy (nats)"),
+    (
+        "div/fkl_high_entropy",
+        "fkl_high_entropy.png",
+        "Forward KL(teacher || student) on high-entropy tokens",
+        "forward KL (nats)",
+    ),
+    ("gate/fraction", "gate_fraction.png", "Fraction of tokens the gate opens", "gated fraction"),
+)
+PASS_AT_K_PNG = "pass_at_k.png"
+VAL_AVG_PNG = "val_avg_at_k.png"
+# Final metrics shown in the markdown table unless --metrics names others (the CSV holds all of them).
+_TABLE_PATTERN = re.compile(
+    r"^(?:val/|test/)?(avg@\d+|pass@\d+|maj@\d+|paths/distinct|entropy/student|div/fkl_high_entropy)$"
+)
+_PASS_AT_K = re.compile(r"^((?:val/|test/)?)pass@(\d+)$")
+
+
+# ---- statistics ------------------------------------------------------------------------------------------
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t distribution with an integer number of degrees of freedom.
+
+    Inverts the closed-form CDF for integer df (Abramowitz & Stegun 26.7.3-4) by bisection; no scipy.
+    """
+    if not 0.5 < p < 1:
+        raise ValueError(f"p={p} must lie in (0.5, 1)")
+    if int(df) != df or df < 1:
+        raise ValueError(f"df={df} must be a positive integer")
+    target = 2 * p - 1  # P(-t < T < t)
+    low, high = 0.0, 1.0
+    while _t_central_mass(high, int(df)) < target:
+        low, high = high, 2 * high
+    for _ in range(200):
+        mid = (low + high) / 2
+        if _t_central_mass(mid, int(df)) < target:
+            low = mid
+        else:
+            high = mid
+        if high - low < 1e-12 * high:
+            break
+    return (low + high) / 2
+
+
+def _t_central_mass(t: float, df: int) -> float:
+    """P(-t < T < t) for T ~ Student t with integer df."""
+    theta = math.atan(t / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2 == 1:
+        total, term = 0.0, 1.0
+        if df > 1:
+            total = 1.0
+            for j in range(1, (df - 3) // 2 + 1):  # term_j = prod (2i)/(2i+1) * cos^(2j)
+                term *= (2 * j) / (2 * j + 1) * c2
+                total += term
+        return 2 / math.pi * (theta + s * math.cos(theta) * total)
+    total, term = 1.0, 1.0
+    for j in range(1, (df - 2) // 2 + 1):  # term_j = prod (2i-1)/(2i) * cos^(2j)
+        term *= (2 * j - 1) / (2 * j) * c2
+        total += term
+    return s * total
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over n values with the half-width of its confidence interval (None when n < 2)."""
+
+    n: int
+    mean: float
+    std: float | None = None
+    half_width: float | None = None
+
+    @property
+    def low(self) -> float | None:
+        return None if self.half_width is None else self.mean - self.half_width
+
+    @property
+    def high(self) -> float | None:
+        return None if self.half_width is None else self.mean + self.half_width
+
+
+def mean_interval(values: Iterable[float], confidence: float = 0.95) -> Interval:
+    """Mean and two-sided t interval of the finite values (sample std, n - 1 dof); NaNs are dropped."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    n = len(finite)
+    if n == 0:
+        return Interval(0, float("nan"))
+    mean = statistics.fmean(finite)
+    if n == 1:
+        return Interval(1, mean)
+    std = statistics.stdev(finite)
+    return Interval(n, mean, std, t_quantile((1 + confidence) / 2, n - 1) * std / math.sqrt(n))
+
+
+def paired_difference(
+    variant: Mapping[Any, float], baseline: Mapping[Any, float], confidence: float = 0.95
+) -> Interval:
+    """Interval of variant - baseline over the seeds both have (finite values only), paired by seed."""
+    diffs = [
+        variant[s] - baseline[s]
+        for s in sorted(set(variant) & set(baseline), key=str)
+        if _finite(variant[s]) and _finite(baseline[s])
+    ]
+    return mean_interval(diffs, confidence)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# ---- reading runs ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """One finished run: its variant, seed, final metrics and per-rollout-step curves."""
+
+    name: str
+    source: str
+    config: dict[str, Any]
+    variant: str
+    seed: Any
+    final: dict[str, float]
+    final_source: str  # "eval.json", "metrics.csv" or "wandb"
+    last: dict[str, float] = field(default_factory=dict)  # last logged value of every column
+    curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # key -> [(step, value)]
+
+    def value(self, metric: str) -> float:
+        """A final metric; falls back to the last logged value of a column (e.g. `val/avg@4`)."""
+        if metric in self.final:
+            return self.final[metric]
+        return self.last.get(metric, float("nan"))
+
+
+def config_value(config: Mapping[str, Any], key: str) -> Any:
+    """`a.b.c` in a nested config; a flat key `a.b.c` or `a/b/c` (as wandb may store it) also works."""
+    node: Any = config
+    for part in key.split("."):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        else:
+            break
+    else:
+        return node
+    for flat in (key, key.replace(".", "/")):
+        if flat in config:
+            return config[flat]
+    raise KeyError(key)
+
+
+def variant_label(config: Mapping[str, Any], by: Sequence[str]) -> str:
+    """The variant a config belongs to: the value of one key, or `name=value,...` for several."""
+    values = []
+    for key in by:
+        try:
+            values.append(config_value(config, key))
+        except KeyError:
+            raise KeyError(f"config has no key {key!r} (set --by to a key of config.yaml)") from None
+    if len(by) == 1:
+        return str(values[0])
+    return ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in zip(by, values, strict=True))
+
+
+def parse_history(
+    rows: Iterable[Mapping[str, Any]], *, step_key: str, steps_per_rollout: float
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+    """Per-metric curves over rollout steps and the last value of each metric, from logged rows.
+
+    Rows may be sparse (a metric missing, empty or non-numeric in a row is skipped). The x of a row is
+    its `step/rollout` when it has one (training rows), else `step_key / steps_per_rollout` (validation
+    rows are logged at the optimizer step that ends a rollout step), so every metric shares one axis.
+    """
+    curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    last: dict[str, float] = {}
+    for row in rows:
+        values = {k: _number(v) for k, v in row.items() if not k.startswith("_") and k != step_key}
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            continue
+        x = values.get("step/rollout")
+        if x is None:
+            step = _number(row.get(step_key))
+            if step is None:
+                continue
+            x = step / steps_per_rollout
+        for key, value in values.items():
+            if key in ("step/rollout", "epoch", "trainer/global_step"):
+                continue
+            curves[key].append((x, value))
+            last[key] = value
+    for points in curves.values():
+        points.sort(key=lambda p: p[0])
+    return dict(curves), last
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str) and value.strip():
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _steps_per_rollout(config: Mapping[str, Any]) -> float:
+    try:
+        return float(config_value(config, "total_optimizer_steps")) / float(
+            config_value(config, "rollout_steps")
+        )
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 1.0
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every folder under `root` (itself included) holding both config.yaml and metrics.csv."""
+    return sorted(p.parent for p in Path(root).rglob("config.yaml") if (p.parent / "metrics.csv").is_file())
+
+
+def read_run(run_dir: Path | str, by: Sequence[str] = DEFAULT_BY) -> RunRecord:
+    """A run folder written by `eopd.train` as a record."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=False)
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    curves, last = parse_history(rows, step_key="step", steps_per_rollout=_steps_per_rollout(config))
+    final, final_source = dict(last), "metrics.csv"
+    eval_path = run_dir / "eval.json"
+    if eval_path.is_file():
+        after = json.loads(eval_path.read_text()).get("student after")
+        if after:
+            final = {k: float(v) for k, v in after.items() if _number(v) is not None}
+            final_source = "eval.json"
+    return RunRecord(
+        name=run_dir.name,
+        source=str(run_dir),
+        config=config,
+        variant=variant_label(config, by),
+        seed=config.get("seed"),
+        final=final,
+        final_source=final_source,
+        last=last,
+        curves=curves,
+    )
+
+
+# ---- wandb (needs network access and a login: not covered by the offline tests) ------------------------
+
+
+def is_wandb_path(argument: str) -> bool:
+    """`entity/project/group` that is not an existing path."""
+    parts = argument.split("/")
+    return len(parts) == 3 and all(parts) and not Path(argument).exists()
+
+
+def record_from_wandb_run(run: Any, by: Sequence[str] = DEFAULT_BY) -> RunRecord:
+    """A `wandb.apis.public.Run` (anything with .name, .config, .scan_history()) as a record.
+
+    Final metrics are the last logged values: eval.json is not uploaded.
+    """
+    config = dict(run.config)
+    step_key = "trainer/global_step"  # what Lightning's WandbLogger logs as the step
+    rows = list(run.scan_history())
+    if rows and not any(step_key in row for row in rows):
+        step_key = "_step"
+    curves, last = parse_history(rows, step_key=step_key, steps_per_rollout=_steps_per_rollout(config))
+    return RunRecord(
+        name=str(run.name),
+        source=str(getattr(run, "url", run.name)),
+        config=config,
+        variant=variant_label(config, by),
+        seed=config_value(config, "seed"),
+        final=dict(last),
+        final_source="wandb",
+        last=last,
+        curves=curves,
+    )
+
+
+def wandb_records(path: str, by: Sequence[str] = DEFAULT_BY) -> list[RunRecord]:
+    """The finished runs of the wandb group `entity/project/group` (online; untested offline)."""
+    import wandb
+
+    entity, project, group = path.split("/")
+    runs = wandb.Api().runs(f"{entity}/{project}", filters={"group": group})
+    return [record_from_wandb_run(run, by) for run in runs if getattr(run, "state", "finished") == "finished"]
+
+
+# ---- the comparison --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """Per variant and metric: the interval over seeds and the paired difference against the baseline."""
+
+    variants: list[str]
+    baseline: str | None
+    metrics: list[str]
+    confidence: float
+    summary: dict[str, dict[str, Interval]]  # variant -> metric -> interval over seeds
+    difference: dict[str, dict[str, Interval]]  # variant (not the baseline) -> metric -> paired difference
+    seeds: dict[str, list[Any]]
+
+
+def by_variant_and_seed(records: Sequence[RunRecord]) -> dict[str, dict[Any, RunRecord]]:
+    """Records grouped by variant, then seed; two runs of one variant and seed are an error."""
+    grouped: dict[str, dict[Any, RunRecord]] = defaultdict(dict)
+    for record in records:
+        other = grouped[record.variant].get(record.seed)
+        if other is not None:
+            hint = ", ".join(_differing_keys([other.config, record.config])) or "none"
+            raise ValueError(
+                f"two runs of variant {record.variant!r} with seed {record.seed}: {other.source} and "
+                f"{record.source}. Tell them apart with --by (config keys that differ: {hint}) or pass "
+                "fewer folders."
+            )
+        grouped[record.variant][record.seed] = record
+    return dict(grouped)
+
+
+def _differing_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    flats = [_flatten(c) for c in configs]
+    ignored = {"run_name", "tags", "output_root", "group"}
+    keys = sorted(set().union(*flats))
+    return [k for k in keys if k not in ignored and len({repr(f.get(k)) for f in flats}) > 1]
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def order_variants(variants: Iterable[str], baseline: str | None) -> list[str]:
+    """The baseline first, then the others in natural order (numbers by value)."""
+
+    def key(label: str):
+        parts = re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", label)
+        return [(0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts)]
+
+    rest = sorted((v for v in set(variants) if v != baseline), key=key)
+    return ([baseline] if baseline in set(variants) else []) + rest
+
+
+def compare(
+    records: Sequence[RunRecord],
+    *,
+    baseline: str | None = None,
+    metrics: Sequence[str] | None = None,
+    confidence: float = 0.95,
+) -> Comparison:
+    """Intervals over seeds per variant and metric, and paired differences against `baseline`.
+
+    `baseline` None picks `opd` when present, else the first variant. `metrics` None takes every final
+    metric of any run.
+    """
+    if not records:
+        raise ValueError("no runs to compare")
+    grouped = by_variant_and_seed(records)
+    if baseline is None:
+        baseline = "opd" if "opd" in grouped else order_variants(grouped, None)[0]
+    elif baseline not in grouped:
+        raise ValueError(f"baseline {baseline!r} is not a variant; variants: {', '.join(sorted(grouped))}")
+    variants = order_variants(grouped, baseline)
+    if metrics is None:
+        metrics = sorted({k for r in records for k in r.final})
+    summary: dict[str, dict[str, Interval]] = {}
+    difference: dict[str, dict[str, Interval]] = {}
+    for variant in variants:
+        runs = grouped[variant]
+        summary[variant] = {
+            m: mean_interval((r.value(m) for r in runs.values()), confidence) for m in metrics
+        }
+        if variant != baseline:
+            base = grouped[baseline]
+            difference[variant] = {
+                m: paired_difference(
+                    {s: r.value(m) for s, r in runs.items()},
+                    {s: r.value(m) for s, r in base.items()},
+                    confidence,
+                )
+                for m in metrics
+            }
+    seeds = {v: sorted(grouped[v], key=str) for v in variants}
+    return Comparison(variants, baseline, list(metrics), confidence, summary, difference, seeds)
+
+
+def table_metrics(records: Sequence[RunRecord]) -> list[str]:
+    """The final metrics shown by default: accuracy, coverage, diversity and the entropy diagnostics.
+
+    In the order of `eopd.train`'s final table: avg@n, pass@1, pass@n (the largest k; the plot shows
+    every k), maj@n, paths/distinct, entropy/student, div/fkl_high_entropy.
+    """
+    keys = {k for r in records for k in r.final if _TABLE_PATTERN.match(k)}
+    passes = sorted((k for k in keys if _PASS_AT_K.match(k)), key=_metric_order)
+    shown = [k for k in keys if not _PASS_AT_K.match(k)]
+    if passes:
+        shown += {passes[0], passes[-1]}
+    return sorted(shown, key=_metric_order)
+
+
+def _metric_order(name: str) -> tuple[int, int, str]:
+    bare = re.sub(r"^(?:val/|test/)", "", name)
+    ranks = ("avg@", "pass@", "maj@", "paths/distinct", "entropy/student", "div/fkl_high_entropy")
+    rank = next((i for i, prefix in enumerate(ranks) if bare.startswith(prefix)), len(ranks))
+    k = int(bare.split("@")[1]) if re.match(r"^\w+@\d+$", bare) else 0
+    return rank, k, name
+
+
+def curve_band(
+    records: Sequence[RunRecord], metric: str, confidence: float = 0.95
+) -> list[tuple[float, Interval]]:
+    """Mean over runs (seeds) of a logged metric at each rollout step, with its interval."""
+    at: dict[float, list[float]] = defaultdict(list)
+    for record in records:
+        for x, value in record.curves.get(metric, []):
+            at[x].append(value)
+    return [(x, mean_interval(at[x], confidence)) for x in sorted(at)]
+
+
+# ---- output ----------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    sign = "+" if signed else ""
+    if x == 0 or 1e-3 <= abs(x) < 1e4:
+        return f"{x:{sign}.3f}"
+    return f"{x:{sign}.2e}"
+
+
+def format_cell(interval: Interval, signed: bool = False) -> str:
+    """`mean ± half-width (n=N)`, or `mean (n=1)` where there is no interval."""
+    if interval.n == 0:
+        return "-"
+    if interval.half_width is None:
+        return f"{_fmt(interval.mean, signed)} (n={interval.n})"
+    return f"{_fmt(interval.mean, signed)} ± {_fmt(interval.half_width)} (n={interval.n})"
+
+
+def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None) -> str:
+    """The final-metric table and the paired-difference table, in markdown."""
+    metrics = list(metrics or comparison.metrics)
+    level = f"{comparison.confidence:.0%}"
+    header = "| variant | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |"
+    rule = "|" + "---|" * (len(metrics) + 2)
+    lines = [
+        f"Final metrics: mean ± {level} confidence half-width over seeds (t interval, n-1 dof).",
+        "",
+        header,
+        rule,
+    ]
+    for variant in comparison.variants:
+        seeds = ",".join(str(s) for s in comparison.seeds[variant])
+        cells = [format_cell(comparison.summary[variant][m]) for m in metrics]
+        lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + " |")
+    if comparison.difference:
+        lines += [
+            "",
+            f"Paired difference against `{comparison.baseline}` (variant - baseline on the same seed; "
+            f"mean ± {level} half-width over seeds both ran).",
+            "",
+            header.replace("| seeds |", "| paired seeds |"),
+            rule,
+        ]
+        for variant, diffs in comparison.difference.items():
+            n = max((d.n for d in diffs.values()), default=0)
+            cells = [format_cell(diffs[m], signed=True) for m in metrics]
+            lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CSV_COLUMNS = (
+    "variant",
+    "metric",
+    "n",
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "baseline",
+    "diff_n",
+    "diff_mean",
+    "diff_ci_low",
+    "diff_ci_high",
+)
+
+
+def write_csv(comparison: Comparison, path: Path) -> None:
+    """One row per variant and metric (long format); empty cells where an interval is undefined."""
+
+    def cell(x: float | None) -> str:
+        return "" if x is None or not math.isfinite(x) else repr(float(x))
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for variant in comparison.variants:
+            for metric in comparison.metrics:
+                s = comparison.summary[variant][metric]
+                d = comparison.difference.get(variant, {}).get(metric)
+                writer.writerow(
+                    [
+                        variant,
+                        metric,
+                        s.n,
+                        cell(s.mean),
+                        cell(s.std),
+                        cell(s.low),
+                        cell(s.high),
+                        comparison.baseline,
+                        d.n if d else "",
+                        cell(d.mean) if d else "",
+                        cell(d.low) if d else "",
+                        cell(d.high) if d else "",
+                    ]
+                )
+
+
+def _colours(variants: Sequence[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(variants) <= 10 else "tab20"]
+    return {v: cmap(i % cmap.N) for i, v in enumerate(variants)}
+
+
+def plot_curves(
+    grouped: Mapping[str, Sequence[RunRecord]],
+    metric: str,
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    confidence: float = 0.95,
+) -> bool:
+    """One line per variant (mean over seeds) with a shaded interval band; False when nobody logged it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = _colours(list(grouped))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    drawn = False
+    for variant, records in grouped.items():
+        band = curve_band(records, metric, confidence)
+        if not band:
+            continue
+        xs = [x for x, _ in band]
+        means = [i.mean for _, i in band]
+        ax.plot(
+            xs, means, marker="o", markersize=3, color=colours[variant], label=f"{variant} (n={len(records)})"
+        )
+        lows = [i.low if i.low is not None else i.mean for _, i in band]
+        highs = [i.high if i.high is not None else i.mean for _, i in band]
+        ax.fill_between(xs, lows, highs, color=colours[variant], alpha=0.2, linewidth=0)
+        drawn = True
+    if drawn:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("rollout step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\nmean over seeds, {confidence:.0%} CI band", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def pass_at_k_metrics(records: Sequence[RunRecord]) -> list[tuple[int, str]]:
+    """(k, metric) for the Pass@k metrics of the final table (unprefixed eval.json keys preferred)."""
+    found: dict[str, dict[int, str]] = defaultdict(dict)
+    for record in records:
+        for key in record.final:
+            match = _PASS_AT_K.match(key)
+            if match:
+                found[match.group(1)][int(match.group(2))] = key
+    for prefix in ("", "test/", "val/"):
+        if found.get(prefix):
+            return sorted(found[prefix].items())
+    return []
+
+
+def plot_pass_at_k(comparison: Comparison, records: Sequence[RunRecord], path: Path) -> bool:
+    """Final Pass@k against k, one line per variant with interval error bars; False without Pass@k."""
+    ks = pass_at_k_metrics(records)
+    if not ks:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = _colours(comparison.variants)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for variant in comparison.variants:
+        intervals = [
+            (k, mean_interval((r.value(m) for r in records if r.variant == variant), comparison.confidence))
+            for k, m in ks
+        ]
+        intervals = [(k, i) for k, i in intervals if i.n]
+        if not intervals:
+            continue
+        errors = [i.half_width or 0.0 for _, i in intervals]
+        n = len(comparison.seeds[variant])
+        ax.errorbar(
+            [k for k, _ in intervals],
+            [i.mean for _, i in intervals],
+            yerr=errors,
+            marker="o",
+            markersize=3,
+            capsize=3,
+            color=colours[variant],
+            label=f"{variant} (n={n})",
+        )
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("Pass@k")
+    ax.set_xticks([k for k, _ in ks])
+    sources = ", ".join(sorted({r.final_source for r in records}))
+    ax.set_title(
+        f"Pass@k of the final student ({sources})\nmean over seeds, {comparison.confidence:.0%} CI",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def val_avg_metric(records: Sequence[RunRecord]) -> str | None:
+    """The validation Avg@k column logged during training (`val/avg@k`), if any."""
+    keys = sorted({k for r in records for k in r.curves if re.match(r"^val/avg@\d+$", k)})
+    return keys[-1] if keys else None
+
+
+def write_report(
+    records: Sequence[RunRecord],
+    out: Path,
+    *,
+    baseline: str | None = None,
+    metrics: Sequence[str] | None = None,
+    confidence: float = 0.95,
+    command: str = "",
+) -> Comparison:
+    """Tables, CSV, plots and report.md for `records` into `out`; returns the comparison."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = list(metrics) if metrics else table_metrics(records)
+    every = sorted({k for r in records for k in r.final})
+    every += [m for m in shown if m not in every]  # a requested metric may be a logged column
+    comparison = compare(records, baseline=baseline, metrics=every, confidence=confidence)
+    tables = markdown_tables(comparison, shown)
+    write_csv(comparison, out / "comparison.csv")
+    (out / "comparison.md").write_text(tables + "\n")
+
+    grouped = {v: [r for r in records if r.variant == v] for v in comparison.variants}
+    plots: list[tuple[str, str]] = []
+    absent: list[str] = []
+    curves = list(CURVES)
+    val_avg = val_avg_metric(records)
+    if val_avg:
+        k = val_avg.split("@")[1]
+        curves.append((val_avg, VAL_AVG_PNG, f"Validation Avg@{k}", f"Avg@{k}"))
+    else:
+        absent.append("val/avg@k")
+    for metric, png, title, ylabel in curves:
+        if plot_curves(grouped, metric, out / png, title=title, ylabel=ylabel, confidence=confidence):
+            plots.append((f"{title} (`{metric}`)", png))
+        else:
+            absent.append(metric)
+    if plot_pass_at_k(comparison, records, out / PASS_AT_K_PNG):
+        plots.append(("Pass@k against k (final metrics)", PASS_AT_K_PNG))
+    else:
+        absent.append("pass@k")
+
+    sources = sorted({r.final_source for r in records})
+    lines = [
+        "# Run comparison",
+        "",
+        f"Produced by `{command}`." if command else "",
+        "",
+        f"{len(records)} runs, {len(comparison.variants)} variants, seeds per variant: "
+        + "; ".join(f"{v}: {len(s)}" for v, s in comparison.seeds.items())
+        + f". Final metrics from: {', '.join(sources)}"
+        + (' ("student after").' if "eval.json" in sources else " (last logged value)."),
+    ]
+    if len(sources) > 1:
+        lines.append("\n**Warning:** the runs' final metrics come from different sources; compare with care.")
+    lines += ["", "## Final metrics", "", tables, "", "Every metric of every variant: `comparison.csv`.", ""]
+    lines += ["## Plots", ""]
+    for caption, png in plots:
+        lines += [f"### {caption}", "", f"![{caption}]({png})", ""]
+    if absent:
+        lines += [f"Not logged by any run, so not plotted: {', '.join(f'`{m}`' for m in absent)}.", ""]
+    lines += ["## Runs", "", "| variant | seed | run | final metrics from |", "|---|---|---|---|"]
+    for variant in comparison.variants:
+        for record in sorted(grouped[variant], key=lambda r: str(r.seed)):
+            lines.append(f"| {variant} | {record.seed} | `{record.source}` | {record.final_source} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return comparison
+
+
+# ---- entry point -----------------------------------------------------------------------------------------
+
+
+def load_records(arguments: Sequence[str], by: Sequence[str] = DEFAULT_BY) -> list[RunRecord]:
+    """Records from folders (searched for runs) and wandb groups (`entity/project/group`)."""
+    records: list[RunRecord] = []
+    for argument in arguments:
+        if is_wandb_path(argument):
+            found = wandb_records(argument, by)
+        elif Path(argument).is_dir():
+            found = [read_run(d, by) for d in find_runs(Path(argument))]
+        else:
+            raise FileNotFoundError(f"{argument} is neither a folder nor a wandb entity/project/group")
+        if not found:
+            raise FileNotFoundError(f"no runs (folders with config.yaml and metrics.csv) under {argument}")
+        records += found
+    return records
+
+
+def _default_out(arguments: Sequence[str]) -> Path:
+    if len(arguments) == 1 and Path(arguments[0]).is_dir():
+        return Path(arguments[0]) / "compare"
+    if len(arguments) == 1 and is_wandb_path(arguments[0]):
+        return Path("compare") / arguments[0].replace("/", "_")
+    return Path("compare")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m eopd.compare",
+        description="Compare runs across variants and seeds: tables with confidence intervals, paired "
+        "differences against a baseline, plots and a markdown report.",
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        help="sweep or run folders (searched for config.yaml + metrics.csv), or a wandb "
+        "entity/project/group (online only; not covered by the offline tests)",
+    )
+    parser.add_argument(
+        "--by",
+        action="append",
+        help="config key naming the variant (repeat for several; default objective.name)",
+    )
+    parser.add_argument(
+        "--baseline", help="variant to take paired differences against (default: opd if present)"
+    )
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        help="metrics for the markdown table (default: accuracy, "
+        "coverage and entropy diagnostics); a logged column such as val/avg@4 also works",
+    )
+    parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <folder>/compare)")
+    args = parser.parse_args(argv)
+    if not 0 < args.confidence < 1:
+        parser.error("--confidence must lie in (0, 1)")
+    command = "python -m eopd.compare " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
+    by = tuple(args.by) if args.by else DEFAULT_BY
+    try:
+        records = load_records(args.runs, by)
+        out = args.out or _default_out(args.runs)
+        comparison = write_report(
+            records,
+            out,
+            baseline=args.baseline,
+            metrics=args.metrics,
+            confidence=args.confidence,
+            command=command,
+        )
+    except (FileNotFoundError, KeyError, ValueError) as error:
+        print(f"eopd.compare: {error}", file=sys.stderr)
+        return 2
+    shown = args.metrics or table_metrics(records)
+    print(markdown_tables(comparison, shown))
+    print(f"\nwrote {out / 'report.md'}, comparison.csv, comparison.md and the plots", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

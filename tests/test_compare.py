@@ -1,0 +1,358 @@
+"""eopd.compare: t intervals and paired differences, checked by hand and on the logs of real tiny runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import eopd.train
+from eopd.compare import (
+    Interval,
+    RunRecord,
+    compare,
+    config_value,
+    curve_band,
+    find_runs,
+    format_cell,
+    is_wandb_path,
+    main,
+    mean_interval,
+    paired_difference,
+    read_run,
+    record_from_wandb_run,
+    t_quantile,
+    variant_label,
+)
+
+REPO = Path(eopd.train.CONF_DIR).parent
+# Two-sided 95% t quantiles t_{0.975, df} from published tables.
+T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 10: 2.2281, 30: 2.0423, 120: 1.9799}
+T95 = {1: 6.3138, 2: 2.9200, 5: 2.0150, 30: 1.6973}
+
+
+# ---- statistics on hand-made numbers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("p", "table"), [(0.975, T975), (0.95, T95)])
+def test_t_quantile_matches_the_published_table(p, table):
+    for df, expected in table.items():
+        assert t_quantile(p, df) == pytest.approx(expected, abs=6e-5), f"df={df}"
+
+
+def test_mean_interval_is_the_t_interval_with_n_minus_1_dof():
+    interval = mean_interval([1.0, 2.0, 3.0, float("nan")])  # NaN: a seed that did not log it
+
+    assert interval.n == 3
+    assert interval.mean == pytest.approx(2.0)
+    assert interval.std == pytest.approx(1.0)
+    assert interval.half_width == pytest.approx(T975[2] / math.sqrt(3), rel=1e-4)
+    assert (interval.low, interval.high) == pytest.approx((2 - interval.half_width, 2 + interval.half_width))
+    assert mean_interval([1.0, 2.0, 3.0], confidence=0.90).half_width == pytest.approx(
+        T95[2] / math.sqrt(3), rel=1e-4
+    )
+
+
+def test_one_seed_has_no_interval_and_says_so():
+    interval = mean_interval([0.25])
+
+    assert (interval.n, interval.mean, interval.half_width, interval.low) == (1, 0.25, None, None)
+    assert format_cell(interval) == "0.250 (n=1)"
+    assert format_cell(Interval(3, 0.5, 0.1, 0.25)) == "0.500 ± 0.250 (n=3)"
+
+
+def test_paired_difference_pairs_by_seed_and_ignores_unpaired_seeds():
+    variant = {0: 2.0, 1: 4.0, 2: 3.0, 3: 10.0}  # seed 3 has no baseline run
+    baseline = {0: 1.0, 1: 2.0, 2: 3.0, 5: 0.0}  # seed 5 has no variant run
+
+    diff = paired_difference(variant, baseline)
+
+    # per-seed differences 1, 2, 0: mean 1, std 1
+    assert diff.n == 3
+    assert diff.mean == pytest.approx(1.0)
+    assert diff.half_width == pytest.approx(T975[2] / math.sqrt(3), rel=1e-4)
+    # an unpaired comparison would be far wider: the seeds' spread cancels in the pairs
+    base = mean_interval(baseline[s] for s in (0, 1, 2))
+    assert diff.half_width < base.half_width + mean_interval(variant[s] for s in (0, 1, 2)).half_width
+
+
+def test_variant_label_reads_nested_and_flat_keys():
+    config = {"objective": {"name": "eopd", "tau": 0.8, "alpha": 1.0}, "seed": 2}
+
+    assert variant_label(config, ["objective.name"]) == "eopd"
+    assert variant_label(config, ["objective.tau", "objective.alpha"]) == "tau=0.8,alpha=1.0"
+    assert config_value({"objective/tau": 1.2}, "objective.tau") == 1.2  # as a flat wandb config
+    with pytest.raises(KeyError, match="objective.beta"):
+        variant_label(config, ["objective.beta"])
+
+
+def test_compare_refuses_an_unknown_baseline_and_names_the_variants():
+    records = [_record("opd", 0, 1.0), _record("eopd", 0, 2.0)]
+
+    with pytest.raises(ValueError, match="eopd, opd"):
+        compare(records, baseline="fkl")
+    assert compare(records).baseline == "opd"  # the default when present
+
+
+def _record(variant: str, seed: int, value: float) -> RunRecord:
+    return RunRecord(
+        name=f"{variant}-s{seed}",
+        source=f"{variant}-s{seed}",
+        config={"objective": {"name": variant}, "seed": seed},
+        variant=variant,
+        seed=seed,
+        final={"pass@1": value},
+        final_source="eval.json",
+    )
+
+
+# ---- wandb: the parsing of history rows (the API itself needs a network) ----------------------------------
+
+
+class FakeWandbRun:
+    """What record_from_wandb_run reads from a wandb.apis.public.Run."""
+
+    name = "eopd-s1"
+    url = "https://wandb.ai/me/eopd/runs/abc"
+    config = {"objective": {"name": "eopd"}, "seed": 1, "rollout_steps": 2, "total_optimizer_steps": 4}
+
+    def scan_history(self):
+        return [
+            # a training row: Lightning's WandbLogger adds trainer/global_step; a histogram is a dict
+            {"_step": 0, "_runtime": 3.0, "trainer/global_step": 0, "step/rollout": 1.0,
+             "entropy/student": 2.0, "gate/fraction": 0.2, "entropy/histogram": {"_type": "histogram"}},
+            # a validation row at the optimizer step that ends rollout step 1
+            {"_step": 1, "trainer/global_step": 2, "val/avg@4": 0.25, "entropy/student": None},
+            {"_step": 2, "trainer/global_step": 2, "step/rollout": 2.0, "entropy/student": 1.5,
+             "gate/fraction": float("nan"), "samples": "table"},
+            {"_step": 3, "trainer/global_step": 4, "val/avg@4": 0.5},
+        ]  # fmt: skip
+
+
+def test_wandb_history_rows_become_curves_on_the_rollout_step_axis():
+    record = record_from_wandb_run(FakeWandbRun())
+
+    assert (record.variant, record.seed, record.final_source) == ("eopd", 1, "wandb")
+    assert record.curves["entropy/student"] == [(1.0, 2.0), (2.0, 1.5)]
+    assert record.curves["val/avg@4"] == [(1.0, 0.25), (2.0, 0.5)]  # optimizer steps 2, 4 / 2 per rollout
+    assert record.curves["gate/fraction"] == [(1.0, 0.2)]  # NaN skipped
+    assert "entropy/histogram" not in record.curves and "samples" not in record.curves
+    assert not any(k.startswith("_") for k in record.curves)
+    assert record.final["val/avg@4"] == 0.5 and record.final["entropy/student"] == 1.5  # last values
+
+
+def test_wandb_path_is_three_parts_that_are_not_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert is_wandb_path("me/eopd/gates")
+    assert not is_wandb_path("eopd/gates")
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    assert not is_wandb_path("a/b/c")
+
+
+# ---- the logs of real tiny runs: 2 objectives x 2 seeds ------------------------------------------------
+
+OBJECTIVES = ("opd", "eopd")
+SEEDS = (0, 1)
+TINY = [
+    "logger=csv",
+    "rollout_steps=2",
+    "data.batch_size=4",
+    "update.mini_batch_size=2",
+    "rollout.max_new_tokens=6",
+    "data.n_train=16",
+    "eval.n_problems=2",
+    "eval.n_samples=2",
+    "eval.every_n_rollout_steps=1",
+    "eval.final.n_problems=2",
+    "eval.final.n_samples=4",
+    "log.samples_every=0",
+    "log.histograms_every=0",
+    "group=compare_test",
+]
+
+
+@pytest.fixture(scope="session")
+def sweep_dir(tmp_path_factory) -> Path:
+    """A sweep-like folder of four finished tiny runs (about 25 s on two cores)."""
+    root = tmp_path_factory.mktemp("sweep")
+    with initialize_config_dir(config_dir=eopd.train.CONF_DIR, version_base="1.3"):
+        for job, (objective, seed) in enumerate((o, s) for o in OBJECTIVES for s in SEEDS):
+            cfg = compose("train", overrides=[*TINY, f"objective={objective}", f"seed={seed}"])
+            eopd.train.run(cfg, root / f"{job}_{objective}-s{seed}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def report(sweep_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compare")
+    assert main([str(sweep_dir), "--baseline", "opd", "--out", str(out)]) == 0
+    return out
+
+
+def _eval_after(sweep_dir: Path) -> dict[tuple[str, int], dict[str, float]]:
+    values = {}
+    for run in sweep_dir.iterdir():
+        objective, seed = run.name.split("_", 1)[1].rsplit("-s", 1)
+        values[objective, int(seed)] = json.loads((run / "eval.json").read_text())["student after"]
+    return values
+
+
+def _comparison_rows(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(out / "comparison.csv") as f:
+        return {(row["variant"], row["metric"]): row for row in csv.DictReader(f)}
+
+
+# metrics that differ between seeds on the tiny pair (its accuracies are all zero)
+VARYING = ("entropy/student", "div/fkl_high_entropy", "pass@1")
+
+
+def test_every_run_is_found_with_its_variant_seed_and_final_metrics(sweep_dir):
+    records = [read_run(d) for d in find_runs(sweep_dir)]
+
+    assert sorted((r.variant, r.seed) for r in records) == sorted((o, s) for o in OBJECTIVES for s in SEEDS)
+    after = _eval_after(sweep_dir)
+    for record in records:
+        assert record.final_source == "eval.json"
+        assert record.final == pytest.approx(after[record.variant, record.seed])
+
+
+def test_table_means_and_intervals_equal_a_direct_computation(sweep_dir, report):
+    after, rows = _eval_after(sweep_dir), _comparison_rows(report)
+
+    assert any(statistics.stdev([after[o, s][m] for s in SEEDS]) > 0 for o in OBJECTIVES for m in VARYING)
+    for objective in OBJECTIVES:
+        for metric in VARYING:
+            values = [after[objective, s][metric] for s in SEEDS]
+            half = T975[1] * statistics.stdev(values) / math.sqrt(2)
+            row = rows[objective, metric]
+            assert int(row["n"]) == 2
+            assert float(row["mean"]) == pytest.approx(statistics.fmean(values), abs=1e-12)
+            assert float(row["ci_low"]) == pytest.approx(statistics.fmean(values) - half, rel=1e-4, abs=1e-12)
+            assert float(row["ci_high"]) == pytest.approx(
+                statistics.fmean(values) + half, rel=1e-4, abs=1e-12
+            )
+
+
+def test_paired_difference_is_the_mean_of_per_seed_differences(sweep_dir, report):
+    after, rows = _eval_after(sweep_dir), _comparison_rows(report)
+
+    for metric in VARYING:
+        diffs = [after["eopd", s][metric] - after["opd", s][metric] for s in SEEDS]
+        half = T975[1] * statistics.stdev(diffs) / math.sqrt(2)
+        row = rows["eopd", metric]
+        assert (row["baseline"], int(row["diff_n"])) == ("opd", 2)
+        assert float(row["diff_mean"]) == pytest.approx(statistics.fmean(diffs), abs=1e-12)
+        assert float(row["diff_ci_low"]) == pytest.approx(statistics.fmean(diffs) - half, rel=1e-4, abs=1e-12)
+        assert float(row["diff_ci_high"]) == pytest.approx(
+            statistics.fmean(diffs) + half, rel=1e-4, abs=1e-12
+        )
+        assert rows["opd", metric]["diff_mean"] == ""  # no difference of the baseline with itself
+
+
+def test_markdown_table_shows_every_variant_with_its_seeds(report):
+    table = (report / "comparison.md").read_text()
+
+    for objective in OBJECTIVES:
+        assert re.search(rf"^\| {objective} \| 0,1 \|.*± .*\(n=2\)", table, re.M), table
+    assert "Paired difference against `opd`" in table
+
+
+def test_plots_exist_and_the_report_embeds_them_with_the_table_and_command(report):
+    text = (report / "report.md").read_text()
+
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
+    expected = {"student_entropy.png", "fkl_high_entropy.png", "gate_fraction.png", "val_avg_at_k.png"}
+    assert expected | {"pass_at_k.png"} <= set(images)
+    for name in images:
+        png = (report / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 1000, name
+    assert (report / "comparison.md").read_text().strip() in text
+    assert "python -m eopd.compare " in text and "--baseline opd" in text
+
+
+def test_training_and_validation_curves_share_the_rollout_step_axis(sweep_dir):
+    records = [read_run(d) for d in find_runs(sweep_dir) if "_eopd-" in d.name]
+    by_step: dict[float, list[float]] = {}
+    for run in sweep_dir.glob("*_eopd-*"):
+        with open(run / "metrics.csv") as f:
+            for row in csv.DictReader(f):
+                if row["entropy/student"]:
+                    by_step.setdefault(float(row["step/rollout"]), []).append(float(row["entropy/student"]))
+
+    entropy = curve_band(records, "entropy/student")
+    val_avg = curve_band(records, "val/avg@2")
+
+    assert [x for x, _ in entropy] == [1.0, 2.0] == sorted(by_step)
+    for x, interval in entropy:
+        assert interval.n == 2
+        assert interval.mean == pytest.approx(statistics.fmean(by_step[x]))
+    # validation is logged at optimizer steps 2 and 4 (two per rollout step): the same rollout steps 1, 2
+    assert [x for x, _ in val_avg] == [1.0, 2.0]
+
+
+def test_one_seed_per_variant_reports_n1_without_an_interval(sweep_dir, tmp_path):
+    runs = [str(d) for d in find_runs(sweep_dir) if d.name.endswith("-s0")]
+
+    assert main([*runs, "--out", str(tmp_path)]) == 0
+
+    rows_md = [line for line in (tmp_path / "comparison.md").read_text().splitlines() if "opd |" in line]
+    assert len(rows_md) == 3  # opd, eopd, and eopd - opd
+    assert all("(n=1)" in line and "±" not in line for line in rows_md)
+    rows = _comparison_rows(tmp_path)
+    assert rows["eopd", "pass@1"]["ci_low"] == "" and rows["eopd", "pass@1"]["diff_ci_low"] == ""
+    assert rows["eopd", "pass@1"]["n"] == "1"
+
+
+def test_a_run_without_eval_json_falls_back_to_its_last_logged_values(sweep_dir, tmp_path):
+    source = next(sweep_dir.glob("*_opd-s0"))
+    run = tmp_path / source.name
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("student", "checkpoints", "eval.json"))
+    with open(run / "metrics.csv") as f:
+        last_val = [row["val/avg@2"] for row in csv.DictReader(f) if row["val/avg@2"]][-1]
+
+    record = read_run(run)
+
+    assert record.final_source == "metrics.csv"
+    assert record.final["val/avg@2"] == float(last_val)
+
+
+def test_two_runs_of_one_variant_and_seed_are_refused_with_the_keys_that_differ(sweep_dir, tmp_path, capsys):
+    assert main([str(sweep_dir), "--by", "group", "--out", str(tmp_path)]) == 2
+
+    error = capsys.readouterr().err
+    assert "with seed" in error and "objective.name" in error
+
+
+def test_cli_writes_next_to_the_sweep_by_default(sweep_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    for run in sweep_dir.iterdir():
+        shutil.copytree(run, sweep / run.name, ignore=shutil.ignore_patterns("student", "checkpoints"))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "eopd.compare", str(sweep), "--baseline", "eopd"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "Paired difference against `eopd`" in result.stdout
+    assert (sweep / "compare" / "report.md").is_file()
+    missing = subprocess.run(
+        [sys.executable, "-m", "eopd.compare", str(tmp_path / "nowhere")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "nowhere" in missing.stderr
