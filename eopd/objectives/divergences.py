@@ -2,7 +2,8 @@
 
 Every function takes student logits first and teacher logits second, shape (..., V), divides both by
 `temperature`, computes in float32 whatever the input dtype, and returns one value per position, shape
-(...), in nats. Reductions over tokens live in `eopd.objectives.reduction`.
+(...), in nats. `normalized=True` says the inputs are already log-probabilities at that temperature (the
+composed objective passes the log-softmax it computed once per tile), so no second log-softmax is taken. Reductions over tokens live in `eopd.objectives.reduction`.
 
 Conventions (PAPER.md section 7): p_s is the student distribution, p_t the teacher's;
 forward KL = KL(p_t || p_s) (mode covering), reverse KL = KL(p_s || p_t) (mode seeking).
@@ -24,7 +25,8 @@ _EXCLUDED = -1e30
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Float32 log-softmax of `logits / temperature` over the last dimension. (..., V) -> (..., V)."""
     _check_temperature(temperature)
-    return torch.log_softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float()
+    return torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
 
 
 def token_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
@@ -33,20 +35,29 @@ def token_entropy(logits: Tensor, *, temperature: float = 1.0) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+def forward_kl(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, normalized: bool = False
+) -> Tensor:
     """KL(p_t || p_s) = sum_v p_t(v) (log p_t(v) - log p_s(v)). (..., V), (..., V) -> (...)."""
-    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature)
+    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature, normalized)
     return (logp_t.exp() * (logp_t - logp_s)).sum(-1)
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+def reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, normalized: bool = False
+) -> Tensor:
     """KL(p_s || p_t) = sum_v p_s(v) (log p_s(v) - log p_t(v)). (..., V), (..., V) -> (...)."""
-    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature)
+    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature, normalized)
     return (logp_s.exp() * (logp_s - logp_t)).sum(-1)
 
 
 def generalized_jsd(
-    student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    normalized: bool = False,
 ) -> Tensor:
     """Generalised Jensen-Shannon divergence with mixture weight `beta`.
 
@@ -61,7 +72,7 @@ def generalized_jsd(
     Shapes: (..., V), (..., V) -> (...).
     """
     _check_unit_interval("beta", beta)
-    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature)
+    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature, normalized)
     if beta == 0.0 or beta == 1.0:
         # Exactly zero, but still attached to the graph so that backward() gives zero gradients.
         return 0.0 * logp_s.exp().sum(-1)
@@ -72,34 +83,46 @@ def generalized_jsd(
 
 
 def skew_forward_kl(
-    student_logits: Tensor, teacher_logits: Tensor, *, alpha: float = 0.1, temperature: float = 1.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    normalized: bool = False,
 ) -> Tensor:
     """Skew forward KL: KL(p_t || alpha p_t + (1 - alpha) p_s); alpha = 0 is `forward_kl`, alpha = 1 gives 0.
 
     Shapes: (..., V), (..., V) -> (...).
     """
     _check_unit_interval("alpha", alpha)
-    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature)
+    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature, normalized)
     log_mix = _log_mixture(logp_t, logp_s, alpha)
     return (logp_t.exp() * (logp_t - log_mix)).sum(-1)
 
 
 def skew_reverse_kl(
-    student_logits: Tensor, teacher_logits: Tensor, *, alpha: float = 0.1, temperature: float = 1.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    normalized: bool = False,
 ) -> Tensor:
     """Skew reverse KL: KL(p_s || alpha p_s + (1 - alpha) p_t); alpha = 0 is `reverse_kl`, alpha = 1 gives 0.
 
     Shapes: (..., V), (..., V) -> (...).
     """
     _check_unit_interval("alpha", alpha)
-    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature)
+    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature, normalized)
     log_mix = _log_mixture(logp_s, logp_t, alpha)
     return (logp_s.exp() * (logp_s - log_mix)).sum(-1)
 
 
-def total_variation(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+def total_variation(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0, normalized: bool = False
+) -> Tensor:
     """Total variation distance 0.5 * sum_v |p_s(v) - p_t(v)|, in [0, 1]. (..., V), (..., V) -> (...)."""
-    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature)
+    logp_s, logp_t = _pair_log_probs(student_logits, teacher_logits, temperature, normalized)
     return 0.5 * (logp_s.exp() - logp_t.exp()).abs().sum(-1)
 
 
@@ -235,9 +258,11 @@ def sampled_kl_from_logits(
 
 
 def _pair_log_probs(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, normalized: bool = False
 ) -> tuple[Tensor, Tensor]:
     check_same_vocab(student_logits, teacher_logits)
+    if normalized:  # already log-probs at this temperature: a second log-softmax would change nothing
+        return student_logits.float(), teacher_logits.float()
     return log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
 
 

@@ -49,7 +49,9 @@ class LinearLogits:
             raise ValueError(
                 f"vocab_size={self.vocab_size} must lie in [1, {self.weight.shape[0]}] (the weight's rows)"
             )
-        self.weight = self.weight[: self.vocab_size]
+        if self.vocab_size < self.weight.shape[0]:
+            # A view: its backward scatters into a zero (V_padded, H) tensor, so slice only when padded.
+            self.weight = self.weight[: self.vocab_size]
 
     @property
     def shape(self) -> torch.Size:
@@ -136,22 +138,19 @@ class _LinearTiledLoss(torch.autograd.Function):
                     grad_hidden[start:end] = grad @ weight  # (n, H)
                 if need_w:
                     grad_weight.addmm_(grad.T.float(), h.float())  # (V, H)
-        ctx.save_for_backward(
-            grad_hidden if need_h else None,
-            grad_weight.to(weight.dtype) if need_w else None,
-        )
+        # Kept as attributes, not saved tensors, so that backward can hand them over without a copy: a
+        # second (V, H) weight gradient is the largest allocation this path would otherwise make.
+        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype) if need_w else None]
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output.to(torch.float32)
-        return (
-            grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
-            grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None,
-            None,
-            None,
-        )
+        if ctx.grads is None:
+            raise RuntimeError("tiled_loss supports one backward pass (no retain_graph=True through it)")
+        grads, ctx.grads = ctx.grads, None
+        if not bool(grad_output == 1):
+            grads = [None if g is None else g * grad_output.to(g.dtype) for g in grads]
+        return grads[0], grads[1], None, None
 
 
 class _LogitsTiledLoss(torch.autograd.Function):
@@ -166,15 +165,17 @@ class _LogitsTiledLoss(torch.autograd.Function):
             total += value
             if need_grad:
                 grad_logits[start:end] = grad.to(logits.dtype)
-        ctx.save_for_backward(grad_logits)
+        ctx.grads = [grad_logits]  # handed over in backward without a copy, as in _LinearTiledLoss
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        (grad_logits,) = ctx.saved_tensors
-        if grad_logits is None:
-            return None, None, None
-        return grad_logits * grad_output.to(grad_logits.dtype), None, None
+        if ctx.grads is None:
+            raise RuntimeError("tiled_loss supports one backward pass (no retain_graph=True through it)")
+        (grad_logits,), ctx.grads = ctx.grads, None
+        if grad_logits is not None and not bool(grad_output == 1):
+            grad_logits = grad_logits * grad_output.to(grad_logits.dtype)
+        return grad_logits, None, None
 
 
 def per_token_fused(

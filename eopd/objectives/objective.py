@@ -74,9 +74,9 @@ def _topk_fkl(logp: Tensor, tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
 
 
 def _full(divergence: Callable[..., Tensor]) -> TermFn:
-    # Log-probs are valid logits at temperature 1, so each term reuses the public, tested function.
+    # Each term reuses the public, tested function on the log-probs the tile computed once.
     def term(logp: Tensor, tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
-        return divergence(logp, tile.teacher_logp, **opt)
+        return divergence(logp, tile.teacher_logp, normalized=True, **opt)
 
     return term
 

@@ -353,3 +353,17 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="at least one term"):
         Objective(())
     assert Objective((Term("forward_kl", gate=NoGate()),)).needs_teacher_logits
+
+
+def test_fused_gradients_scale_with_the_upstream_gradient_and_allow_one_backward():
+    d = make_batch(seed=7, hidden=True)
+    obj = preset("eopd", top_k=4, chunk_size=4)
+    kw = dict(tokens=d["tokens"], mask=d["mask"], old_logprobs=d["old_logprobs"], teacher=d["ht"] @ d["wt"].T)
+    hs = d["hs"].clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(obj(student=LinearLogits(hs, d["ws"]), **kw).loss, hs)
+    (g3,) = torch.autograd.grad(3.0 * obj(student=LinearLogits(hs, d["ws"]), **kw).loss, hs)
+    torch.testing.assert_close(g3, 3.0 * g1)
+    loss = obj(student=LinearLogits(hs, d["ws"]), **kw).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
