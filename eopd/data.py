@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 TEMPLATES = ("plain", "chat")
+SOURCES = ("embedded",)
 
 
 @dataclass(frozen=True)
@@ -115,3 +116,17 @@ def prompt_loader(dataset: Dataset, *, batch_size: int, seed: int = 0, shuffle: 
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True, collate_fn=list, generator=generator
     )
+
+
+def load_records(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Prompt records per split ("train", "val", "test") from a data config (conf/data/*.yaml)."""
+    source = data.get("source")
+    if source == "embedded":
+        from eopd.tasks.multipath import make_splits
+
+        splits = make_splits(data["seed"], data["n_train"], data["n_val"], data["n_test"])
+        return {
+            name: [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "problem": p} for p in problems]
+            for name, problems in splits.items()
+        }
+    raise ValueError(f"data.source={source!r} is unknown; allowed: {', '.join(SOURCES)}")

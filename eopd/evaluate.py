@@ -1,7 +1,8 @@
 """Sampling evaluation: Avg@k, unbiased Pass@k, maj@k, distinct correct paths, entropies, forward KL.
 
-    python -m eopd.evaluate checkpoint=outputs/runs/eopd-s0/<time>/student            # embedded test split
-    python -m eopd.evaluate checkpoint=<dir> teacher=<dir> eval.n_samples=8 eval.top_p=0.8
+    python -m eopd.evaluate checkpoint=outputs/runs/eopd-s0/<time>/student         # embedded test split
+    python -m eopd.evaluate checkpoint=<dir> teacher=outputs/pairs/embedded/teacher eval.n_samples=8
+    python -m eopd.evaluate checkpoint=outputs/pairs/embedded/teacher format.template=chat eos="<|im_end|>"
 
 For every problem, n responses are sampled at the evaluation's temperature and top-p; each is graded.
 Metrics (keys as logged during training under `val/`):
@@ -285,3 +286,70 @@ class PeriodicEvaluation(Callback):
             trainer.global_step,
             ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("avg@", "pass@"))),
         )
+
+
+def main() -> None:
+    """`python -m eopd.evaluate checkpoint=DIR [teacher=DIR] [eval.*=...]`: print and save the metrics."""
+    import json
+    from pathlib import Path
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from eopd.data import load_records
+    from eopd.models import ModelSource, check_shared_vocabulary, load_model, load_tokenizer
+
+    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
+
+    @hydra.main(version_base="1.3", config_path=conf_dir, config_name="evaluate")
+    def _main(cfg) -> float:
+        if OmegaConf.is_missing(cfg, "checkpoint"):
+            raise SystemExit(
+                "checkpoint is required: python -m eopd.evaluate checkpoint=DIR (a save_pretrained directory)"
+            )
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        spec = EvalSpec(**plain["eval"])
+        if cfg.grader not in GRADERS:
+            raise ValueError(f"grader={cfg.grader!r} is unknown; allowed: {', '.join(GRADERS)}")
+        records = load_records(plain["data"])
+        if cfg.split not in records:
+            raise ValueError(f"split={cfg.split!r} is not a data split; allowed: {', '.join(records)}")
+        sides = {}
+        for role, key, fmt, eos in (
+            ("student", "checkpoint", "format", "eos"),
+            ("teacher", "teacher", "teacher_format", "teacher_eos"),
+        ):
+            if plain[key] is None:
+                continue
+            source = ModelSource(path=plain[key])
+            source.check(key)
+            tokenizer = load_tokenizer(source)
+            model = load_model(source, vocab_size=len(tokenizer))
+            eos_id = tokenizer.convert_tokens_to_ids(plain[eos])
+            sides[role] = ModelSide(model, tokenizer, PromptFormat(**plain[fmt]), (eos_id,))
+        vocab = len(sides["student"].tokenizer)
+        remap = None
+        if "teacher" in sides:
+            vocab = check_shared_vocabulary(sides["student"].tokenizer, sides["teacher"].tokenizer)
+            if sides["student"].eos_ids != sides["teacher"].eos_ids:
+                remap = (sides["student"].eos_ids[0], sides["teacher"].eos_ids[0])
+        metrics = evaluate(
+            sides["student"],
+            records[cfg.split][: cfg.n_problems],
+            GRADERS[cfg.grader](),
+            spec,
+            vocab_size=vocab,
+            teacher=sides.get("teacher"),
+            remap_end_token_ids=remap,
+        )
+        print(format_table({Path(cfg.checkpoint).name: metrics}, list(metrics)))
+        out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint) / f"eval_{cfg.split}.json"
+        out.write_text(json.dumps(metrics, indent=2))
+        print(f"saved to {out}")
+        return metrics[f"pass@{spec.n_samples}"]
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

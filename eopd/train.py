@@ -61,7 +61,7 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     """Check the whole config and build the cheap objects; raise ValueError naming the key otherwise."""
     from hydra.utils import instantiate
 
-    from eopd.data import PromptFormat
+    from eopd.data import PromptFormat, load_records
     from eopd.evaluate import GRADERS
     from eopd.models import ModelSource
     from eopd.module import LogSpec, OptimSpec, RolloutSpec, UpdateSpec
@@ -113,7 +113,7 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             raise ConfigError(
                 f"config 'eval.{key}'={cfg.eval[key]!r} is unknown; allowed: {', '.join(GRADERS)}"
             )
-    records = _build("data", lambda: load_records(cfg.data))
+    records = _build("data", lambda: load_records(_plain(cfg.data)))
     if len(records["train"]) < cfg.data.batch_size:
         raise ConfigError(
             f"config 'data.batch_size'={cfg.data.batch_size} exceeds the {len(records['train'])} training prompts; "
@@ -142,20 +142,6 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         eval_spec=eval_spec,
         final_spec=final_spec,
     )
-
-
-def load_records(data_cfg: DictConfig) -> dict[str, list[dict[str, Any]]]:
-    """Prompt records per split from the data config."""
-    source = data_cfg.get("source")
-    if source == "embedded":
-        from eopd.tasks.multipath import make_splits
-
-        splits = make_splits(data_cfg.seed, data_cfg.n_train, data_cfg.n_val, data_cfg.n_test)
-        return {
-            name: [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "problem": p} for p in problems]
-            for name, problems in splits.items()
-        }
-    raise ValueError(f"data.source={source!r} is unknown; allowed: embedded")
 
 
 def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:

@@ -90,3 +90,39 @@ def test_evaluate_metrics_are_consistent(tmp_path):
     assert real == again and real["avg@4"] == 0.0
     table = format_table({"a": ones, "b": zeros}, ["avg@4", "pass@4", "missing"])
     assert "avg@4" in table and "missing" in table and table.count("\n") == 2
+
+
+def test_evaluate_command_line_on_a_saved_model(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tokenizer = build_tokenizer()
+    model = build_causal_lm(vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, seed=0)
+    model.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    out = tmp_path / "metrics.json"
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eopd.evaluate",
+            f"checkpoint={tmp_path / 'student'}",
+            "n_problems=3",
+            "eval.n_samples=2",
+            "eval.max_new_tokens=6",
+            f"output={out}",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(out.read_text())
+    assert set(metrics) >= {"avg@2", "pass@1", "pass@2", "maj@2", "entropy/student"}
+    missing = subprocess.run(
+        [sys.executable, "-m", "eopd.evaluate"], cwd=repo, capture_output=True, text=True, timeout=180
+    )
+    assert missing.returncode != 0 and "checkpoint is required" in missing.stderr
