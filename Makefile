@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv train test test-all test-gpu lint format bench clean
+.PHONY: help venv train demo test test-all test-gpu lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,13 @@ venv: $(VENV)/.installed ## create .venv with the CPU build of torch and the pac
 
 train: $(VENV)/.installed ## distil on the embedded default (builds the pair on first use) and print the evaluation table
 	$(PY) -m eopd.train $(ARGS)
+
+DEMO_DIR ?= outputs/sweeps/demo/latest
+demo: $(VENV)/.installed ## the paper's comparison on the embedded default (opd, eopd, fkl, jsd x 3 seeds), report in docs/demo
+	$(PY) -m eopd.pretrain
+	rm -rf $(DEMO_DIR)
+	OMP_NUM_THREADS=1 $(PY) -m eopd.train sweep=demo hydra/launcher=parallel hydra.sweep.dir=$(DEMO_DIR) $(ARGS)
+	$(PY) -m eopd.compare $(DEMO_DIR) --baseline opd --out docs/demo
 
 test: $(VENV)/.installed ## run the default tests (CPU, offline, a few minutes)
 	$(PY) -m pytest -q

@@ -40,6 +40,8 @@ class Grader(Protocol):
 
     def answer(self, record: dict[str, Any], response: str) -> Hashable | None: ...
 
+    def answer_is_correct(self, record: dict[str, Any], answer: Hashable | None) -> bool: ...
+
     def path(self, record: dict[str, Any], response: str) -> Hashable | None: ...
 
 
@@ -54,6 +56,9 @@ class EmbeddedGrader:
     def answer(self, record: dict[str, Any], response: str) -> Hashable | None:
         text = response.split("<|", 1)[0].strip()
         return text.rsplit("#", 1)[1].strip() if "#" in text else None
+
+    def answer_is_correct(self, record: dict[str, Any], answer: Hashable | None) -> bool:
+        return answer is not None and answer == record["problem"].answer
 
     def path(self, record: dict[str, Any], response: str) -> Hashable | None:
         from eopd.tasks.multipath import solution_path
@@ -73,6 +78,11 @@ class MathGrader:
         from eopd.tasks.math_grader import extract_boxed
 
         return extract_boxed(response)
+
+    def answer_is_correct(self, record: dict[str, Any], answer: Hashable | None) -> bool:
+        from eopd.tasks.math_grader import grade_math
+
+        return answer is not None and grade_math(f"\\boxed{{{answer}}}", str(record["answer"]))
 
     def path(self, record: dict[str, Any], response: str) -> Hashable | None:
         return None
@@ -157,6 +167,7 @@ def evaluate(
     generator = torch.Generator(device=device).manual_seed(spec.seed)
     correct: list[list[bool]] = []
     answers: list[list[Hashable | None]] = []
+    answer_flags: list[list[bool]] = []
     paths: list[list[Hashable | None]] = []
     entropy_sum = entropy_high = tokens = truncated = 0.0
     teacher_high = fkl_high_sum = fkl_high_count = 0.0
@@ -185,6 +196,9 @@ def evaluate(
                 block = range(index * spec.n_samples, (index + 1) * spec.n_samples)
                 correct.append([grader.grade(record, texts[i]) for i in block])
                 answers.append([grader.answer(record, texts[i]) for i in block])
+                # maj@k votes over final answers, so an answer's correctness is the answer's alone (a right
+                # answer after wrong steps counts for the vote, unlike for Avg@k).
+                answer_flags.append([grader.answer_is_correct(record, a) for a in answers[-1]])
                 paths.append(
                     [grader.path(record, texts[i]) if correct[-1][j] else None for j, i in enumerate(block)]
                 )
@@ -219,7 +233,7 @@ def evaluate(
     n = spec.n_samples
     results: dict[str, float] = {f"avg@{n}": sum(map(sum, correct)) / (len(correct) * n)}
     results.update({f"pass@{k}": v for k, v in pass_at_k_curve(correct).items()})
-    results[f"maj@{n}"] = sum(maj_at_k(a, c, n) for a, c in zip(answers, correct, strict=True)) / len(correct)
+    results[f"maj@{n}"] = sum(maj_at_k(a, c, n) for a, c in zip(answers, answer_flags, strict=True)) / len(correct)
     results["paths/distinct"] = sum(distinct_correct_paths(p) for p in paths) / len(paths)
     results["entropy/student"] = entropy_sum / max(tokens, 1)
     results["entropy/student_high_frac"] = entropy_high / max(tokens, 1)

@@ -14,6 +14,7 @@ tokenizers; a fingerprint of the recipe decides when they must be rebuilt. `eopd
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -90,19 +91,24 @@ def ensure_pair(recipe: PairRecipe, directory: Path | str) -> Path:
         `directory`, holding teacher/ and student/ (HF format) and pair.json (fingerprint and report).
     """
     directory = Path(directory)
-    manifest = directory / "pair.json"
-    fingerprint = recipe.fingerprint()
-    if manifest.is_file():
-        found = json.loads(manifest.read_text())
-        if found.get("fingerprint") == fingerprint and (directory / "teacher").is_dir():
-            log.info("reusing the embedded pair in %s (fingerprint %s)", directory, fingerprint)
-            return directory
-        log.info(
-            "the embedded pair in %s has another recipe (fingerprint %s); rebuilding",
-            directory,
-            found.get("fingerprint"),
-        )
-    build_pair(recipe, directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Jobs of one sweep may start together on a fresh machine: one builds, the others wait and reuse.
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = directory / "pair.json"
+        fingerprint = recipe.fingerprint()
+        if manifest.is_file():
+            found = json.loads(manifest.read_text())
+            if found.get("fingerprint") == fingerprint and (directory / "teacher").is_dir():
+                log.info("reusing the embedded pair in %s (fingerprint %s)", directory, fingerprint)
+                return directory
+            log.info(
+                "the pair in %s has another recipe (fingerprint %s); rebuilding",
+                directory,
+                found.get("fingerprint"),
+            )
+        log.info("building the embedded pair in %s (a few minutes on 2 CPU cores, once)", directory)
+        build_pair(recipe, directory)
     return directory
 
 
@@ -174,6 +180,8 @@ def train_supervised(model, tokenizer, problems, prompt_format: PromptFormat, re
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         loss_value = float(loss.detach())
+        if (step + 1) % 250 == 0 or step + 1 == recipe.steps:
+            log.info("  step %d/%d  loss %.3f", step + 1, recipe.steps, loss_value)
     model.eval()
     return loss_value
 

@@ -163,6 +163,7 @@ def test_wandb_path_is_three_parts_that_are_not_a_folder(tmp_path, monkeypatch):
 OBJECTIVES = ("opd", "eopd")
 SEEDS = (0, 1)
 TINY = [
+    "pair=tiny_random",
     "logger=csv",
     "rollout_steps=2",
     "data.batch_size=4",

@@ -23,6 +23,7 @@ from eopd.models import load_model, load_tokenizer
 CONF_DIR = Path(eopd.train.CONF_DIR)
 REPO = CONF_DIR.parent
 TINY = [
+    "pair=tiny_random",
     "logger=csv",
     "data.batch_size=4",
     "update.mini_batch_size=2",

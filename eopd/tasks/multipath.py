@@ -222,6 +222,20 @@ def ideal_high_entropy_fraction(problems: Iterable[Problem], tau: float = 0.8) -
     return high / total
 
 
+def _cycle_contents(pool: Sequence[tuple[int, ...]], count: int, split: str) -> list[tuple[int, ...]]:
+    """`count` contents from `pool` in rounds, leaving out in each round the contents whose orders are all used."""
+    if count > sum(math.factorial(len(content)) for content in pool):
+        raise ValueError(
+            f"the {split} split asks for {count} problems but its {len(pool)} contents have fewer distinct orders"
+        )
+    sequence: list[tuple[int, ...]] = []
+    for round_index in itertools.count():
+        if len(sequence) == count:
+            return sequence
+        eligible = [content for content in pool if math.factorial(len(content)) > round_index]
+        sequence.extend(eligible[: count - len(sequence)])
+
+
 def make_splits(
     seed: int,
     n_train: int,
@@ -237,7 +251,8 @@ def make_splits(
     by `seed`. Test takes the first min(n_test, K // 4) of them, validation the next min(n_val, K // 4),
     train all the rest (K = number of contents: 582 for the defaults), so the evaluation splits see as many
     different contents as possible and train keeps at least half. Each split cycles through its contents,
-    showing each time a fresh random order of the terms; prompts are unique within a split.
+    showing each time a fresh random order of the terms, and drops a content from the cycle once all its
+    orders are shown; prompts are unique within a split.
 
     The test split depends only on (seed, n_test, sizes, modulus), and validation only on those and n_val,
     so growing the training set leaves the evaluation sets unchanged.
@@ -278,23 +293,11 @@ def make_splits(
 
     splits = {}
     for split in SPLITS:
-        pool, count = pools[split], counts[split]
-        if count and not pool:
-            raise ValueError(f"no contents left for the {split} split")
-        if count:
-            per_content = -(-count // len(pool))
-            fewest_orders = min(math.factorial(len(content)) for content in pool[: min(count, len(pool))])
-            if per_content > fewest_orders:
-                raise ValueError(
-                    f"{split} asks for {count} problems from {len(pool)} contents: more than the "
-                    f"{fewest_orders} orders some content has"
-                )
         # A string seed per split keeps each split's draws independent of the other splits' sizes.
         rng = random.Random(f"{seed}/{split}")
         seen_prompts: set[tuple[int, ...]] = set()
         problems = []
-        for index in range(count):
-            content = pool[index % len(pool)]
+        for index, content in enumerate(_cycle_contents(pools[split], counts[split], split)):
             terms = tuple(rng.sample(content, len(content)))
             while terms in seen_prompts:
                 terms = tuple(rng.sample(content, len(content)))

@@ -66,6 +66,14 @@ def test_problems_use_the_requested_sizes_and_modulus():
     assert all(problem.prompt.startswith("add mod 7: ") for problem in problems)
 
 
+def test_a_split_can_use_every_order_of_every_content_and_no_more():
+    # Six pairs with 2 orders each and four triples with 6 orders each: 36 distinct prompts in all.
+    train = make_splits(seed=0, n_train=36, n_val=0, n_test=0, sizes=(2, 3), modulus=4)["train"]
+    assert len({problem.terms for problem in train}) == 36
+    with pytest.raises(ValueError, match="orders"):
+        make_splits(seed=0, n_train=37, n_val=0, n_test=0, sizes=(2, 3), modulus=4)
+
+
 def test_make_splits_rejects_impossible_requests():
     with pytest.raises(ValueError, match="orders"):
         make_splits(seed=0, n_train=100, n_val=0, n_test=0, sizes=(2,), modulus=3)
