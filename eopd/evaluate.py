@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 
 from eopd.data import PromptFormat
 from eopd.metrics import distinct_correct_paths, maj_at_k, pass_at_k_curve
-from eopd.models import output_weight, remap_end_token, response_hidden_states
+from eopd.models import output_weight, remap_end_token, response_hidden_states, teacher_output_weight
 from eopd.objectives import LinearLogits, forward_kl, per_token_fused, teacher_token_stats
 from eopd.rollout import sample, with_prompts
 
@@ -218,7 +218,8 @@ def evaluate(
                         ids, copy.response_mask, from_id=remap_end_token_ids[0], to_id=remap_end_token_ids[1]
                     )
                 t_hidden = response_hidden_states(teacher.model, copy, input_ids=ids)[mask]
-                t_source = LinearLogits(t_hidden, output_weight(teacher.model), vocab_size)
+                t_weight = teacher_output_weight(teacher.model, remap_end_token_ids)
+                t_source = LinearLogits(t_hidden, t_weight, vocab_size)
                 t_stats = teacher_token_stats(
                     t_source, batch.responses[mask], k=1, temperature=spec.temperature
                 )
@@ -233,7 +234,9 @@ def evaluate(
     n = spec.n_samples
     results: dict[str, float] = {f"avg@{n}": sum(map(sum, correct)) / (len(correct) * n)}
     results.update({f"pass@{k}": v for k, v in pass_at_k_curve(correct).items()})
-    results[f"maj@{n}"] = sum(maj_at_k(a, c, n) for a, c in zip(answers, answer_flags, strict=True)) / len(correct)
+    results[f"maj@{n}"] = sum(maj_at_k(a, c, n) for a, c in zip(answers, answer_flags, strict=True)) / len(
+        correct
+    )
     results["paths/distinct"] = sum(distinct_correct_paths(p) for p in paths) / len(paths)
     results["entropy/student"] = entropy_sum / max(tokens, 1)
     results["entropy/student_high_frac"] = entropy_high / max(tokens, 1)

@@ -446,3 +446,19 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype])
+
+
+def teacher_output_weight(teacher: PreTrainedModel, remap: tuple[int, int] | None = None) -> Tensor:
+    """The teacher's output weight (V, H), with the rows of the two end tokens swapped when remapped.
+
+    With `remap = (student_end, teacher_end)` the teacher's logit for its own end token lands at the
+    student's end-token id (and the other way round), so teacher log-probs, entropies, top-k indices and
+    full distributions are all in the student's token ids: the student's end token is scored as the
+    teacher's end token, which is what the end-token remap means (PAPER.md section 3).
+    """
+    weight = output_weight(teacher)
+    if remap is None or remap[0] == remap[1]:
+        return weight
+    order = torch.arange(weight.shape[0], device=weight.device)
+    order[remap[0]], order[remap[1]] = remap[1], remap[0]
+    return weight.index_select(0, order)

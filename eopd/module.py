@@ -31,7 +31,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from eopd.models import output_weight, remap_end_token, response_hidden_states
+from eopd.models import output_weight, remap_end_token, response_hidden_states, teacher_output_weight
 from eopd.objectives import LinearLogits, Metrics, Objective, TeacherStats, teacher_token_stats
 from eopd.rollout import RolloutBatch, sample, with_prompts
 
@@ -392,7 +392,7 @@ class DistillModule(L.LightningModule):
             from_id, to_id = self.pair.remap_end_token
             ids = remap_end_token(ids, copy.response_mask, from_id=from_id, to_id=to_id)
         hidden = response_hidden_states(self.teacher, copy, input_ids=ids)  # (B, R, H_t)
-        source = LinearLogits(hidden, output_weight(self.teacher), self.pair.vocab_size)
+        source = LinearLogits(hidden, self._teacher_weight(), self.pair.vocab_size)
         stats = teacher_token_stats(
             source,
             rollout.responses,
@@ -420,7 +420,7 @@ class DistillModule(L.LightningModule):
             temperature=self.objective.temperature,
             chunk_size=self.objective.chunk_size,
         ).token_logprobs
-        teacher_full = LinearLogits(teacher.hidden, output_weight(self.teacher), self.pair.vocab_size)
+        teacher_full = LinearLogits(teacher.hidden, self._teacher_weight(), self.pair.vocab_size)
         diagnostics = self.objective(
             student=student,
             tokens=rollout.responses,
@@ -442,7 +442,7 @@ class DistillModule(L.LightningModule):
         gates = self.objective.gate_weights(
             teacher.stats.entropy, rollout.response_mask, step=self.global_step
         )
-        teacher_weight = output_weight(self.teacher)
+        teacher_weight = self._teacher_weight()
         metrics = Metrics()
         for epoch in range(spec.ppo_epochs):
             if spec.shuffle:
@@ -488,6 +488,11 @@ class DistillModule(L.LightningModule):
                 step_metrics.add_sums("train/grad_norm", grad_norm, 1.0)
                 metrics.merge([step_metrics])
         return metrics
+
+    def _teacher_weight(self) -> Tensor:
+        """The teacher's output layer in the student's token ids (end-token rows swapped when remapped)."""
+        weight = teacher_output_weight(self.teacher, self.pair.remap_end_token)
+        return weight
 
     def _clip_and_step(self, optimizer, scheduler) -> float:
         params = [p for p in self.student.parameters() if p.grad is not None]

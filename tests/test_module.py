@@ -201,3 +201,23 @@ def test_lr_schedule_warmup_and_cosine():
     assert spec.factor(7, 12) == pytest.approx(0.55)
     assert spec.factor(12, 12) == pytest.approx(0.1)
     assert OptimSpec(schedule="constant").factor(50, 10) == 1.0
+
+
+def test_the_teacher_scores_the_student_end_token_as_its_own():
+    """With the remap, log p_te(y_t) at the student's end token is the teacher's log-prob of ITS end token."""
+    module = make_module()
+    batch = prompts(8)
+    rollout, _ = module.make_rollout(batch)
+    stats = module.score_teacher(rollout, batch).stats
+    ended = (rollout.responses == EOS) & rollout.response_mask
+    assert ended.any()
+    from eopd.models import response_logits
+    from eopd.rollout import with_prompts
+
+    copy = with_prompts(rollout, [row["teacher_prompt_ids"] for row in batch], pad_token_id=PAD)
+    logp = torch.log_softmax(response_logits(module.teacher, copy)[..., :V].float(), -1)
+    torch.testing.assert_close(
+        stats.token_logprobs[ended], logp[..., TEACHER_EOS][ended], rtol=1e-4, atol=1e-4
+    )
+    top1 = stats.topk_indices[..., 0][ended]  # the teacher's favourite there, in the student's ids
+    assert not (top1 == TEACHER_EOS).any() or (logp[..., TEACHER_EOS][ended] < logp[..., EOS][ended]).all()
