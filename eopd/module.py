@@ -274,6 +274,7 @@ class DistillModule(L.LightningModule):
     # ---- Lightning plumbing ------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
+        self.student.train()  # from_pretrained returns models in eval mode
         self.teacher.to(self.device)
         _freeze(self.teacher)
 

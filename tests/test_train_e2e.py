@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eopd.train
+from eopd.data import load_records
 from eopd.models import load_model, load_tokenizer
 
 CONF_DIR = Path(eopd.train.CONF_DIR)
@@ -83,7 +84,7 @@ def test_run_returns_the_last_logged_loss(tiny_run):
 
 def test_samples_are_training_prompts_with_responses_and_teacher_entropy(tiny_run):
     cfg, run_dir, _ = tiny_run
-    train_prompts = {r["prompt"] for r in eopd.train.load_records(cfg.data)["train"]}
+    train_prompts = {r["prompt"] for r in load_records(OmegaConf.to_container(cfg.data))["train"]}
 
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
 
