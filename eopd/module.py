@@ -492,8 +492,16 @@ class DistillModule(L.LightningModule):
 
     def _teacher_weight(self) -> Tensor:
         """The teacher's output layer in the student's token ids (end-token rows swapped when remapped)."""
-        weight = teacher_output_weight(self.teacher, self.pair.remap_end_token)
-        return weight
+        # The teacher is frozen: build the (V, H) permuted copy once per device, not once per call.
+        source = output_weight(self.teacher)
+        cached = getattr(self, "_teacher_weight_cache", None)
+        if cached is None or cached[0] != (source.data_ptr(), source.device):
+            cached = (
+                (source.data_ptr(), source.device),
+                teacher_output_weight(self.teacher, self.pair.remap_end_token),
+            )
+            object.__setattr__(self, "_teacher_weight_cache", cached)
+        return cached[1]
 
     def _clip_and_step(self, optimizer, scheduler) -> float:
         params = [p for p in self.student.parameters() if p.grad is not None]
