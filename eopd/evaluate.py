@@ -26,9 +26,9 @@ from lightning.pytorch.callbacks import Callback
 
 from eopd.data import PromptFormat
 from eopd.metrics import distinct_correct_paths, maj_at_k, pass_at_k_curve
-from eopd.models import output_weight, remap_end_token, response_hidden_states, teacher_output_weight
+from eopd.models import output_weight, response_hidden_states, teacher_output_weight
 from eopd.objectives import LinearLogits, forward_kl, per_token_fused, teacher_token_stats
-from eopd.rollout import sample, with_prompts
+from eopd.rollout import sample, teacher_hidden_states
 
 log = logging.getLogger("eopd.evaluate")
 
@@ -211,13 +211,9 @@ def evaluate(
             tokens += float(mask.sum())
             if teacher is not None:
                 t_prompts = [teacher.prompt_format.encode(teacher.tokenizer, r["prompt"]) for r in rows]
-                copy = with_prompts(batch, t_prompts, pad_token_id=pad)
-                ids = copy.input_ids
-                if remap_end_token_ids is not None:
-                    ids = remap_end_token(
-                        ids, copy.response_mask, from_id=remap_end_token_ids[0], to_id=remap_end_token_ids[1]
-                    )
-                t_hidden = response_hidden_states(teacher.model, copy, input_ids=ids)[mask]
+                t_hidden = teacher_hidden_states(
+                    teacher.model, batch, t_prompts, pad_token_id=pad, remap_end_token_ids=remap_end_token_ids
+                )[mask]
                 t_weight = teacher_output_weight(teacher.model, remap_end_token_ids)
                 t_source = LinearLogits(t_hidden, t_weight, vocab_size)
                 t_stats = teacher_token_stats(

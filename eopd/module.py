@@ -33,7 +33,7 @@ from torch import Tensor
 
 from eopd.models import output_weight, remap_end_token, response_hidden_states, teacher_output_weight
 from eopd.objectives import LinearLogits, Metrics, Objective, TeacherStats, teacher_token_stats
-from eopd.rollout import RolloutBatch, sample, with_prompts
+from eopd.rollout import RolloutBatch, sample, teacher_hidden_states, with_prompts
 
 ROLLOUT_SOURCES = ("student", "teacher", "mix")
 LR_SCHEDULES = ("cosine", "constant")
@@ -387,12 +387,13 @@ class DistillModule(L.LightningModule):
     def score_teacher(self, rollout: RolloutBatch, batch: list[dict[str, Any]]) -> _TeacherSide:
         """One teacher forward on its own copy of the rollout, reduced to per-token statistics."""
         teacher_prompts = [row.get("teacher_prompt_ids", row["prompt_ids"]) for row in batch]
-        copy = with_prompts(rollout, teacher_prompts, pad_token_id=self.pair.pad_token_id)
-        ids = copy.input_ids
-        if self.pair.remap_end_token is not None:
-            from_id, to_id = self.pair.remap_end_token
-            ids = remap_end_token(ids, copy.response_mask, from_id=from_id, to_id=to_id)
-        hidden = response_hidden_states(self.teacher, copy, input_ids=ids)  # (B, R, H_t)
+        hidden = teacher_hidden_states(  # (B, R, H_t)
+            self.teacher,
+            rollout,
+            teacher_prompts,
+            pad_token_id=self.pair.pad_token_id,
+            remap_end_token_ids=self.pair.remap_end_token,
+        )
         source = LinearLogits(hidden, self._teacher_weight(), self.pair.vocab_size)
         stats = teacher_token_stats(
             source,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
-from eopd.models import position_ids_from_mask
+from eopd.models import position_ids_from_mask, remap_end_token, response_hidden_states
 
 
 @dataclass
@@ -390,3 +390,26 @@ def with_prompts(batch: RolloutBatch, prompts: list[list[int]], *, pad_token_id:
         truncated=batch.truncated,
         sampler_logprobs=batch.sampler_logprobs,
     )
+
+
+def teacher_hidden_states(
+    teacher: PreTrainedModel,
+    batch: RolloutBatch,
+    teacher_prompts: list[list[int]],
+    *,
+    pad_token_id: int,
+    remap_end_token_ids: tuple[int, int] | None = None,
+) -> Tensor:
+    """The teacher's hidden states (B, R, H_t) at the response positions of a rollout, in its own format.
+
+    The teacher reads the same response tokens behind its own prompt (`with_prompts`); with
+    `remap_end_token_ids = (student_end, teacher_end)` the student's end token is replaced by the
+    teacher's on that copy (PAPER.md section 3). Pair with `eopd.models.teacher_output_weight` so that the
+    teacher's log-probs come out in the student's token ids.
+    """
+    copy = with_prompts(batch, teacher_prompts, pad_token_id=pad_token_id)
+    ids = copy.input_ids
+    if remap_end_token_ids is not None:
+        from_id, to_id = remap_end_token_ids
+        ids = remap_end_token(ids, copy.response_mask, from_id=from_id, to_id=to_id)
+    return response_hidden_states(teacher, copy, input_ids=ids)
