@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -87,8 +88,19 @@ def source_len(source: LogitSource) -> int:
 TileLoss = Callable[[Tensor, int, int], Tensor]
 """tile_fn(student_logits_tile (n, V) float32, start, end) -> scalar loss of that tile."""
 
+TileValueAndGrad = Callable[[Tensor, int, int, bool], tuple[Tensor, Tensor | None]]
+"""tile_fn(logits (n, V) float32, start, end, need_grad) -> (scalar loss, d loss / d logits or None).
 
-def tiled_loss(student: LogitSource, tile_fn: TileLoss, *, chunk_size: int = 1024) -> Tensor:
+The logits tile is the caller's to keep: a function of this type must not modify it in place."""
+
+
+def tiled_loss(
+    student: LogitSource,
+    tile_fn: TileLoss | TileValueAndGrad,
+    *,
+    chunk_size: int = 1024,
+    analytic_grad: bool = False,
+) -> Tensor:
     """Sum of `tile_fn` over tiles of `chunk_size` positions of a flat (N, ...) student source.
 
     The gradient with respect to the student's logits is taken tile by tile during the forward pass and
@@ -96,15 +108,20 @@ def tiled_loss(student: LogitSource, tile_fn: TileLoss, *, chunk_size: int = 102
     so peak memory holds one tile of logits instead of all of them. `tile_fn` may close over any
     detached per-token data (teacher statistics, coefficients); only the student is differentiated.
 
+    Args:
+        analytic_grad: `tile_fn` is a `TileValueAndGrad` that returns its tile's gradient itself (cheaper
+            when the caller knows it in closed form); otherwise autograd differentiates a `TileLoss`.
+
     Returns:
         A 0-dim float32 tensor, differentiable with respect to the student's hidden states and weight (or
         logits).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of token positions")
+    value_and_grad = tile_fn if analytic_grad else partial(_tile_value_and_grad, tile_fn)
     if isinstance(student, LinearLogits):
-        return _LinearTiledLoss.apply(student.hidden, student.weight, tile_fn, chunk_size)
-    return _LogitsTiledLoss.apply(student, tile_fn, chunk_size)
+        return _LinearTiledLoss.apply(student.hidden, student.weight, value_and_grad, chunk_size)
+    return _LogitsTiledLoss.apply(student, value_and_grad, chunk_size)
 
 
 def _tile_value_and_grad(tile_fn: TileLoss, logits: Tensor, start: int, end: int, need_grad: bool):
@@ -120,7 +137,7 @@ def _tile_value_and_grad(tile_fn: TileLoss, logits: Tensor, start: int, end: int
 
 class _LinearTiledLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, tile_fn: TileLoss, chunk_size: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_h or need_w
         grad_hidden = torch.zeros_like(hidden) if need_h else None
@@ -130,7 +147,7 @@ class _LinearTiledLoss(torch.autograd.Function):
             end = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:end]
             logits = (h @ weight.T).float()  # (n, V)
-            value, grad = _tile_value_and_grad(tile_fn, logits, start, end, need_grad)
+            value, grad = value_and_grad(logits, start, end, need_grad)
             total += value
             if need_grad:
                 grad = grad.to(weight.dtype)
@@ -155,13 +172,13 @@ class _LinearTiledLoss(torch.autograd.Function):
 
 class _LogitsTiledLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, tile_fn: TileLoss, chunk_size: int) -> Tensor:
+    def forward(ctx, logits: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int) -> Tensor:
         need_grad = ctx.needs_input_grad[0]
         grad_logits = torch.zeros_like(logits) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], chunk_size):
             end = min(start + chunk_size, logits.shape[0])
-            value, grad = _tile_value_and_grad(tile_fn, logits[start:end].float(), start, end, need_grad)
+            value, grad = value_and_grad(logits[start:end].float(), start, end, need_grad)
             total += value
             if need_grad:
                 grad_logits[start:end] = grad.to(logits.dtype)

@@ -42,28 +42,58 @@ class _Tile:
 
 # A term function maps the student's log-probs of a tile (n, V), differentiable, to per-token values (n,).
 TermFn = Callable[[Tensor, _Tile, Mapping[str, Any]], Tensor]
+# A sparse term depends on the student only through its log-probs at a few vocabulary ids per token:
+# `support` gives those ids (n, m), `gathered` maps the log-probs there (n, m) to per-token values (n,).
+SupportFn = Callable[[_Tile, Mapping[str, Any]], Tensor]
+GatheredFn = Callable[[Tensor, _Tile, Mapping[str, Any]], Tensor]
 
 
 @dataclass(frozen=True)
 class TermKind:
-    """What a kind of term computes, what it needs, and which options it takes (with defaults)."""
+    """What a kind of term computes, what it needs, and which options it takes (with defaults).
+
+    `support` and `gathered` (optional, for terms that read the student's log-probs at a few ids only,
+    when `sparse_if(options)` holds) let the objective skip autograd through the full-vocabulary softmax:
+    the tile's gradient is then formed in closed form (see `Objective._sparse_tile`).
+    """
 
     fn: TermFn
     needs_teacher_logits: bool = False
     needs_old_logprobs: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     doc: str = ""
+    support: SupportFn | None = None
+    gathered: GatheredFn | None = None
+    sparse_if: Callable[[Mapping[str, Any]], bool] = lambda options: True
 
 
-def _ppo(logp: Tensor, tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
-    student = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
+def _ppo_support(tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
+    return tile.tokens[:, None]  # (n, 1)
+
+
+def _ppo_gathered(at_tokens: Tensor, tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
     return ppo_clipped_reverse_kl(
-        student,
+        at_tokens[:, 0],
         tile.old_logprobs,
         tile.stats.token_logprobs,
         eps_low=opt["eps_low"],
         eps_high=opt["eps_high"],
     ).loss
+
+
+def _ppo(logp: Tensor, tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
+    return _ppo_gathered(logp.gather(-1, _ppo_support(tile, opt)), tile, opt)
+
+
+def _topk_support(tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
+    return tile.stats.topk_indices[:, : opt["k"]]  # (n, k)
+
+
+def _topk_gathered(at_topk: Tensor, tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
+    # The same tested function, on log-probs already gathered at the top-k: position j holds id j.
+    k = opt["k"]
+    local = torch.arange(k, device=at_topk.device).expand_as(at_topk)
+    return D.topk_forward_kl_given_log_probs(at_topk, tile.stats.topk_logprobs[:, :k], local, tail="renorm")
 
 
 def _topk_fkl(logp: Tensor, tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
@@ -91,11 +121,17 @@ TERM_KINDS: dict[str, TermKind] = {
         needs_old_logprobs=True,
         options={"eps_low": 0.2, "eps_high": 0.2},
         doc="PPO-clipped sampled-token reverse KL, advantage log p_te(y) - log p_old(y) (the OPD term)",
+        support=_ppo_support,
+        gathered=_ppo_gathered,
     ),
     "topk_fkl": TermKind(
         _topk_fkl,
         options={"k": 16, "tail": "renorm"},
         doc="forward KL over the teacher's top-k, student log-probs from its full softmax",
+        support=_topk_support,
+        gathered=_topk_gathered,
+        # The bucket tail reads the student's mass outside the top-k, i.e. the whole vocabulary.
+        sparse_if=lambda options: options["tail"] == "renorm",
     ),
     "forward_kl": TermKind(
         _full(D.forward_kl), needs_teacher_logits=True, doc="full-vocabulary KL(teacher||student)"
@@ -154,6 +190,11 @@ class Term:
     @property
     def spec(self) -> TermKind:
         return TERM_KINDS[self.kind]
+
+    @property
+    def sparse(self) -> bool:
+        """True when the term reads the student's log-probs only at a few ids per token (`TermKind`)."""
+        return self.spec.support is not None and self.spec.sparse_if(self.options)
 
 
 def _check_options(kind: str, opt: Mapping[str, Any]) -> None:
@@ -324,9 +365,78 @@ class Objective:
             self._student_metrics(metrics, logp.detach(), token_logp.detach(), tile, gates[:, start:end])
             return total
 
-        loss = tiled_loss(flat_student, tile_loss, chunk_size=self.chunk_size)
+        def sparse_tile(student_logits: Tensor, start: int, end: int, need_grad: bool):
+            tile = _Tile(
+                tokens=flat_tokens[start:end],
+                old_logprobs=None if flat_old is None else flat_old[start:end],
+                stats=stats.rows(slice(start, end)),
+                teacher_logp=None,
+            )
+            return self._sparse_tile(
+                student_logits, tile, coefficients[:, start:end], count, metrics, gates[:, start:end], need_grad
+            )
+
+        if flat_teacher is None and all(term.sparse for term in self.terms):
+            loss = tiled_loss(flat_student, sparse_tile, chunk_size=self.chunk_size, analytic_grad=True)
+        else:
+            loss = tiled_loss(flat_student, tile_loss, chunk_size=self.chunk_size)
         metrics.add_sums("loss/total", loss.detach() * count, n_local)
         return ObjectiveOutput(loss, metrics)
+
+    def _sparse_tile(
+        self,
+        logits: Tensor,
+        tile: _Tile,
+        coefficients: Tensor,
+        count: float,
+        metrics: Metrics,
+        gates: Tensor,
+        need_grad: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """One tile's loss and d loss / d logits in closed form, for objectives of sparse terms only.
+
+        With log p = log_softmax(z / T) and G = d L / d log p, nonzero only on the terms' supports (the
+        sampled token, the teacher's top-k), the chain rule through the softmax gives
+            d L / d z = (G - p * sum_v G_v) / T,
+        so the full-vocabulary work is one log-softmax, one exp (shared with the student-entropy
+        diagnostic) and one scaled copy of p: no autograd graph over (n, V) tensors.
+
+        Args:
+            logits: (n, V) float32 student logits of the tile (not modified).
+            coefficients: (n_terms, n) weight x gate / N_valid per term and token.
+            gates: (n_terms, n) gate weights, for the diagnostics.
+        """
+        z = logits if self.temperature == 1.0 else logits / self.temperature
+        logp = z - torch.logsumexp(z, dim=-1, keepdim=True)  # (n, V)
+        p = logp.exp()
+        student_entropy = -torch.einsum("nv,nv->n", p, logp)
+        token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
+        if tile.old_logprobs is None:
+            tile.old_logprobs = token_logp
+        total = logp.new_zeros(())
+        supports, grads = [], []
+        with torch.enable_grad():
+            for i, term in enumerate(self.terms):
+                support = term.spec.support(tile, term.options)  # (n, m)
+                at = logp.gather(-1, support).requires_grad_(need_grad)
+                values = term.spec.gathered(at, tile, term.options)
+                term_total = (coefficients[i] * values).sum()
+                metrics.add(f"loss/{term.name}", (coefficients[i] * count) * values.detach())
+                total = total + term_total.detach()
+                if need_grad:
+                    (grad_at,) = torch.autograd.grad(term_total, at)
+                    supports.append(support)
+                    grads.append(grad_at)
+        self._student_metrics(metrics, logp, token_logp, tile, gates, student_entropy=student_entropy)
+        if not need_grad:
+            return total, None
+        grad_sum = sum(g.sum(-1) for g in grads)  # (n,)
+        grad = p.mul_(-grad_sum[:, None])  # p is not needed any more: reuse its memory
+        for support, grad_at in zip(supports, grads, strict=True):
+            grad.scatter_add_(-1, support, grad_at)
+        if self.temperature != 1.0:
+            grad.div_(self.temperature)
+        return total, grad
 
     # ---- diagnostics ------------------------------------------------------------------------------
 
@@ -348,11 +458,18 @@ class Objective:
                 metrics.add(f"gate/{term.name}_fraction", gates[i])
 
     def _student_metrics(
-        self, metrics: Metrics, logp: Tensor, token_logp: Tensor, tile: _Tile, gates: Tensor
+        self,
+        metrics: Metrics,
+        logp: Tensor,
+        token_logp: Tensor,
+        tile: _Tile,
+        gates: Tensor,
+        student_entropy: Tensor | None = None,
     ) -> None:
         stats = tile.stats
         high = (stats.entropy >= self.diagnostic_tau).float()
-        student_entropy = -(logp.exp() * logp).sum(-1)
+        if student_entropy is None:
+            student_entropy = -(logp.exp() * logp).sum(-1)
         metrics.add("entropy/student", student_entropy)
         metrics.add("entropy/student_high_frac", (student_entropy >= self.diagnostic_tau).float())
         metrics.add("div/k1", token_logp - stats.token_logprobs)

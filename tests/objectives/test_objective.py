@@ -367,3 +367,70 @@ def test_fused_gradients_scale_with_the_upstream_gradient_and_allow_one_backward
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         loss.backward()
+
+
+def eopd_reference_float64(student, teacher, tokens, mask, old, *, tau, alpha, k, eps, temperature):
+    """PAPER.md section 2 in float64 with autograd over the full softmax: the reference gradient."""
+    ls = torch.log_softmax(student.double() / temperature, -1)
+    lt = torch.log_softmax(teacher.double() / temperature, -1)
+    token_s = ls.gather(-1, tokens[..., None]).squeeze(-1)
+    old = token_s.detach() if old is None else old.double()
+    r = torch.exp(token_s - old)
+    a = lt.gather(-1, tokens[..., None]).squeeze(-1) - old
+    opd = torch.maximum(-r * a, -r.clamp(1 - eps, 1 + eps) * a)
+    entropy = -(lt.exp() * lt).sum(-1)
+    top_t, top_i = lt.topk(k, -1)
+    q = torch.softmax(top_t, -1)
+    fkl = (q * (q.log() - ls.gather(-1, top_i))).sum(-1)
+    per_token = opd + alpha * (entropy >= tau).double() * fkl
+    return (per_token * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_old", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_closed_form_gradient_from_teacher_statistics_matches_float64_autograd(temperature, with_old, fused):
+    # With teacher statistics only, OPD/EOPD form each tile's gradient in closed form instead of autograd
+    # through the softmax: it must agree with autograd on the definition, in value and gradient.
+    d = make_batch(seed=5, hidden=True)
+    old = d["old_logprobs"] if with_old else None
+    hs = d["hs"].clone().requires_grad_(True)
+    ws = d["ws"].clone().requires_grad_(True)
+    logits = hs @ ws.T
+    teacher = d["ht"] @ d["wt"].T * 3
+    stats = teacher_token_stats(teacher, d["tokens"], k=4, temperature=temperature)
+    obj = preset("eopd", top_k=4, temperature=temperature, chunk_size=4)
+    assert all(term.sparse for term in obj.terms)
+    student = LinearLogits(hs, ws) if fused else logits
+    loss = obj(student=student, tokens=d["tokens"], mask=d["mask"], teacher_stats=stats, old_logprobs=old).loss
+    g_h, g_w = torch.autograd.grad(loss, (hs, ws))
+    ref = eopd_reference_float64(
+        hs @ ws.T, teacher, d["tokens"], d["mask"], old, tau=0.8, alpha=1.0, k=4, eps=0.2, temperature=temperature
+    )
+    r_h, r_w = torch.autograd.grad(ref, (hs, ws))
+    assert 0 < float(((stats.entropy >= 0.8) & d["mask"]).float().mean()) < float(d["mask"].float().mean())
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(g_h, r_h.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_w, r_w.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["opd", "eopd", "eopd_soft", "eopd_quantile"])
+def test_closed_form_and_autograd_paths_agree_in_loss_gradient_and_diagnostics(name, monkeypatch):
+    d = make_batch(seed=6)
+    stats = teacher_token_stats(d["teacher"], d["tokens"], k=4)
+    kw = dict(tokens=d["tokens"], mask=d["mask"], teacher_stats=stats, old_logprobs=d["old_logprobs"])
+    obj = preset(name, top_k=4, chunk_size=5)
+    fast_loss, fast_grad = _loss_and_grad(obj, d["student"], **kw)
+    fast_metrics = obj(student=d["student"], **kw).metrics.means()
+    monkeypatch.setattr(Term, "sparse", property(lambda self: False))
+    slow_loss, slow_grad = _loss_and_grad(obj, d["student"], **kw)
+    slow_metrics = obj(student=d["student"], **kw).metrics.means()
+    torch.testing.assert_close(fast_loss, slow_loss)
+    torch.testing.assert_close(fast_grad, slow_grad)
+    assert fast_metrics.keys() == slow_metrics.keys()
+    for key, value in slow_metrics.items():
+        assert fast_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_bucket_tail_is_not_sparse():
+    assert not preset("eopd", top_k=4, tail="bucket").terms[1].sparse
