@@ -105,9 +105,10 @@ def teacher_token_stats(
     topk_indices = torch.empty(n, k, dtype=torch.long, device=device)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        logp = torch.log_softmax(source_tile(flat, start, end) / temperature, dim=-1)  # (n, V)
+        logits = source_tile(flat, start, end)  # (n, V)
+        logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
         token_logprobs[start:end] = logp.gather(-1, flat_tokens[start:end, None]).squeeze(-1)
-        entropy[start:end] = -(logp.exp() * logp).sum(-1)
+        entropy[start:end] = -torch.einsum("nv,nv->n", logp.exp(), logp)  # a row-wise dot, no (n, V) product
         topk_logprobs[start:end], topk_indices[start:end] = logp.topk(k, dim=-1)
     return TeacherStats(
         token_logprobs=token_logprobs.reshape(lead),
