@@ -457,14 +457,37 @@ def _metric_order(name: str) -> tuple[int, int, str]:
 
 
 def curve_band(
-    records: Sequence[RunRecord], metric: str, confidence: float = 0.95
+    records: Sequence[RunRecord], metric: str, confidence: float = 0.95, *, bin_steps: float = 0
 ) -> list[tuple[float, Interval]]:
-    """Mean over runs (seeds) of a logged metric at each rollout step, with its interval."""
+    """Mean over runs (seeds) of a logged metric at each rollout step, with its interval.
+
+    With `bin_steps` > 0 each run's values are first averaged within bins of that many rollout steps
+    (x = the bin's end), so a metric logged every step reads as a curve rather than noise; the interval
+    is still across runs.
+    """
     at: dict[float, list[float]] = defaultdict(list)
     for record in records:
-        for x, value in record.curves.get(metric, []):
+        if bin_steps > 0:
+            bins: dict[float, list[float]] = defaultdict(list)
+            for x, value in record.curves.get(metric, []):
+                bins[math.ceil(x / bin_steps) * bin_steps].append(value)
+            points = [(x, sum(v) / len(v)) for x, v in bins.items()]
+        else:
+            points = record.curves.get(metric, [])
+        for x, value in points:
             at[x].append(value)
     return [(x, mean_interval(at[x], confidence)) for x in sorted(at)]
+
+
+MAX_CURVE_POINTS = 60  # denser per-step curves are averaged in bins down to about this many points
+
+
+def curve_bin_steps(records: Iterable[RunRecord], metric: str) -> float:
+    """The bin width (rollout steps) that brings a metric's curve down to about MAX_CURVE_POINTS points."""
+    xs = {x for record in records for x, _ in record.curves.get(metric, [])}
+    if len(xs) <= MAX_CURVE_POINTS:
+        return 0
+    return float(math.ceil((max(xs) - min(xs)) / MAX_CURVE_POINTS))
 
 
 # ---- output ----------------------------------------------------------------------------------------------
@@ -592,14 +615,20 @@ def plot_curves(
     colours = _colours(list(grouped))
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     drawn = False
+    bin_steps = curve_bin_steps((r for records in grouped.values() for r in records), metric)
     for variant, records in grouped.items():
-        band = curve_band(records, metric, confidence)
+        band = curve_band(records, metric, confidence, bin_steps=bin_steps)
         if not band:
             continue
         xs = [x for x, _ in band]
         means = [i.mean for _, i in band]
         ax.plot(
-            xs, means, marker="o", markersize=3, color=colours[variant], label=f"{variant} (n={len(records)})"
+            xs,
+            means,
+            marker="o" if len(xs) <= 30 else None,
+            markersize=3,
+            color=colours[variant],
+            label=f"{variant} (n={len(records)})",
         )
         lows = [i.low if i.low is not None else i.mean for _, i in band]
         highs = [i.high if i.high is not None else i.mean for _, i in band]
@@ -611,7 +640,8 @@ def plot_curves(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("rollout step")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{title}\nmean over seeds, {confidence:.0%} CI band", fontsize=10)
+        binned = f"each run averaged over {bin_steps:g}-step bins, " if bin_steps else ""
+        ax.set_title(f"{title}\n{binned}mean over seeds, {confidence:.0%} CI band", fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -22,6 +22,7 @@ from eopd.compare import (
     compare,
     config_value,
     curve_band,
+    curve_bin_steps,
     find_runs,
     format_cell,
     is_wandb_path,
@@ -113,6 +114,24 @@ def _record(variant: str, seed: int, value: float) -> RunRecord:
         final={"pass@1": value},
         final_source="eval.json",
     )
+
+
+def test_dense_curves_are_binned_per_run_before_the_interval_across_seeds():
+    # 600 per-step points per run: each run is averaged within bins, then the band is across runs.
+    runs = []
+    for seed, offset in enumerate((0.0, 1.0, 2.0)):
+        record = _record("eopd", seed, 0.5)
+        record.curves["entropy/student"] = [(float(x), offset + x % 2) for x in range(1, 601)]
+        runs.append(record)
+    bin_steps = curve_bin_steps(runs, "entropy/student")
+    band = curve_band(runs, "entropy/student", bin_steps=bin_steps)
+
+    assert bin_steps == 10 and len(band) == 60
+    x, interval = band[0]  # steps 1..10: per run the mean of 1,0,1,0,... is offset + 0.5
+    assert x == 10 and interval.n == 3
+    assert interval.mean == pytest.approx(statistics.fmean([0.5, 1.5, 2.5]))
+    assert interval.low == pytest.approx(mean_interval([0.5, 1.5, 2.5]).low)
+    assert curve_bin_steps(runs[:1], "val/avg@4") == 0  # sparse or absent curves are not binned
 
 
 # ---- wandb: the parsing of history rows (the API itself needs a network) ----------------------------------
