@@ -200,6 +200,13 @@ def no_model_loads(monkeypatch):
     monkeypatch.setattr(eopd.models, "load_tokenizer", forbidden)
 
 
+def test_off_policy_kd_selects_the_teacher_rollout_unless_the_command_line_says_otherwise():
+    kd = compose_train(["objective=kd"])
+    assert (kd.objective.name, kd.rollout.source) == ("kd", "teacher")
+    assert compose_train(["objective=fkl"]).rollout.source == "student"
+    assert compose_train(["objective=kd", "rollout=mix"]).rollout.source == "mix"
+
+
 def test_unknown_objective_lists_the_available_options():
     with pytest.raises(ConfigCompositionException) as info:
         compose_train(["objective=eopdd"])

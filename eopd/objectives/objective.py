@@ -593,6 +593,8 @@ def preset(
         rkl_plus_fkl: opd + alpha * top-k forward KL on every token.
         opd_entropy_bonus: opd minus entropy_bonus x the student's entropy.
         rkl, fkl, jsd: full-vocabulary analytic reverse KL, forward KL, generalised JSD(beta).
+        kd: fkl under its own name, for off-policy KD: the loss is the same, the responses come from the
+            teacher (the training config `objective=kd` selects `rollout=teacher`).
     """
     if name not in PRESETS:
         raise ValueError(f"objective {name!r} is unknown; allowed: {', '.join(PRESETS)}")
@@ -622,7 +624,7 @@ def preset(
         terms = (ppo, Term("entropy_bonus", weight=entropy_bonus))
     elif name == "rkl":
         terms = (Term("reverse_kl"),)
-    elif name == "fkl":
+    elif name in ("fkl", "kd"):
         terms = (Term("forward_kl"),)
     else:  # jsd
         terms = (Term("generalized_jsd", options={"beta": beta}),)
@@ -647,4 +649,5 @@ PRESETS = (
     "rkl",
     "fkl",
     "jsd",
+    "kd",
 )
