@@ -467,6 +467,7 @@ class DistillModule(L.LightningModule):
             teacher_stats=teacher.stats,
             teacher=teacher_full,
             old_logprobs=old,
+            gate_weights=self._gate_weights(teacher.stats.entropy, mask),
             step=self.global_step,
         ).metrics
         return old, diagnostics

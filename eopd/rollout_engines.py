@@ -154,17 +154,21 @@ class VLLMEngine:
         seed: int | None = None,
     ) -> RolloutBatch:
         """Sample with vLLM; the batch lands on the training model's device. `generator` is not used."""
-        params = self._vllm.SamplingParams(
-            n=1,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_new_tokens,
-            stop_token_ids=list(eos_token_ids),
-            logprobs=0,  # the drawn token's own log-prob
-            seed=seed,
-            detokenize=False,
-            allowed_token_ids=None if vocab_size is None else list(range(vocab_size)),
-        )
+        allowed = None if vocab_size is None else list(range(vocab_size))
+        params = [  # a seed per request: equal prompts in one batch still draw independently
+            self._vllm.SamplingParams(
+                n=1,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                stop_token_ids=list(eos_token_ids),
+                logprobs=0,  # the drawn token's own log-prob
+                seed=None if seed is None else seed * 100_003 + row,
+                detokenize=False,
+                allowed_token_ids=allowed,
+            )
+            for row in range(len(prompts))
+        ]
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         responses, logprobs, truncated = [], [], []

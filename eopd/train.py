@@ -282,7 +282,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     metrics = dict(module.last_logs)
     if periodic.history:
         metrics.update({f"val/{k}": v for k, v in periodic.history[-1][1].items()})
-    if final.enabled:
+    if final.enabled and trainer.is_global_zero:  # under DDP the other ranks would repeat it
         table["student after"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
         teacher_alone = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
         table["teacher"] = evaluation(

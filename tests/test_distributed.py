@@ -158,7 +158,8 @@ def runs(tmp_path_factory):
 
 def test_ddp_loss_and_metrics_equal_one_process(runs):
     single, ranks = runs
-    for key in ("train/loss", "loss/ppo_rkl", "loss/fkl_quantile", "loss/fkl_random", "gate/fraction"):
+    keys = ("train/loss", "loss/ppo_rkl", "loss/fkl_quantile", "loss/fkl_random", "gate/fkl_random_fraction")
+    for key in (*keys, "gate/fraction", "div/fkl_topk_gated", "entropy/teacher", "div/fkl"):
         for result in ranks:  # every rank logs the whole batch's value
             assert result["logs"][key] == pytest.approx(single["logs"][key], rel=1e-4, abs=1e-6), key
 
