@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from torch import Tensor
 from eopd.models import output_weight, remap_end_token, response_hidden_states, teacher_output_weight
 from eopd.objectives import LinearLogits, Metrics, Objective, TeacherStats, teacher_token_stats
 from eopd.rollout import RolloutBatch, sample, teacher_hidden_states, with_prompts
+from eopd.rollout_engines import ENGINES, HFEngine, RolloutEngine
 
 ROLLOUT_SOURCES = ("student", "teacher", "mix")
 LR_SCHEDULES = ("cosine", "constant")
@@ -51,6 +53,9 @@ class RolloutSpec:
             agree (checked at construction).
         top_p: nucleus sampling; < 1 samples from a truncated distribution that the loss does not see.
         max_new_tokens: response length limit; responses that hit it are counted as truncated.
+        engine: what samples the student: "hf" (`eopd.rollout.sample` on the training model, the
+            default) or "vllm" (`eopd.rollout_engines.VLLMEngine`, GPU, an optional extra). Teacher
+            rollouts always use "hf".
     """
 
     source: str = "student"
@@ -58,6 +63,7 @@ class RolloutSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
+    engine: str = "hf"
 
     def __post_init__(self) -> None:
         if self.source not in ROLLOUT_SOURCES:
@@ -76,6 +82,8 @@ class RolloutSpec:
             raise ValueError(f"rollout.top_p={self.top_p!r} must lie in (0, 1]")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens!r} must be a positive integer")
+        if self.engine not in ENGINES:
+            raise ValueError(f"rollout.engine={self.engine!r} is unknown; allowed: {', '.join(ENGINES)}")
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,8 @@ class DistillModule(L.LightningModule):
         rollout, update, optim, logging: see the Spec classes.
         seed: seeds rollouts, the rollout-source coin and mini-batch shuffling (a function of the step, so
             a resumed run draws the same).
+        engine: samples the student (`eopd.rollout_engines`); an `HFEngine` when None. Its name must be
+            `rollout.engine`. It is told after every rollout step that the student's weights changed.
 
     The dataloader yields lists of dicts with "prompt_ids" (student format) and optionally
     "teacher_prompt_ids" (teacher format; defaults to the student's) and "prompt" (text, for logs).
@@ -243,6 +253,7 @@ class DistillModule(L.LightningModule):
         optim: OptimSpec | None = None,
         logging: LogSpec | None = None,
         seed: int = 0,
+        engine: RolloutEngine | None = None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -255,6 +266,16 @@ class DistillModule(L.LightningModule):
         self.optim_spec = optim or OptimSpec()
         self.log_spec = logging or LogSpec()
         self.seed = seed
+        if engine is None and self.rollout_spec.engine != "hf":
+            raise ValueError(
+                f"rollout.engine={self.rollout_spec.engine!r} needs the engine object: "
+                "DistillModule(..., engine=VLLMEngine(model_path))"
+            )
+        self.engine = engine if engine is not None else HFEngine()
+        if self.engine.name != self.rollout_spec.engine:
+            raise ValueError(
+                f"the engine passed is {self.engine.name!r} but rollout.engine={self.rollout_spec.engine!r}"
+            )
         self.automatic_optimization = False
         self.rollout_step = 0
         self.last_logs: dict[str, float] = {}
@@ -262,6 +283,13 @@ class DistillModule(L.LightningModule):
             raise ValueError(
                 f"rollout.temperature={self.rollout_spec.temperature} differs from the objective's scoring "
                 f"temperature {objective.temperature}: sample and score at the same temperature"
+            )
+        if self.rollout_spec.top_p < 1:
+            warnings.warn(
+                f"rollout.top_p={self.rollout_spec.top_p} samples from a truncated distribution while the "
+                "objective scores the full one (top-p 1.0): the rollouts are not exactly on-policy; "
+                "rollout/sampler_kl_k3 measures how far off they are",
+                stacklevel=2,
             )
         _freeze(teacher)
         for name, model in (("student", student), ("teacher", teacher)):
@@ -318,8 +346,12 @@ class DistillModule(L.LightningModule):
         lr = self.optimizers().param_groups[0]["lr"]  # the rate this rollout's first update uses
         with timer("update"):
             update_metrics = self.update(rollout, teacher_side, old_logprobs)
+        with timer("sync"):
+            self.engine.sync_weights(self.student)
         self.rollout_step += 1
 
+        # Under data parallelism every rank logs the metrics of the whole batch, not of its own shard.
+        diagnostics, update_metrics = self._all_ranks(diagnostics), self._all_ranks(update_metrics)
         logs = {k: v for k, v in diagnostics.means().items() if not k.startswith(("loss/", "ppo/"))}
         updates = update_metrics.means()
         logs.update({k: v for k, v in updates.items() if k.startswith(("loss/", "ppo/", "train/"))})
@@ -364,9 +396,14 @@ class DistillModule(L.LightningModule):
             vocab_size=self.pair.vocab_size,
         )
         if on_policy:
-            return sample(
-                self.student, student_prompts, eos_token_ids=self.pair.student_eos_ids, **common
-            ), True
+            drawn = self.engine.generate(
+                self.student,
+                student_prompts,
+                eos_token_ids=self.pair.student_eos_ids,
+                seed=self._stream(0),
+                **common,
+            )
+            return drawn, True
         teacher_prompts = [row.get("teacher_prompt_ids", row["prompt_ids"]) for row in batch]
         drawn = sample(self.teacher, teacher_prompts, eos_token_ids=self.pair.teacher_eos_ids, **common)
         rollout = with_prompts(drawn, student_prompts, pad_token_id=self.pair.pad_token_id)
@@ -430,6 +467,7 @@ class DistillModule(L.LightningModule):
             teacher_stats=teacher.stats,
             teacher=teacher_full,
             old_logprobs=old,
+            gate_weights=self._gate_weights(teacher.stats.entropy, mask),
             step=self.global_step,
         ).metrics
         return old, diagnostics
@@ -441,9 +479,10 @@ class DistillModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         n_rows = rollout.batch_size
         steps_per_epoch = self.update_spec.steps_per_rollout(n_rows) // spec.ppo_epochs
-        gates = self.objective.gate_weights(
-            teacher.stats.entropy, rollout.response_mask, step=self.global_step
-        )
+        gates = self._gate_weights(teacher.stats.entropy, rollout.response_mask)
+        # DDP averages gradients over ranks; each rank's loss is already divided by the global token
+        # count, so the sum over ranks is wanted: scale the average back up.
+        world = self.trainer.world_size if self._distributed else 1
         teacher_weight = self._teacher_weight()
         metrics = Metrics()
         for epoch in range(spec.ppo_epochs):
@@ -484,7 +523,7 @@ class DistillModule(L.LightningModule):
                         step=self.global_step,
                         num_valid_tokens=count,
                     )
-                    self.manual_backward(out.loss)
+                    self.manual_backward(out.loss * world if world > 1 else out.loss)
                     step_metrics.merge([out.metrics])
                 grad_norm = self._clip_and_step(optimizer, scheduler)
                 step_metrics.add_sums("train/grad_norm", grad_norm, 1.0)
@@ -512,6 +551,40 @@ class DistillModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return grad_norm
+
+    def _gate_weights(self, entropy: Tensor, mask: Tensor) -> Tensor:
+        """Gate weights (n_terms, B, R) of this rank's rows, decided over the batch of ALL ranks.
+
+        Batch-level gates (quantile, random) must see the whole rollout batch: under data parallelism the
+        ranks' entropies are gathered, stacked in rank order as one batch (responses right-padded to the
+        longest), gated once, and each rank keeps its own rows. A single process gets the same weights
+        from the concatenated batch.
+        """
+        if not self._distributed:
+            return self.objective.gate_weights(entropy, mask, step=self.global_step)
+        entropies, widths = _gather_padded(entropy.float())
+        masks, _ = _gather_padded(mask.to(torch.uint8))  # gloo gathers no bool tensors
+        masks = [m.bool() for m in masks]
+        rows = [e.shape[0] for e in entropies]
+        width = max(widths)
+        full_entropy = torch.cat([torch.nn.functional.pad(e, (0, width - e.shape[1])) for e in entropies])
+        full_mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+        gates = self.objective.gate_weights(full_entropy, full_mask, step=self.global_step)
+        start = sum(rows[: self.global_rank])
+        return gates[:, start : start + entropy.shape[0], : entropy.shape[1]]
+
+    def _all_ranks(self, metrics: Metrics) -> Metrics:
+        """The metrics merged over all ranks (exact: sums and weights add up); unchanged on one process."""
+        if not self._distributed:
+            return metrics
+        local = {name: (float(metrics.sums[name]), float(metrics.weights[name])) for name in metrics.sums}
+        gathered: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, local)
+        merged = Metrics()
+        for shard in gathered:
+            for name, (total, weight) in shard.items():
+                merged.add_sums(name, total, weight)
+        return merged
 
     @property
     def _distributed(self) -> bool:
@@ -601,6 +674,22 @@ class DistillModule(L.LightningModule):
         source = LinearLogits(hidden, output_weight(self.student), self.pair.vocab_size)
         tokens = rollout.responses[rollout.response_mask]
         return teacher_token_stats(source, tokens, k=1, temperature=self.objective.temperature).entropy
+
+
+def _gather_padded(values: Tensor) -> tuple[list[Tensor], list[int]]:
+    """Every rank's (B_r, R_r) tensor, in rank order, although B_r and R_r differ between ranks."""
+    world = torch.distributed.get_world_size()
+    shape = torch.tensor(values.shape, device=values.device)
+    shapes = [torch.zeros_like(shape) for _ in range(world)]
+    torch.distributed.all_gather(shapes, shape)
+    rows = max(int(s[0]) for s in shapes)
+    width = max(int(s[1]) for s in shapes)
+    padded = values.new_zeros((rows, width))
+    padded[: values.shape[0], : values.shape[1]] = values
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    out = [p[: int(s[0]), : int(s[1])] for p, s in zip(parts, shapes, strict=True)]
+    return out, [int(s[1]) for s in shapes]
 
 
 def _freeze(model: torch.nn.Module) -> None:

@@ -55,6 +55,7 @@ class Plan:
     recipe: Any = None
     eval_spec: Any = None
     final_spec: Any = None
+    engine_options: Any = None
 
 
 def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
@@ -70,7 +71,10 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     run_dir = Path(run_dir)
     _check_positive(cfg, "rollout_steps")
     objective = _build("objective", lambda: instantiate(cfg.objective))
-    rollout = _build("rollout", lambda: RolloutSpec(**_plain(cfg.rollout)))
+    rollout_fields = _plain(cfg.rollout)
+    engine_options = rollout_fields.pop("engine_options", None) or {}
+    rollout = _build("rollout", lambda: RolloutSpec(**rollout_fields))
+    _check_engine(rollout.engine, engine_options)
     update = _build("update", lambda: UpdateSpec(**_plain(cfg["update"])))
     optim = _build("optimizer", lambda: OptimSpec(**_plain(cfg.optimizer)))
     log_spec = _build("log", lambda: LogSpec(**_plain(cfg.log)))
@@ -84,6 +88,12 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     if accelerator in ("gpu", "cuda") and not _cuda_available():
         raise ConfigError(
             f"config 'trainer.accelerator'={accelerator!r} but no CUDA device is visible; use trainer=cpu"
+        )
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if "fsdp" in strategy or "deepspeed" in strategy:
+        raise ConfigError(
+            f"config 'trainer.strategy'={strategy!r} is not supported yet: the trainer reads the student's "
+            "output layer outside its forward, which sharded parameters do not allow; use trainer=ddp"
         )
     _check_positive(cfg, "data.batch_size")
     steps_per_rollout = _build("update", lambda: update.steps_per_rollout(cfg.data.batch_size))
@@ -141,6 +151,7 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         recipe=recipe,
         eval_spec=eval_spec,
         final_spec=final_spec,
+        engine_options=engine_options,
     )
 
 
@@ -205,6 +216,13 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         )
     loader = prompt_loader(train_set, batch_size=cfg.data.batch_size, seed=cfg.seed)
 
+    engine = None
+    if p.rollout.engine != "hf":  # vLLM loads its copy of the student from disk, then gets pushed weights
+        from eopd.rollout_engines import make_engine
+
+        engine_dir = p.run_dir / "engine_student"
+        student.save_pretrained(engine_dir)
+        engine = make_engine(p.rollout.engine, model_path=str(engine_dir), **p.engine_options)
     module = DistillModule(
         student,
         teacher,
@@ -216,6 +234,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         optim=p.optim,
         logging=p.logging,
         seed=cfg.seed,
+        engine=engine,
     )
     student_side = ModelSide(student, student_tokenizer, p.student_format, (student_eos,))
     teacher_side = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
@@ -257,12 +276,13 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         **_plain(cfg.trainer),
     )
     trainer.fit(module, train_dataloaders=loader)
-    _save_student(module, p.run_dir / "student")
-    log.info("student saved to %s", p.run_dir / "student")
+    if trainer.is_global_zero:  # under DDP every rank holds the same weights: one writer
+        _save_student(module, p.run_dir / "student")
+        log.info("student saved to %s", p.run_dir / "student")
     metrics = dict(module.last_logs)
     if periodic.history:
         metrics.update({f"val/{k}": v for k, v in periodic.history[-1][1].items()})
-    if final.enabled:
+    if final.enabled and trainer.is_global_zero:  # under DDP the other ranks would repeat it
         table["student after"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
         teacher_alone = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
         table["teacher"] = evaluation(
@@ -334,6 +354,21 @@ def _report_table(table, spec, final, run_dir: Path) -> None:
     )
     print(f"\n{header}\n{text}\n", flush=True)
     (run_dir / "eval.json").write_text(json.dumps(table, indent=2))
+
+
+def _check_engine(engine: str, options: dict[str, Any]) -> None:
+    from eopd.rollout_engines import vllm_available
+
+    if engine == "hf" and options:
+        raise ConfigError(f"config 'rollout.engine_options'={options} is for rollout.engine=vllm; drop it")
+    if engine == "vllm":
+        if not vllm_available():
+            raise ConfigError(
+                "config 'rollout.engine'='vllm' needs the optional extra: pip install -e '.[vllm]' "
+                "(GPU only); or use rollout.engine=hf"
+            )
+        if not _cuda_available():
+            raise ConfigError("config 'rollout.engine'='vllm' needs a CUDA device; use rollout.engine=hf")
 
 
 def _cuda_available() -> bool:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 import eopd.models
 import eopd.train
 from eopd.objectives import PRESETS, Objective
+from eopd.rollout_engines import vllm_available
 from eopd.schedules import Constant, Cosine, Linear, Step
 from eopd.train import ConfigError, plan
 
@@ -57,6 +58,10 @@ def test_option_composes_and_plans(group, option, tmp_path):
         with pytest.raises(ConfigError, match="trainer.accelerator"):
             plan(cfg, tmp_path / "run")
         cfg = compose_train([f"{group}={option}", "trainer.accelerator=cpu", "trainer.precision=32-true"])
+    if cfg.rollout.engine == "vllm" and not (vllm_available() and torch.cuda.is_available()):
+        with pytest.raises(ConfigError, match="rollout.engine"):
+            plan(cfg, tmp_path / "run")
+        cfg = compose_train([f"{group}={option}", "rollout.engine=hf", "~rollout.engine_options"])
 
     p = plan(cfg, tmp_path / "run")
 
@@ -186,6 +191,83 @@ def test_sweep_is_a_multirun_over_options_that_exist(sweep, tmp_path):
                 assert str(OmegaConf.select(job, key)) == value
 
 
+# ---- launchers -----------------------------------------------------------------------------------------
+
+LAUNCHERS = sorted(p.stem for p in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
+LAUNCHER_TARGETS = {
+    "local": "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+    "parallel": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+    "slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+}
+
+
+def test_every_launcher_option_is_checked():
+    assert set(LAUNCHERS) == set(LAUNCHER_TARGETS)
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_sweep_grid_runs_unchanged_under_every_launcher(launcher):
+    from hydra.utils import get_class
+
+    plain = compose_train(["sweep=gates"], hydra_node=True)
+    cfg = compose_train(["sweep=gates", f"hydra/launcher={launcher}"], hydra_node=True)
+
+    assert cfg.hydra.launcher._target_ == LAUNCHER_TARGETS[launcher]
+    get_class(cfg.hydra.launcher._target_)  # the plugin is installed
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    assert cfg.hydra.sweeper.params == plain.hydra.sweeper.params
+    # The launcher changes where the jobs run, not what they train.
+    assert compose_train(["sweep=gates", f"hydra/launcher={launcher}"]) == compose_train(["sweep=gates"])
+
+
+def test_slurm_resources_come_from_the_environment_or_the_command_line(monkeypatch):
+    for name in (
+        "SBATCH_PARTITION",
+        "SBATCH_ACCOUNT",
+        "EOPD_NODES",
+        "EOPD_GPUS_PER_NODE",
+        "EOPD_TIMEOUT_MIN",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+    def launcher(*overrides):
+        cfg = compose_train(
+            ["sweep=gates", "hydra/launcher=slurm", "trainer=ddp", *overrides], hydra_node=True
+        )
+        keys = ("partition", "account", "nodes", "gpus_per_node", "tasks_per_node", "timeout_min")
+        return {k: OmegaConf.select(cfg, f"hydra.launcher.{k}") for k in keys}, cfg.trainer
+
+    defaults, trainer = launcher()
+    assert defaults == {
+        "partition": None,
+        "account": None,
+        "nodes": 1,
+        "gpus_per_node": 1,
+        "tasks_per_node": 1,
+        "timeout_min": 240,
+    }
+    assert (trainer.strategy, trainer.num_nodes) == ("ddp", 1)
+
+    monkeypatch.setenv("SBATCH_PARTITION", "gpu")
+    monkeypatch.setenv("SBATCH_ACCOUNT", "proj42")
+    monkeypatch.setenv("EOPD_NODES", "2")
+    monkeypatch.setenv("EOPD_GPUS_PER_NODE", "4")
+    monkeypatch.setenv("EOPD_TIMEOUT_MIN", "600")
+    from_env, trainer = launcher()
+    assert from_env == {
+        "partition": "gpu",
+        "account": "proj42",
+        "nodes": 2,
+        "gpus_per_node": 4,
+        "tasks_per_node": 4,  # one process per GPU, as Lightning's DDP expects under SLURM
+        "timeout_min": 600,
+    }
+    assert (trainer.devices, trainer.num_nodes) == (4, 2)  # the trainer matches the job
+
+    from_cli, _ = launcher("hydra.launcher.partition=debug", "hydra.launcher.timeout_min=30")
+    assert (from_cli["partition"], from_cli["timeout_min"]) == ("debug", 30)
+
+
 # ---- config errors -------------------------------------------------------------------------------------
 
 
@@ -260,6 +342,18 @@ CONFIG_ERRORS = [
         ValueError,
         ["'data.batch_size'=16", "8 training prompts"],
         id="batch-larger-than-training-set",
+    ),
+    pytest.param(
+        ["+trainer.strategy=fsdp"],
+        ConfigError,
+        ["trainer.strategy", "fsdp", "trainer=ddp"],
+        id="sharded-student",
+    ),
+    pytest.param(
+        ["rollout.engine=sglang"],
+        ConfigError,
+        ["rollout.engine", "hf, vllm"],
+        id="rollout-engine",
     ),
 ]
 

@@ -1,0 +1,187 @@
+"""Data-parallel training (Lightning DDP, 2 gloo processes on CPU) equals one process on the same rollouts.
+
+Each rank trains on its half of a fixed rollout batch; the reference is a single process on the whole
+batch. Loss, gradients before every optimizer step and the weights after them must agree: the token mean
+divides by the count over all ranks, DDP's gradient average is undone, and batch-level gates (quantile,
+random) decide over the gathered batch, not each rank's half.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from eopd.models import build_causal_lm
+from eopd.module import DistillModule, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
+from eopd.objectives import NoGate, Objective, QuantileGate, RandomGate, Term
+from eopd.rollout import RolloutBatch, sample
+
+V, PAD, EOS = 40, 0, 1
+WORLD, ROWS_PER_RANK = 2, 4
+
+
+class FixedRollouts(DistillModule):
+    """Trains on a given rollout instead of sampling, and records the gradients of every optimizer step."""
+
+    def make_rollout(self, batch):
+        return self.fixed_rollout, True
+
+    def _clip_and_step(self, optimizer, scheduler):
+        self.grads.append([p.grad.detach().clone() for p in self.student.parameters()])
+        return super()._clip_and_step(optimizer, scheduler)
+
+
+def objective() -> Objective:
+    fkl = {"k": 8, "tail": "renorm"}
+    return Objective(
+        (
+            Term("ppo_rkl", options={"eps_low": 0.2, "eps_high": 0.2}),
+            Term("topk_fkl", gate=QuantileGate(0.3), options=fkl, name="fkl_quantile"),
+            Term("topk_fkl", gate=RandomGate(QuantileGate(0.5), seed=3), options=fkl, name="fkl_random"),
+            Term("topk_fkl", weight=0.1, gate=NoGate(), options=fkl, name="fkl_all"),
+        ),
+        top_k=8,
+    )
+
+
+def shards() -> tuple[list[RolloutBatch], list[list[dict]]]:
+    """One fixed rollout batch split into WORLD row blocks, each trimmed to its own longest response."""
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for _ in range(WORLD * ROWS_PER_RANK):
+        ids = torch.randint(3, V, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+        records.append({"prompt_ids": ids})
+    sampler = build_causal_lm(vocab_size=V, hidden_size=32, num_layers=1, num_heads=4, seed=7)
+    whole = sample(
+        sampler,
+        [r["prompt_ids"] for r in records],
+        max_new_tokens=12,
+        eos_token_ids=EOS,
+        pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(1),
+    )
+    rollouts, groups = [], []
+    for rank in range(WORLD):
+        rows = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+        part = whole.select(rows)
+        width = int(part.response_lengths.max())  # ranks see different response widths
+        end = part.prompt_length + width
+        rollouts.append(
+            RolloutBatch(
+                part.input_ids[:, :end],
+                part.attention_mask[:, :end],
+                part.response_mask[:, :width],
+                part.prompt_length,
+                part.truncated,
+                part.sampler_logprobs[:, :width],
+            )
+        )
+        groups.append(records[rows])
+    return rollouts, groups
+
+
+def train(world: int, rank: int, root: Path) -> dict:
+    """Two optimizer steps (two PPO epochs over one rollout batch, two micro-batches each)."""
+    torch.set_num_threads(1)
+    rollouts, groups = shards()
+    if world == 1:
+        rollout, records = RolloutBatch.concat(rollouts, pad_token_id=PAD), sum(groups, [])
+    else:
+        rollout, records = rollouts[rank], groups[rank]
+    rows = len(records)
+    student = build_causal_lm(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    teacher = build_causal_lm(vocab_size=V, hidden_size=48, num_layers=2, num_heads=4, seed=1)
+    module = FixedRollouts(
+        student,
+        teacher,
+        objective(),
+        pair=PairSpec(vocab_size=V, pad_token_id=PAD, student_eos_ids=(EOS,)),
+        rollout=RolloutSpec(max_new_tokens=12),
+        update=UpdateSpec(mini_batch_size=rows, micro_batch_size=rows // 2, ppo_epochs=2, shuffle=False),
+        optim=OptimSpec(lr=1e-3, schedule="constant"),
+    )
+    module.fixed_rollout, module.grads = rollout, []
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy="ddp" if world > 1 else "auto",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # each rank's loader already holds its own rows
+        default_root_dir=str(root),
+    )
+    loader = torch.utils.data.DataLoader(records, batch_size=rows, collate_fn=list)
+    trainer.fit(module, loader)
+    return {
+        "logs": module.last_logs,
+        "grads": module.grads,
+        "weights": {k: v.detach().clone() for k, v in module.student.state_dict().items()},
+    }
+
+
+def _worker(rank: int, port: int, root: str) -> None:
+    # LOCAL_RANK set: Lightning joins these processes instead of launching its own.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        OMP_NUM_THREADS="1",
+    )
+    torch.save(train(WORLD, rank, Path(root)), Path(root) / f"rank{rank}.pt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    single = train(1, 0, tmp_path_factory.mktemp("single"))
+    return single, ranks
+
+
+def test_ddp_loss_and_metrics_equal_one_process(runs):
+    single, ranks = runs
+    keys = ("train/loss", "loss/ppo_rkl", "loss/fkl_quantile", "loss/fkl_random", "gate/fkl_random_fraction")
+    for key in (*keys, "gate/fraction", "div/fkl_topk_gated", "entropy/teacher", "div/fkl"):
+        for result in ranks:  # every rank logs the whole batch's value
+            assert result["logs"][key] == pytest.approx(single["logs"][key], rel=1e-4, abs=1e-6), key
+
+
+def test_ddp_gradients_equal_one_process(runs):
+    single, ranks = runs
+    assert len(single["grads"]) == 2
+    for result in ranks:
+        assert len(result["grads"]) == 2
+        # First step: the same weights, so float noise only. Second step: AdamW's first update divides by
+        # |g| + eps, which turns float noise in tiny gradients into ~1e-5 relative differences of weights.
+        for step, tolerance in ((0, 1e-5), (1, 1e-3)):
+            for a, b in zip(result["grads"][step], single["grads"][step], strict=True):
+                assert float((a - b).norm() / b.norm()) < tolerance, step
+
+
+def test_ddp_updated_weights_equal_one_process(runs):
+    single, ranks = runs
+    initial = build_causal_lm(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, seed=0).state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in single["weights"].items())  # it did train
+    for result in ranks:
+        for name, value in single["weights"].items():
+            # Measured against the update itself: AdamW magnifies float noise where a gradient is ~eps.
+            step = (value - initial[name]).norm()
+            assert float((result["weights"][name] - value).norm()) < 1e-2 * float(step), name
