@@ -173,8 +173,9 @@ def check_shared_vocabulary(
 ) -> int:
     """Check that student and teacher share one vocabulary, so that logits can be compared id by id.
 
-    Three checks, each naming what differs: the same `len()`; the same ids for every probe string
-    (encoded without special tokens); the same token string at every id of `get_vocab()`.
+    Three checks, each naming what differs: the same token string at every id of `get_vocab()` (the
+    error names the first differing id and both strings); the same `len()`; the same ids for every probe
+    string (encoded without special tokens), which catches normalisers and pre-tokenizers that differ.
 
     Args:
         student_tokenizer: the student's tokenizer.
@@ -190,10 +191,31 @@ def check_shared_vocabulary(
     Raises:
         VocabularyMismatchError: on the first difference found.
     """
-    size = len(student_tokenizer)
-    if len(teacher_tokenizer) != size:
+    size, teacher_size = len(student_tokenizer), len(teacher_tokenizer)
+    # Id by id first: a mismatched pair is named by its first differing token, whatever else differs.
+    student_pieces = {token_id: piece for piece, token_id in student_tokenizer.get_vocab().items()}
+    teacher_pieces = {token_id: piece for piece, token_id in teacher_tokenizer.get_vocab().items()}
+    ignored = set(ignore_ids)
+    sizes = (
+        f"; tokenizer sizes differ: student has {size} tokens, teacher has {teacher_size}"
+        if size != teacher_size
+        else ""
+    )
+    for token_id in sorted(student_pieces.keys() | teacher_pieces.keys()):
+        if token_id in ignored:
+            continue
+        student_piece = student_pieces.get(token_id)
+        teacher_piece = teacher_pieces.get(token_id)
+        if student_piece != teacher_piece:
+            missing = " (None: the id is missing on that side)" if None in (student_piece, teacher_piece) else ""
+            raise VocabularyMismatchError(
+                f"token id {token_id} differs: student {student_piece!r}, teacher {teacher_piece!r}{missing}"
+                f"{sizes}. Distillation compares the two models id by id, so they must share one tokenizer "
+                "vocabulary (models of one family)"
+            )
+    if size != teacher_size:
         raise VocabularyMismatchError(
-            f"tokenizer sizes differ: student has {size} tokens, teacher has {len(teacher_tokenizer)}"
+            f"tokenizer sizes differ: student has {size} tokens, teacher has {teacher_size}"
         )
 
     for probe in probes:
@@ -207,20 +229,6 @@ def check_shared_vocabulary(
             f"student {_describe_token_at(student_tokenizer, student_ids, at)}, "
             f"teacher {_describe_token_at(teacher_tokenizer, teacher_ids, at)}"
         )
-
-    student_pieces = {token_id: piece for piece, token_id in student_tokenizer.get_vocab().items()}
-    teacher_pieces = {token_id: piece for piece, token_id in teacher_tokenizer.get_vocab().items()}
-    ignored = set(ignore_ids)
-    for token_id in sorted(student_pieces.keys() | teacher_pieces.keys()):
-        if token_id in ignored:
-            continue
-        student_piece = student_pieces.get(token_id)
-        teacher_piece = teacher_pieces.get(token_id)
-        if student_piece != teacher_piece:
-            raise VocabularyMismatchError(
-                f"token id {token_id} differs: student {student_piece!r}, teacher {teacher_piece!r} "
-                "(None: the id is missing on that side)"
-            )
     return size
 
 
