@@ -275,7 +275,8 @@ class DistillModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.student.train()  # from_pretrained returns models in eval mode
-        self.teacher.to(self.device)
+        if getattr(self.teacher, "hf_device_map", None) is None:  # a device_map placed it: leave it there
+            self.teacher.to(self.device)
         _freeze(self.teacher)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
