@@ -208,7 +208,9 @@ def check_shared_vocabulary(
         student_piece = student_pieces.get(token_id)
         teacher_piece = teacher_pieces.get(token_id)
         if student_piece != teacher_piece:
-            missing = " (None: the id is missing on that side)" if None in (student_piece, teacher_piece) else ""
+            missing = (
+                " (None: the id is missing on that side)" if None in (student_piece, teacher_piece) else ""
+            )
             raise VocabularyMismatchError(
                 f"token id {token_id} differs: student {student_piece!r}, teacher {teacher_piece!r}{missing}"
                 f"{sizes}. Distillation compares the two models id by id, so they must share one tokenizer "

@@ -411,7 +411,9 @@ def _log_prompt_example(p: Plan, student_tokenizer, teacher_tokenizer, pair_spec
     ids = torch.tensor([prompt + response])
     if pair_spec.remap_end_token is not None:
         from_id, to_id = pair_spec.remap_end_token
-        ids = remap_end_token(ids, torch.ones(1, len(response), dtype=torch.bool), from_id=from_id, to_id=to_id)
+        ids = remap_end_token(
+            ids, torch.ones(1, len(response), dtype=torch.bool), from_id=from_id, to_id=to_id
+        )
     log.info("teacher scores a response as: %r", teacher_tokenizer.decode(ids[0].tolist()))
 
 

@@ -147,7 +147,9 @@ def build_family_tokenizer(family: str, *, eos_token: str | None = None) -> PreT
     backend = Tokenizer(models.BPE(vocab, merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_tokens([AddedToken(text, special=special, normalized=False) for text, special in SPECIAL_TOKENS[family]])
+    backend.add_tokens(
+        [AddedToken(text, special=special, normalized=False) for text, special in SPECIAL_TOKENS[family]]
+    )
 
     options: dict = {"eos_token": eos_token, "clean_up_tokenization_spaces": False}
     if family == "qwen3":
