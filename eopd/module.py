@@ -394,7 +394,7 @@ class DistillModule(L.LightningModule):
             teacher_prompts,
             pad_token_id=self.pair.pad_token_id,
             remap_end_token_ids=self.pair.remap_end_token,
-        )
+        ).to(self.device)  # a teacher placed by a device_map may end its forward on another device
         source = LinearLogits(hidden, self._teacher_weight(), self.pair.vocab_size)
         stats = teacher_token_stats(
             source,
@@ -500,7 +500,7 @@ class DistillModule(L.LightningModule):
         if cached is None or cached[0] != (source.data_ptr(), source.device):
             cached = (
                 (source.data_ptr(), source.device),
-                teacher_output_weight(self.teacher, self.pair.remap_end_token),
+                teacher_output_weight(self.teacher, self.pair.remap_end_token).to(self.device),
             )
             object.__setattr__(self, "_teacher_weight_cache", cached)
         return cached[1]
