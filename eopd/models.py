@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -173,8 +174,9 @@ def check_shared_vocabulary(
 ) -> int:
     """Check that student and teacher share one vocabulary, so that logits can be compared id by id.
 
-    Three checks, each naming what differs: the same `len()`; the same ids for every probe string
-    (encoded without special tokens); the same token string at every id of `get_vocab()`.
+    Three checks, each naming what differs: the same token string at every id of `get_vocab()` (the
+    error names the first differing id and both strings); the same `len()`; the same ids for every probe
+    string (encoded without special tokens), which catches normalisers and pre-tokenizers that differ.
 
     Args:
         student_tokenizer: the student's tokenizer.
@@ -190,10 +192,33 @@ def check_shared_vocabulary(
     Raises:
         VocabularyMismatchError: on the first difference found.
     """
-    size = len(student_tokenizer)
-    if len(teacher_tokenizer) != size:
+    size, teacher_size = len(student_tokenizer), len(teacher_tokenizer)
+    # Id by id first: a mismatched pair is named by its first differing token, whatever else differs.
+    student_pieces = {token_id: piece for piece, token_id in student_tokenizer.get_vocab().items()}
+    teacher_pieces = {token_id: piece for piece, token_id in teacher_tokenizer.get_vocab().items()}
+    ignored = set(ignore_ids)
+    sizes = (
+        f"; tokenizer sizes differ: student has {size} tokens, teacher has {teacher_size}"
+        if size != teacher_size
+        else ""
+    )
+    for token_id in sorted(student_pieces.keys() | teacher_pieces.keys()):
+        if token_id in ignored:
+            continue
+        student_piece = student_pieces.get(token_id)
+        teacher_piece = teacher_pieces.get(token_id)
+        if student_piece != teacher_piece:
+            missing = (
+                " (None: the id is missing on that side)" if None in (student_piece, teacher_piece) else ""
+            )
+            raise VocabularyMismatchError(
+                f"token id {token_id} differs: student {student_piece!r}, teacher {teacher_piece!r}{missing}"
+                f"{sizes}. Distillation compares the two models id by id, so they must share one tokenizer "
+                "vocabulary (models of one family)"
+            )
+    if size != teacher_size:
         raise VocabularyMismatchError(
-            f"tokenizer sizes differ: student has {size} tokens, teacher has {len(teacher_tokenizer)}"
+            f"tokenizer sizes differ: student has {size} tokens, teacher has {teacher_size}"
         )
 
     for probe in probes:
@@ -207,20 +232,6 @@ def check_shared_vocabulary(
             f"student {_describe_token_at(student_tokenizer, student_ids, at)}, "
             f"teacher {_describe_token_at(teacher_tokenizer, teacher_ids, at)}"
         )
-
-    student_pieces = {token_id: piece for piece, token_id in student_tokenizer.get_vocab().items()}
-    teacher_pieces = {token_id: piece for piece, token_id in teacher_tokenizer.get_vocab().items()}
-    ignored = set(ignore_ids)
-    for token_id in sorted(student_pieces.keys() | teacher_pieces.keys()):
-        if token_id in ignored:
-            continue
-        student_piece = student_pieces.get(token_id)
-        teacher_piece = teacher_pieces.get(token_id)
-        if student_piece != teacher_piece:
-            raise VocabularyMismatchError(
-                f"token id {token_id} differs: student {student_piece!r}, teacher {teacher_piece!r} "
-                "(None: the id is missing on that side)"
-            )
     return size
 
 
@@ -276,6 +287,8 @@ def output_weight(model: PreTrainedModel) -> Tensor:
 
 
 def _decoder_of(model: PreTrainedModel) -> torch.nn.Module | None:
+    if _is_peft(model):  # a LoRA student: the adapters sit inside the wrapped model's decoder
+        model = model.get_base_model()
     # Llama/Qwen3-style causal LMs keep the decoder (embeddings, layers, final norm) in `.model`.
     decoder = getattr(model, "model", None)
     if isinstance(decoder, torch.nn.Module):
@@ -360,8 +373,44 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """Low-rank adapters (LoRA, through peft) for a student too large to train in full.
+
+    Only the adapters are trained: the optimizer sees the trainable parameters alone, so Adam's state
+    and the gradients shrink to the adapters' size while the frozen base weights stay in `dtype`.
+
+    Attributes:
+        r: adapter rank.
+        alpha: scaling numerator; the update is scaled by alpha / r.
+        dropout: dropout on the adapter's input.
+        target_modules: "all-linear" (every linear layer but the output layer) or a list of module names,
+            e.g. [q_proj, k_proj, v_proj, o_proj].
+        merge_on_save: save the adapter in `student/adapter/` and the base model with the adapter merged
+            into `student/` (loadable by `AutoModelForCausalLM` alone); False saves the adapter only.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+    merge_on_save: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"lora.r={self.r!r} must be a positive integer")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha={self.alpha!r} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout!r} must lie in [0, 1)")
+        if not isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+            if not self.target_modules:
+                raise ValueError("lora.target_modules is empty: name modules or use 'all-linear'")
+
+
+@dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: a local directory or hub id (`path`), or built from the fields below.
+    """Where a model comes from and how it is loaded: a local directory or hub id (`path`), or built.
 
     Attributes:
         path: a directory saved with `save_pretrained`, or a Hugging Face hub id; None builds a randomly
@@ -369,6 +418,15 @@ class ModelSource:
         tokenizer: the tokenizer's directory or hub id; None = `path`; "embedded" = the project's
             character tokenizer (`eopd.tasks.tokenizer`), built offline.
         family, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, seed: for path=None.
+        dtype: the weights' dtype ("float32", "bfloat16", "float16"); None = the pair's `dtype`.
+        gradient_checkpointing: recompute each decoder layer in the backward pass instead of keeping its
+            activations (student only): activation memory falls to about one layer's, for a second
+            forward pass of compute.
+        lora: LoRA adapters (a `LoraSpec` or its fields as a dict; student only; needs `pip install
+            'eopd[lora]'`); None trains every weight.
+        device_map: passed to `from_pretrained` (needs accelerate): "auto" spreads the layers over the
+            visible GPUs and then the CPU, a dict places modules by name. Meant for the teacher; the
+            module then leaves its placement alone. None loads on the CPU and Lightning moves the model.
     """
 
     path: str | None = None
@@ -380,6 +438,23 @@ class ModelSource:
     num_kv_heads: int | None = None
     intermediate_size: int | None = None
     seed: int = 0
+    dtype: str | None = None
+    gradient_checkpointing: bool = False
+    lora: LoraSpec | dict | None = None
+    device_map: str | dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraSpec(**self.lora))
+        if self.lora is not None and importlib.util.find_spec("peft") is None:
+            raise ValueError("lora needs the peft package: pip install 'eopd[lora]' (or pip install peft)")
+        if self.device_map is not None:
+            if self.path is None:
+                raise ValueError("device_map applies to a model loaded from path, not to a built one")
+            if importlib.util.find_spec("accelerate") is None:
+                raise ValueError("device_map needs the accelerate package: pip install accelerate")
 
     def check(self, key: str) -> None:
         """Fail before anything loads when `path` is neither a local model directory nor a plausible hub id."""
@@ -428,6 +503,7 @@ def load_model(
     source: ModelSource, *, vocab_size: int, dtype: str = "float32", special_ids: dict | None = None
 ):
     """Load (or build) a causal LM in `dtype`; a built model gets an output layer of `vocab_size` rows."""
+    dtype = source.dtype or dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
     if source.path is None:
@@ -445,7 +521,62 @@ def load_model(
         return model.to(DTYPES[dtype])
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype])
+    placement = {} if source.device_map is None else {"device_map": source.device_map}
+    return AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], **placement)
+
+
+def prepare_student(model: PreTrainedModel, source: ModelSource):
+    """Apply the source's training options to a loaded student: gradient checkpointing, LoRA adapters.
+
+    Returns:
+        The model to train: `model` itself, or a peft `PeftModel` around it when `source.lora` is set, in
+        which only the adapters require gradients.
+    """
+    if source.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and needs no enable_input_require_grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if source.lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    spec = source.lora
+    targets = spec.target_modules if isinstance(spec.target_modules, str) else list(spec.target_modules)
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def save_student(model, directory: Path | str, tokenizer=None, *, merge_lora: bool = True):
+    """Save a trained student where `AutoModelForCausalLM.from_pretrained(directory)` loads it.
+
+    A LoRA student saves its adapter in `directory/adapter/` (peft format) and, with `merge_lora`, the
+    base model with the adapter merged into `directory/`. The merge happens in place: the returned model
+    is then the merged plain model (use it from here on); otherwise `model` is returned.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if not _is_peft(model):
+        model.save_pretrained(directory)
+        return model
+    model.save_pretrained(directory / "adapter")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory / "adapter")
+    if not merge_lora:
+        return model
+    merged = model.merge_and_unload()
+    merged.save_pretrained(directory)
+    return merged
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
 def teacher_output_weight(teacher: PreTrainedModel, remap: tuple[int, int] | None = None) -> Tensor:

@@ -303,7 +303,8 @@ class DistillModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.student.train()  # from_pretrained returns models in eval mode
-        self.teacher.to(self.device)
+        if getattr(self.teacher, "hf_device_map", None) is None:  # a device_map placed it: leave it there
+            self.teacher.to(self.device)
         _freeze(self.teacher)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -430,7 +431,7 @@ class DistillModule(L.LightningModule):
             teacher_prompts,
             pad_token_id=self.pair.pad_token_id,
             remap_end_token_ids=self.pair.remap_end_token,
-        )
+        ).to(self.device)  # a teacher placed by a device_map may end its forward on another device
         source = LinearLogits(hidden, self._teacher_weight(), self.pair.vocab_size)
         stats = teacher_token_stats(
             source,
@@ -538,7 +539,7 @@ class DistillModule(L.LightningModule):
         if cached is None or cached[0] != (source.data_ptr(), source.device):
             cached = (
                 (source.data_ptr(), source.device),
-                teacher_output_weight(self.teacher, self.pair.remap_end_token),
+                teacher_output_weight(self.teacher, self.pair.remap_end_token).to(self.device),
             )
             object.__setattr__(self, "_teacher_weight_cache", cached)
         return cached[1]

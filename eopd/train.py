@@ -116,6 +116,11 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         if recipe is None:  # a pair with a recipe is built before it loads
             _build(f"pair.{side}", lambda source=source, side=side: source.check(f"pair.{side}"))
         sources[side] = source
+    for option in ("lora", "gradient_checkpointing"):
+        if getattr(sources["teacher"], option):
+            raise ConfigError(
+                f"config 'pair.teacher.{option}' is set, but the teacher is frozen: it applies to the student only"
+            )
     eval_spec = _build("eval", lambda: _eval_spec(cfg.eval, cfg.eval))
     final_spec = _build("eval.final", lambda: _eval_spec(cfg.eval, cfg.eval.final))
     for key in ("grader",):
@@ -161,7 +166,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
 
     from eopd.data import PromptDataset, prompt_loader
     from eopd.evaluate import GRADERS, ModelSide, PeriodicEvaluation, evaluate
-    from eopd.models import check_shared_vocabulary, load_model, load_tokenizer
+    from eopd.models import check_shared_vocabulary, load_model, load_tokenizer, prepare_student
     from eopd.module import DistillModule, PairSpec
 
     p = plan(cfg, run_dir)  # every check that needs no model
@@ -188,9 +193,11 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         teacher_eos_ids=(teacher_eos,),
         remap_end_token=remap,
     )
+    _log_prompt_example(p, student_tokenizer, teacher_tokenizer, pair_spec)
     special = {"eos_token_id": student_eos, "pad_token_id": pad}
     student = load_model(p.student_source, vocab_size=vocab_size, dtype=pair.dtype, special_ids=special)
     teacher = load_model(p.teacher_source, vocab_size=vocab_size, dtype=pair.dtype, special_ids=special)
+    student = prepare_student(student, p.student_source)  # gradient checkpointing, LoRA adapters
     log.info(
         "pair %s: student %.2fM params, teacher %.2fM params, shared vocabulary %d",
         pair.name,
@@ -198,7 +205,6 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         _millions(teacher),
         vocab_size,
     )
-    _log_prompt_example(p, student_tokenizer, teacher_tokenizer)
 
     train_set = PromptDataset(
         p.records["train"],
@@ -277,7 +283,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     )
     trainer.fit(module, train_dataloaders=loader)
     if trainer.is_global_zero:  # under DDP every rank holds the same weights: one writer
-        _save_student(module, p.run_dir / "student")
+        student_side.model = _save_student(module, p.run_dir / "student", p.student_source)
         log.info("student saved to %s", p.run_dir / "student")
     metrics = dict(module.last_logs)
     if periodic.history:
@@ -298,10 +304,12 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the metric a sweeper maximises: the final validation Pass@k (k = n)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from eopd.models import VocabularyMismatchError
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = run(cfg, run_dir)
-    except ConfigError as error:
+    except (ConfigError, VocabularyMismatchError) as error:
         log.error("%s", error)
         sys.exit(2)
     return metrics.get(f"val/pass@{cfg.eval.n_samples}", float("nan"))
@@ -408,10 +416,40 @@ def _millions(model) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def _log_prompt_example(p: Plan, student_tokenizer, teacher_tokenizer) -> None:
+def _log_prompt_example(p: Plan, student_tokenizer, teacher_tokenizer, pair_spec=None) -> None:
+    """The start-up self-test: one prompt through both formats, and what the teacher scores."""
+    import torch
+
+    from eopd.models import remap_end_token
+
     text = p.records["train"][0]["prompt"]
     log.info("student prompt format: %r", p.student_format.render(student_tokenizer, text))
     log.info("teacher prompt format: %r", p.teacher_format.render(teacher_tokenizer, text))
+    if pair_spec is None:
+        return
+    teacher_end = pair_spec.teacher_eos_ids[0]
+    if p.teacher_format.template == "chat":
+        # The teacher's end token must be the one that closes an assistant turn in its own template.
+        turn = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
+        rendered = teacher_tokenizer.apply_chat_template(turn, tokenize=False)
+        end_text = teacher_tokenizer.convert_ids_to_tokens(teacher_end)
+        if end_text not in rendered[rendered.rindex("2") :]:
+            raise ConfigError(
+                f"config 'pair.teacher_eos'={end_text!r} does not close an assistant turn in the teacher's chat "
+                f"template (it renders {rendered!r}); set pair.teacher_eos to the token that does"
+            )
+    # A response ending with the student's end token, as the teacher reads it: its own prompt, the same
+    # response ids, the end token remapped (PAPER.md section 3).
+    prompt = p.teacher_format.encode(teacher_tokenizer, text)
+    response = student_tokenizer.encode(" The answer is \\boxed{2}.", add_special_tokens=False)
+    response.append(pair_spec.student_eos_ids[0])
+    ids = torch.tensor([prompt + response])
+    if pair_spec.remap_end_token is not None:
+        from_id, to_id = pair_spec.remap_end_token
+        ids = remap_end_token(
+            ids, torch.ones(1, len(response), dtype=torch.bool), from_id=from_id, to_id=to_id
+        )
+    log.info("teacher scores a response as: %r", teacher_tokenizer.decode(ids[0].tolist()))
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -466,11 +504,13 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     ]
 
 
-def _save_student(module, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    module.student.save_pretrained(directory)
-    if module.tokenizer is not None:
-        module.tokenizer.save_pretrained(directory)
+def _save_student(module, directory: Path, source=None):
+    """Save the student (a LoRA student: adapter and merged model); return the model to evaluate."""
+    from eopd.models import save_student
+
+    lora = getattr(source, "lora", None)
+    merge = lora.merge_on_save if lora is not None else True
+    return save_student(module.student, directory, module.tokenizer, merge_lora=merge)
 
 
 if __name__ == "__main__":
