@@ -91,7 +91,8 @@ TileLoss = Callable[[Tensor, int, int], Tensor]
 TileValueAndGrad = Callable[[Tensor, int, int, bool], tuple[Tensor, Tensor | None]]
 """tile_fn(logits (n, V) float32, start, end, need_grad) -> (scalar loss, d loss / d logits or None).
 
-The logits tile is the caller's to keep: a function of this type must not modify it in place."""
+The logits tile is a fresh tensor that the function owns: it may overwrite it (and save the memory of a
+second (n, V) tensor)."""
 
 
 def tiled_loss(
@@ -178,7 +179,8 @@ class _LogitsTiledLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], chunk_size):
             end = min(start + chunk_size, logits.shape[0])
-            value, grad = value_and_grad(logits[start:end].float(), start, end, need_grad)
+            tile = logits[start:end].to(torch.float32, copy=True)  # the tile function may overwrite it
+            value, grad = value_and_grad(tile, start, end, need_grad)
             total += value
             if need_grad:
                 grad_logits[start:end] = grad.to(logits.dtype)

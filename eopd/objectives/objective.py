@@ -402,12 +402,13 @@ class Objective:
         diagnostic) and one scaled copy of p: no autograd graph over (n, V) tensors.
 
         Args:
-            logits: (n, V) float32 student logits of the tile (not modified).
+            logits: (n, V) float32 student logits of the tile; overwritten (with the log-probs).
             coefficients: (n_terms, n) weight x gate / N_valid per term and token.
             gates: (n_terms, n) gate weights, for the diagnostics.
         """
-        z = logits if self.temperature == 1.0 else logits / self.temperature
-        logp = z - torch.logsumexp(z, dim=-1, keepdim=True)  # (n, V)
+        # In place: at a 150k vocabulary each (n, V) float32 tensor is what bounds the chunk size.
+        z = logits if self.temperature == 1.0 else logits.div_(self.temperature)
+        logp = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # (n, V)
         p = logp.exp()
         student_entropy = -torch.einsum("nv,nv->n", p, logp)
         token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
