@@ -2,7 +2,7 @@
 
     records = load_benchmarks({"math500": {}, "aime24": {"path": "aime24.jsonl"}})
     results = evaluate_benchmarks(student_side, records, BenchmarkProtocol(), vocab_size=vocab)
-    print(format_table(benchmark_table({"student after": results}, 8), benchmark_keys(results, 8)))
+    print(format_benchmark_table({"student after": results}, 8))
     print(paper_comparison("qwen3_1.7b_base", "eopd", results, 8))
 
 Each benchmark is read from the hub with `datasets` when reachable, or from a local JSONL or Parquet file
@@ -175,11 +175,6 @@ def evaluate_benchmarks(
     }
 
 
-def benchmark_keys(results: Mapping[str, Mapping[str, float]], n: int) -> list[str]:
-    """Table columns: Avg@n and Pass@n of each benchmark, then their means over the benchmarks."""
-    return [f"{name}/{metric}@{n}" for name in (*results, "mean") for metric in ("avg", "pass")]
-
-
 def benchmark_table(
     runs: Mapping[str, Mapping[str, Mapping[str, float]]], n: int
 ) -> dict[str, dict[str, float]]:
@@ -198,6 +193,24 @@ def benchmark_table(
                 row[f"mean/{metric}"] = sum(m[metric] for m in results.values()) / len(results)
         table[model] = row
     return table
+
+
+def format_benchmark_table(runs: Mapping[str, Mapping[str, Mapping[str, float]]], n: int) -> str:
+    """A plain-text table: one row per benchmark and the mean, Avg@n and Pass@n columns for each model."""
+    from eopd.evaluate import format_table
+
+    table = benchmark_table(runs, n)
+    names = [*next(iter(runs.values())), "mean"] if runs else []
+    keys = [f"{model} {metric}@{n}" for model in runs for metric in ("avg", "pass")]
+    rows = {
+        name: {
+            f"{model} {metric}@{n}": table[model][f"{name}/{metric}@{n}"]
+            for model in runs
+            for metric in ("avg", "pass")
+        }
+        for name in names
+    }
+    return format_table(rows, keys)
 
 
 # ---- the paper's numbers (PAPER.md section 4) ---------------------------------------------------------
@@ -266,8 +279,8 @@ def paper_comparison(
     label_width = max(len(label) for label in rows) + 2
     width = max(13, *(len(h) for h in headers)) + 2
     lines = [
-        f"Avg@{n} / Pass@{n} (%), {PAPER_STUDENTS[student]} student, teacher Qwen3-8B: "
-        "the paper (PAPER.md section 4) and this run",
+        f"Avg@k / Pass@k in %, {PAPER_STUDENTS[student]} student, Qwen3-8B teacher: "
+        f"the paper (PAPER.md section 4, k = 8) and this run (k = {n})",
         " " * label_width + "".join(f"{h:>{width}}" for h in headers),
     ]
     for label, cells in rows.items():
@@ -275,7 +288,9 @@ def paper_comparison(
         lines.append(f"{label:<{label_width}}{text}")
     lines.append(f"paper: EOPD - OPD, six-benchmark mean Pass@8: +{PAPER_PASS_GAIN[student]:.2f} points")
     if n != 8:
-        lines.append(f"note: this run drew {n} samples per problem, the paper 8")
+        lines.append(
+            f"note: this run drew {n} samples per problem, the paper 8: the numbers are not comparable"
+        )
     return "\n".join(lines)
 
 
