@@ -210,3 +210,42 @@ def test_paper_comparison_for_a_student_without_per_benchmark_numbers():
     assert "+5.05 points" in text
     with pytest.raises(ValueError, match="unknown paper student"):
         paper_comparison("qwen3_14b", "opd", {})
+
+
+def test_evaluate_command_line_on_benchmarks_from_local_files(math_files, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tokenizer = build_tokenizer()
+    model = build_causal_lm(vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, seed=0)
+    model.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eopd.evaluate",
+            f"checkpoint={tmp_path / 'student'}",
+            f"+benchmarks.aime24.path={math_files['benchmarks']['aime24']}",
+            f"+benchmarks.minerva.path={math_files['benchmarks']['minerva']}",
+            "benchmark_protocol.n_samples=2",
+            "benchmark_protocol.max_new_tokens=4",
+            "paper_student=qwen3_1.7b_base",
+            f"output={out}",
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    assert result.returncode == 0, result.stderr
+    saved = json.loads(out.read_text())
+    assert set(saved) == {"aime24", "minerva", "mean"}
+    assert saved["mean"]["pass@2"] == pytest.approx(
+        (saved["aime24"]["pass@2"] + saved["minerva"]["pass@2"]) / 2
+    )
+    assert "paper EOPD" in result.stdout and "minerva" in result.stdout
