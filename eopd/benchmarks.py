@@ -39,9 +39,10 @@ class Benchmark:
     hub_config: str | None = None
 
 
-# Hub ids: the copies commonly used for these benchmarks in math RL and distillation evaluations. The paper
-# does not say which copies it used; sizes and fields were checked against public usage, not downloaded
-# here (this machine has no hub access). Override any of them with eval.benchmarks.<name>.<field>=...
+# Hub ids: the copies commonly used for these benchmarks in math RL and distillation evaluations. UNVERIFIED
+# by download: the machine this was written on has no hub access, so ids, splits and field names come from
+# public evaluation code that loads these datasets, and sizes are the paper's. The paper does not name the
+# copies it used. Override any field with eval.benchmarks.<name>.<field>=... or use a local file (path).
 BENCHMARKS: dict[str, Benchmark] = {
     "math500": Benchmark("MATH500", "HuggingFaceH4/MATH-500", "test", "problem", "answer", 500),
     "aime24": Benchmark("AIME24", "HuggingFaceH4/aime_2024", "train", "problem", "answer", 30),
