@@ -1,4 +1,4 @@
-"""The paper's six math benchmarks: where each comes from, its evaluation protocol, tables and section-4 numbers.
+"""The paper's six math benchmarks: their sources, the evaluation protocol, tables, the section-4 numbers.
 
     records = load_benchmarks({"math500": {}, "aime24": {"path": "aime24.jsonl"}})
     results = evaluate_benchmarks(student_side, records, BenchmarkProtocol(), vocab_size=vocab)
@@ -157,21 +157,21 @@ def load_benchmarks(
 
 
 def evaluate_benchmarks(
-    side,
-    benchmarks: Mapping[str, Sequence[dict[str, Any]]],
-    protocol: BenchmarkProtocol,
-    *,
-    vocab_size: int,
-    remap_end_token_ids: tuple[int, int] | None = None,
+    side, benchmarks: Mapping[str, Sequence[dict[str, Any]]], protocol: BenchmarkProtocol, *, vocab_size: int
 ) -> dict[str, dict[str, float]]:
-    """`eopd.evaluate.evaluate` on every benchmark with the math-verify grader; benchmark -> metrics."""
+    """`eopd.evaluate.evaluate` on every benchmark with the math-verify grader; benchmark -> metrics.
+
+    Args:
+        side: the model evaluated (`eopd.evaluate.ModelSide`).
+        benchmarks: benchmark name -> records, as `load_benchmarks` returns them.
+        protocol: the sampling settings.
+        vocab_size: the vocabulary sampled from (padded output rows excluded).
+    """
     from eopd.evaluate import MathGrader, evaluate
 
     spec = protocol.spec()
     return {
-        name: evaluate(
-            side, records, MathGrader(), spec, vocab_size=vocab_size, remap_end_token_ids=remap_end_token_ids
-        )
+        name: evaluate(side, records, MathGrader(), spec, vocab_size=vocab_size)
         for name, records in benchmarks.items()
     }
 

@@ -262,7 +262,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         table["student before"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
     bench_runs: dict[str, dict[str, dict[str, float]]] = {}
     if p.benchmarks and "before" in p.benchmark_protocol.models:
-        bench_runs["student before"] = _evaluate_benchmarks(p, student_side, vocab_size, remap)
+        bench_runs["student before"] = _evaluate_benchmarks(p, student_side, vocab_size)
     callbacks = _callbacks(cfg, p.run_dir)
     periodic = PeriodicEvaluation(
         lambda model: evaluation(
@@ -298,10 +298,10 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         metrics.update({f"test/{k}": v for k, v in table["student after"].items()})
     if p.benchmarks:
         if "after" in p.benchmark_protocol.models:
-            bench_runs["student after"] = _evaluate_benchmarks(p, student_side, vocab_size, remap)
+            bench_runs["student after"] = _evaluate_benchmarks(p, student_side, vocab_size)
         if "teacher" in p.benchmark_protocol.models:
             teacher_only = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
-            bench_runs["teacher"] = _evaluate_benchmarks(p, teacher_only, vocab_size, None)
+            bench_runs["teacher"] = _evaluate_benchmarks(p, teacher_only, vocab_size)
         logged = _report_benchmarks(bench_runs, p.benchmark_protocol, cfg, p.run_dir)
         for logger in trainer.loggers:  # after fit: loggers have been finalised, so save again
             logger.log_metrics(logged, step=trainer.global_step)
@@ -377,12 +377,10 @@ def _report_table(table, spec, final, run_dir: Path) -> None:
     (run_dir / "eval.json").write_text(json.dumps(table, indent=2))
 
 
-def _evaluate_benchmarks(p: Plan, side, vocab_size: int, remap) -> dict[str, dict[str, float]]:
+def _evaluate_benchmarks(p: Plan, side, vocab_size: int) -> dict[str, dict[str, float]]:
     from eopd.benchmarks import evaluate_benchmarks
 
-    return evaluate_benchmarks(
-        side, p.benchmarks, p.benchmark_protocol, vocab_size=vocab_size, remap_end_token_ids=remap
-    )
+    return evaluate_benchmarks(side, p.benchmarks, p.benchmark_protocol, vocab_size=vocab_size)
 
 
 def _report_benchmarks(runs, protocol, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
