@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 TEMPLATES = ("plain", "chat")
-SOURCES = ("embedded",)
+SOURCES = ("embedded", "math")
 
 
 @dataclass(frozen=True)
@@ -129,4 +129,37 @@ def load_records(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             name: [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "problem": p} for p in problems]
             for name, problems in splits.items()
         }
+    if source == "math":
+        return _math_splits(data)
     raise ValueError(f"data.source={source!r} is unknown; allowed: {', '.join(SOURCES)}")
+
+
+# The keys of a math data config (conf/data/math_train.yaml) that say where the rows come from.
+_MATH_SOURCE_KEYS = (
+    "path", "hub_id", "hub_config", "split", "prompt_field", "answer_field", "answer_from_boxed",
+    "prompt_pattern", "id_field", "suffix", "limit",
+)  # fmt: skip
+
+
+def _math_splits(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """ "train", "val" and "test" from one math source: `n_val` and `n_test` prompts held out (seeded).
+
+    A split with no prompts (n_val = 0 or n_test = 0) is left out.
+    """
+    import random
+
+    from eopd.tasks.math_data import MathSource, load_math_records
+
+    records = load_math_records(MathSource(**{k: data[k] for k in _MATH_SOURCE_KEYS if k in data}))
+    n_val, n_test = int(data.get("n_val", 0)), int(data.get("n_test", 0))
+    if n_val < 0 or n_test < 0 or n_val + n_test >= len(records):
+        raise ValueError(
+            f"data.n_val={n_val} and data.n_test={n_test} must be >= 0 and leave training prompts: "
+            f"the data has {len(records)}"
+        )
+    held_out = random.Random(data.get("seed", 0)).sample(range(len(records)), n_val + n_test)
+    split_of = {index: "val" if rank < n_val else "test" for rank, index in enumerate(held_out)}
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": []}
+    for index, record in enumerate(records):
+        splits[split_of.get(index, "train")].append(record)
+    return {name: rows for name, rows in splits.items() if rows}

@@ -3,6 +3,7 @@
     python -m eopd.evaluate checkpoint=outputs/runs/eopd-s0/<time>/student         # embedded test split
     python -m eopd.evaluate checkpoint=<dir> teacher=outputs/pairs/embedded/teacher eval.n_samples=8
     python -m eopd.evaluate checkpoint=outputs/pairs/embedded/teacher format.template=chat eos="<|im_end|>"
+    python -m eopd.evaluate checkpoint=<dir> format.prefix="" format.suffix="" +benchmarks.math500={}
 
 For every problem, n responses are sampled at the evaluation's temperature and top-p; each is graded.
 Metrics (keys as logged during training under `val/`):
@@ -324,9 +325,16 @@ def main() -> None:
         spec = EvalSpec(**plain["eval"])
         if cfg.grader not in GRADERS:
             raise ValueError(f"grader={cfg.grader!r} is unknown; allowed: {', '.join(GRADERS)}")
-        records = load_records(plain["data"])
-        if cfg.split not in records:
-            raise ValueError(f"split={cfg.split!r} is not a data split; allowed: {', '.join(records)}")
+        benchmarks = plain.get("benchmarks") or {}
+        if benchmarks:  # loaded and checked before any model
+            from eopd.benchmarks import BenchmarkProtocol, load_benchmarks
+
+            protocol = BenchmarkProtocol(**plain["benchmark_protocol"])
+            records = {"benchmarks": load_benchmarks(benchmarks, suffix=protocol.suffix)}
+        else:
+            records = load_records(plain["data"])
+            if cfg.split not in records:
+                raise ValueError(f"split={cfg.split!r} is not a data split; allowed: {', '.join(records)}")
         sides = {}
         for role, key, fmt, eos in (
             ("student", "checkpoint", "format", "eos"),
@@ -346,6 +354,8 @@ def main() -> None:
             vocab = check_shared_vocabulary(sides["student"].tokenizer, sides["teacher"].tokenizer)
             if sides["student"].eos_ids != sides["teacher"].eos_ids:
                 remap = (sides["student"].eos_ids[0], sides["teacher"].eos_ids[0])
+        if benchmarks:
+            return _main_benchmarks(cfg, sides["student"], records["benchmarks"], protocol, vocab)
         metrics = evaluate(
             sides["student"],
             records[cfg.split][: cfg.n_problems],
@@ -362,6 +372,30 @@ def main() -> None:
         return metrics[f"pass@{spec.n_samples}"]
 
     _main()
+
+
+def _main_benchmarks(cfg, side: ModelSide, benchmarks, protocol, vocab_size: int) -> float:
+    """The CLI with benchmarks: print their table (and the paper's rows), save it as JSON."""
+    import json
+    from pathlib import Path
+
+    from eopd.benchmarks import benchmark_table, evaluate_benchmarks, format_benchmark_table, paper_comparison
+
+    name = Path(cfg.checkpoint).name
+    results = evaluate_benchmarks(side, benchmarks, protocol, vocab_size=vocab_size)
+    n = protocol.n_samples
+    print(format_benchmark_table({name: results}, n))
+    if cfg.paper_student:
+        print("\n" + paper_comparison(cfg.paper_student, name, results, n))
+    mean = {
+        k.split("/", 1)[1]: v
+        for k, v in benchmark_table({name: results}, n)[name].items()
+        if k.startswith("mean/")
+    }
+    out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint) / "eval_benchmarks.json"
+    out.write_text(json.dumps({**results, "mean": mean}, indent=2))
+    print(f"saved to {out}")
+    return mean[f"pass@{n}"]
 
 
 if __name__ == "__main__":

@@ -56,12 +56,15 @@ class Plan:
     eval_spec: Any = None
     final_spec: Any = None
     engine_options: Any = None
+    benchmarks: dict[str, list[dict[str, Any]]] | None = None
+    benchmark_protocol: Any = None
 
 
 def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     """Check the whole config and build the cheap objects; raise ValueError naming the key otherwise."""
     from hydra.utils import instantiate
 
+    from eopd.benchmarks import PAPER_STUDENTS, BenchmarkProtocol, load_benchmarks
     from eopd.data import PromptFormat, load_records
     from eopd.evaluate import GRADERS
     from eopd.models import ModelSource
@@ -128,6 +131,10 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             raise ConfigError(
                 f"config 'eval.{key}'={cfg.eval[key]!r} is unknown; allowed: {', '.join(GRADERS)}"
             )
+    if cfg.data.source == "math" and cfg.eval.grader != "math":
+        raise ConfigError(
+            f"config 'eval.grader'={cfg.eval.grader!r} cannot grade math data (data.source=math); use eval.grader=math"
+        )
     records = _build("data", lambda: load_records(_plain(cfg.data)))
     if len(records["train"]) < cfg.data.batch_size:
         raise ConfigError(
@@ -135,10 +142,24 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             "lower data.batch_size or add prompts"
         )
     for key, node in (("eval.split", cfg.eval), ("eval.final.split", cfg.eval.final)):
+        if node is cfg.eval.final and not node.enabled:
+            continue
         if node.split not in records:
             raise ConfigError(
                 f"config '{key}'={node.split!r} is not a data split; allowed: {', '.join(records)}"
             )
+    protocol = _build(
+        "eval.benchmark_protocol", lambda: BenchmarkProtocol(**_plain(cfg.eval.benchmark_protocol))
+    )
+    # Benchmarks load here (hub or local files), so a missing file or a bad row stops the run before a model.
+    benchmarks = _build(
+        "eval.benchmarks", lambda: load_benchmarks(_plain(cfg.eval.benchmarks), suffix=protocol.suffix)
+    )
+    paper_student = cfg.eval.get("paper_student")
+    if paper_student is not None and paper_student not in PAPER_STUDENTS:
+        raise ConfigError(
+            f"config 'eval.paper_student'={paper_student!r} is unknown; allowed: {', '.join(PAPER_STUDENTS)}"
+        )
     _check_writable(run_dir)
     return Plan(
         objective=objective,
@@ -157,6 +178,8 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         eval_spec=eval_spec,
         final_spec=final_spec,
         engine_options=engine_options,
+        benchmarks=benchmarks,
+        benchmark_protocol=protocol,
     )
 
 
@@ -262,6 +285,9 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     table: dict[str, dict[str, float]] = {}
     if final.enabled:
         table["student before"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
+    bench_runs: dict[str, dict[str, dict[str, float]]] = {}
+    if p.benchmarks and "before" in p.benchmark_protocol.models:
+        bench_runs["student before"] = _evaluate_benchmarks(p, student_side, vocab_size)
     callbacks = _callbacks(cfg, p.run_dir)
     periodic = PeriodicEvaluation(
         lambda model: evaluation(
@@ -296,6 +322,17 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         )
         _report_table(table, p.final_spec, final, p.run_dir)
         metrics.update({f"test/{k}": v for k, v in table["student after"].items()})
+    if p.benchmarks:
+        if "after" in p.benchmark_protocol.models:
+            bench_runs["student after"] = _evaluate_benchmarks(p, student_side, vocab_size)
+        if "teacher" in p.benchmark_protocol.models:
+            teacher_only = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
+            bench_runs["teacher"] = _evaluate_benchmarks(p, teacher_only, vocab_size)
+        logged = _report_benchmarks(bench_runs, p.benchmark_protocol, cfg, p.run_dir)
+        for logger in trainer.loggers:  # after fit: loggers have been finalised, so save again
+            logger.log_metrics(logged, step=trainer.global_step)
+            logger.save()
+        metrics.update(logged)
     return metrics
 
 
@@ -323,10 +360,14 @@ class ConfigError(ValueError):
 
 
 def _build(key: str, make):
+    from eopd.tasks.math_data import DataError
+
     try:
         return make()
     except ConfigError:
         raise
+    except DataError as error:  # its message already names the file, row and config key
+        raise ConfigError(str(error)) from error
     except Exception as error:  # noqa: BLE001 - re-raised with the config key that caused it
         cause = error.__cause__ if error.__cause__ is not None else error
         raise ConfigError(f"config '{key}': {cause}") from error
@@ -377,6 +418,42 @@ def _check_engine(engine: str, options: dict[str, Any]) -> None:
             )
         if not _cuda_available():
             raise ConfigError("config 'rollout.engine'='vllm' needs a CUDA device; use rollout.engine=hf")
+
+
+def _evaluate_benchmarks(p: Plan, side, vocab_size: int) -> dict[str, dict[str, float]]:
+    from eopd.benchmarks import evaluate_benchmarks
+
+    return evaluate_benchmarks(side, p.benchmarks, p.benchmark_protocol, vocab_size=vocab_size)
+
+
+def _report_benchmarks(runs, protocol, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Print the benchmark table (and the paper's rows), add it to eval.json; returns the logged metrics."""
+    import json
+
+    from eopd.benchmarks import benchmark_table, format_benchmark_table, paper_comparison
+
+    n = protocol.n_samples
+    table = benchmark_table(runs, n)
+    header = (
+        f"benchmarks: {n} samples per problem, temperature {protocol.temperature}, top-p {protocol.top_p}, "
+        f"up to {protocol.max_new_tokens} new tokens; Avg@{n} and Pass@{n} as fractions"
+    )
+    print(f"\n{header}\n{format_benchmark_table(runs, n)}\n", flush=True)
+    after = runs.get("student after")
+    if cfg.eval.get("paper_student") and after is not None:
+        print(paper_comparison(cfg.eval.paper_student, cfg.objective.name, after, n) + "\n", flush=True)
+    path = run_dir / "eval.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    saved["benchmarks"] = {
+        model: {
+            **results,
+            "mean": {k.split("/", 1)[1]: v for k, v in table[model].items() if k.startswith("mean/")},
+        }
+        for model, results in runs.items()
+    }
+    path.write_text(json.dumps(saved, indent=2))
+    row = table.get("student after") or {}
+    return {f"bench/{key}": value for key, value in row.items()}
 
 
 def _cuda_available() -> bool:

@@ -11,3 +11,51 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+# ---- local math data: the training prompts and the six benchmarks, written in their hub field layouts ------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _sums(count: int, start: int = 0) -> list[tuple[str, int]]:
+    return [(f"What is {a} + {a + 3}?", 2 * a + 3) for a in range(start, start + count)]
+
+
+@pytest.fixture
+def math_files(tmp_path) -> dict:
+    """A JSONL of 400 training prompts and one small file per benchmark, in that benchmark's own field names.
+
+    Returns {"train": path, "benchmarks": {name: path}}; minerva is Parquet (when pyarrow is installed).
+    """
+    from eopd.benchmarks import BENCHMARKS
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"problem": q, "answer": str(a)} for q, a in _sums(400)])
+    benchmarks = {}
+    for offset, (name, benchmark) in enumerate(BENCHMARKS.items()):
+        rows = []
+        for q, a in _sums(3, start=100 + 10 * offset):
+            answer = [f"${a}$"] if name == "olympiadbench" else (float(a) if name == "amc23" else str(a))
+            rows.append({benchmark.prompt_field: q, benchmark.answer_field: answer})
+        path = tmp_path / f"{name}.jsonl"
+        if name == "minerva":
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                path = tmp_path / f"{name}.parquet"
+                pq.write_table(pa.Table.from_pylist(rows), path)
+            except ImportError:
+                write_jsonl(path, rows)
+        else:
+            write_jsonl(path, rows)
+        benchmarks[name] = path
+    return {"train": train, "benchmarks": benchmarks}

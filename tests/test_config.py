@@ -52,18 +52,21 @@ def test_every_group_has_an_option(group):
 @pytest.mark.parametrize(
     ("group", "option"), [pytest.param(g, o, id=f"{g}={o}") for g in GROUPS for o in options(g)]
 )
-def test_option_composes_and_plans(group, option, tmp_path, monkeypatch):
+def test_option_composes_and_plans(group, option, tmp_path, monkeypatch, math_files):
     # Real pairs name hub ids, which are not downloaded offline: planning checks the config, not the cache.
     monkeypatch.setattr(eopd.models, "_in_hub_cache", lambda repo_id: True)
     cfg = compose_train([f"{group}={option}"])
+    local = local_math_files(cfg, math_files)  # the hub is offline in tests
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="trainer.accelerator"):
-            plan(cfg, tmp_path / "run")
-        cfg = compose_train([f"{group}={option}", "trainer.accelerator=cpu", "trainer.precision=32-true"])
+            plan(compose_train([f"{group}={option}", *local]), tmp_path / "run")
+        local += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+        cfg = compose_train([f"{group}={option}", *local])
     if cfg.rollout.engine == "vllm" and not (vllm_available() and torch.cuda.is_available()):
         with pytest.raises(ConfigError, match="rollout.engine"):
-            plan(cfg, tmp_path / "run")
-        cfg = compose_train([f"{group}={option}", "rollout.engine=hf", "~rollout.engine_options"])
+            plan(compose_train([f"{group}={option}", *local]), tmp_path / "run")
+        local += ["rollout.engine=hf", "~rollout.engine_options"]
+    cfg = compose_train([f"{group}={option}", *local])
 
     p = plan(cfg, tmp_path / "run")
 
@@ -71,6 +74,17 @@ def test_option_composes_and_plans(group, option, tmp_path, monkeypatch):
     assert p.records["train"], "no training prompts"
     # Schedules span ${total_optimizer_steps}: it must be the number of steps the trainer runs.
     assert p.max_steps == cfg.total_optimizer_steps
+
+
+def local_math_files(cfg: DictConfig, math_files: dict) -> list[str]:
+    """Overrides that point a config's math data and benchmarks at the local files of `math_files`."""
+    overrides = []
+    if cfg.data.source == "math":  # the file's fields: problem, answer
+        fields = ["data.prompt_field=problem", "data.answer_field=answer", "data.answer_from_boxed=false"]
+        overrides += [f"data.path={math_files['train']}", *fields]
+    return overrides + [
+        f"eval.benchmarks.{name}.path={math_files['benchmarks'][name]}" for name in cfg.eval.benchmarks
+    ]
 
 
 def test_every_preset_has_an_objective_option():
@@ -152,6 +166,7 @@ def test_experiment_overlays_the_defaults_and_the_command_line_wins(experiment):
     overlay = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{experiment}.yaml"))
 
     composed = OmegaConf.to_container(compose_train([f"experiment={experiment}"]))
+    overlay.pop("defaults", None)  # the groups it selects; their own files are tested elsewhere
     for key, value in _leaves(overlay):
         assert _at(composed, key) == value, f"experiment={experiment} did not set {key}"
 
