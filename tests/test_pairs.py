@@ -27,6 +27,7 @@ from eopd.module import DistillModule, PairSpec
 from eopd.objectives import preset
 from eopd.rollout import RolloutBatch, pad_prompts
 from eopd.tasks.hub_formats import save_tiny_model
+from eopd.tasks.math_data import PAPER_SUFFIX
 from eopd.train import ConfigError, plan
 
 CONF_DIR = Path(eopd.train.CONF_DIR)
@@ -35,11 +36,12 @@ REAL_PAIRS = sorted(
 )
 QWEN_PAIR = "qwen3_8b_to_qwen3_0.6b_base"
 LLAMA_PAIR = "llama3.1_8b_instruct_to_llama3.2_3b_instruct"
-SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
+# Records as the math data module makes them: the question with the paper's suffix (data.suffix); the
+# pair's formats only wrap that text in each model's template.
 PROBLEMS = [
-    {"id": "a", "prompt": "What is 2+2?", "answer": "4"},
-    {"id": "b", "prompt": "What is 3+1?", "answer": "4"},
-    {"id": "c", "prompt": "What is 2+3?", "answer": "5"},
+    {"id": "a", "prompt": "What is 2+2?" + PAPER_SUFFIX, "answer": "4"},
+    {"id": "b", "prompt": "What is 3+1?" + PAPER_SUFFIX, "answer": "4"},
+    {"id": "c", "prompt": "What is 2+3?" + PAPER_SUFFIX, "answer": "5"},
 ]
 
 
@@ -100,11 +102,12 @@ def local(pair: str, dirs: dict[str, Path], *overrides: str):
 
 @pytest.fixture
 def math_records(monkeypatch):
-    """Three math problems from a local JSONL file as every split (the data module reads the embedded task only)."""
+    """Three math problems from a local JSONL file as every split, with the paper's suffix like data=math."""
 
     def load(data):
         path = Path(__file__).parent / "fixtures" / "math_problems.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [{**row, "prompt": row["prompt"] + PAPER_SUFFIX} for row in rows]
         return {"train": rows * 2, "val": rows, "test": rows}
 
     monkeypatch.setattr(eopd.data, "load_records", load)
@@ -155,7 +158,8 @@ def test_real_pair_config_validates_without_loading_weights(name, tmp_path, monk
         assert p.teacher_format.enable_thinking is False
     else:  # an instruct student reads its own chat template
         assert p.student_format.template == "chat"
-    assert "\\boxed{}" in p.teacher_format.suffix
+    # The paper's instruction is the data's suffix (data.suffix); a format that added it too would double it.
+    assert "boxed" not in p.teacher_format.suffix + p.student_format.suffix
 
 
 def test_lora_without_peft_says_how_to_install_it(monkeypatch):
@@ -256,10 +260,10 @@ def test_teacher_scores_its_template_prompt_then_the_shared_response_with_the_en
 
     for row, (problem, response) in enumerate(zip(PROBLEMS, responses, strict=False)):
         teacher_prompt = teacher_tok.encode(
-            f"<|im_start|>user\n{problem['prompt']}{SUFFIX}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+            f"<|im_start|>user\n{problem['prompt']}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
             add_special_tokens=False,
         )
-        student_prompt = student_tok.encode(f"{problem['prompt']}{SUFFIX}\n", add_special_tokens=False)
+        student_prompt = student_tok.encode(f"{problem['prompt']}\n", add_special_tokens=False)
         swapped = [im_end if t == endoftext else t for t in response]
         teacher_row = seen["teacher"][row].tolist()
         student_row = seen["student"][row].tolist()
@@ -279,7 +283,7 @@ def test_teacher_scores_its_template_prompt_then_the_shared_response_with_the_en
 
     # The teacher's log-prob of the student's end token is its log-prob of its own <|im_end|> there.
     context = teacher_tok.encode(
-        f"<|im_start|>user\n{PROBLEMS[0]['prompt']}{SUFFIX}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+        f"<|im_start|>user\n{PROBLEMS[0]['prompt']}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
         add_special_tokens=False,
     ) + [im_end if t == endoftext else t for t in responses[0]]
     with torch.no_grad():
@@ -306,7 +310,7 @@ def test_llama_instruct_pair_reads_its_own_chat_template_with_one_begin_of_text(
     ).items[0]
 
     expected = student_tok.encode(
-        f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{PROBLEMS[0]['prompt']}{SUFFIX}<|eot_id|>"
+        f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{PROBLEMS[0]['prompt']}<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
         add_special_tokens=False,
     )
