@@ -99,7 +99,7 @@ def tiled_loss(
     student: LogitSource,
     tile_fn: TileLoss | TileValueAndGrad,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     analytic_grad: bool = False,
 ) -> Tensor:
     """Sum of `tile_fn` over tiles of `chunk_size` positions of a flat (N, ...) student source.
@@ -202,7 +202,7 @@ def per_token_fused(
     student: LinearLogits,
     teacher: LogitSource,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     **options,
 ) -> Tensor:
     """Any per-token divergence of (student_logits, teacher_logits) without full logits in memory.

@@ -235,7 +235,7 @@ class Objective:
     temperature: float = 1.0
     top_k: int = 16
     diagnostic_tau: float = 0.8
-    chunk_size: int = 1024
+    chunk_size: int = 256
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -581,7 +581,7 @@ def preset(
     seed: int = 0,
     temperature: float = 1.0,
     diagnostic_tau: float = 0.8,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> Objective:
     """A named objective. Paper defaults: tau 0.8 nats, alpha 1, top-k 16, eps 0.2.
 

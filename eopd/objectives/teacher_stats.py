@@ -65,7 +65,7 @@ def teacher_token_stats(
     *,
     k: int = 16,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> TeacherStats:
     """Reduce teacher logits to `TeacherStats`, one tile of positions at a time.
 
