@@ -138,7 +138,9 @@ def _tile_value_and_grad(tile_fn: TileLoss, logits: Tensor, start: int, end: int
 
 class _LinearTiledLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, weight: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int
+    ) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_h or need_w
         grad_hidden = torch.zeros_like(hidden) if need_h else None

@@ -373,7 +373,13 @@ class Objective:
                 teacher_logp=None,
             )
             return self._sparse_tile(
-                student_logits, tile, coefficients[:, start:end], count, metrics, gates[:, start:end], need_grad
+                student_logits,
+                tile,
+                coefficients[:, start:end],
+                count,
+                metrics,
+                gates[:, start:end],
+                need_grad,
             )
 
         if flat_teacher is None and all(term.sparse for term in self.terms):

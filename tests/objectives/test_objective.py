@@ -402,10 +402,21 @@ def test_closed_form_gradient_from_teacher_statistics_matches_float64_autograd(t
     obj = preset("eopd", top_k=4, temperature=temperature, chunk_size=4)
     assert all(term.sparse for term in obj.terms)
     student = LinearLogits(hs, ws) if fused else logits
-    loss = obj(student=student, tokens=d["tokens"], mask=d["mask"], teacher_stats=stats, old_logprobs=old).loss
+    loss = obj(
+        student=student, tokens=d["tokens"], mask=d["mask"], teacher_stats=stats, old_logprobs=old
+    ).loss
     g_h, g_w = torch.autograd.grad(loss, (hs, ws))
     ref = eopd_reference_float64(
-        hs @ ws.T, teacher, d["tokens"], d["mask"], old, tau=0.8, alpha=1.0, k=4, eps=0.2, temperature=temperature
+        hs @ ws.T,
+        teacher,
+        d["tokens"],
+        d["mask"],
+        old,
+        tau=0.8,
+        alpha=1.0,
+        k=4,
+        eps=0.2,
+        temperature=temperature,
     )
     r_h, r_w = torch.autograd.grad(ref, (hs, ws))
     assert 0 < float(((stats.entropy >= 0.8) & d["mask"]).float().mean()) < float(d["mask"].float().mean())
