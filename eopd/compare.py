@@ -49,6 +49,7 @@ VAL_AVG_PNG = "val_avg_at_k.png"
 # Final metrics shown in the markdown table unless --metrics names others (the CSV holds all of them).
 _TABLE_PATTERN = re.compile(
     r"^(?:val/|test/)?(avg@\d+|pass@\d+|maj@\d+|paths/distinct|entropy/student|div/fkl_high_entropy)$"
+    r"|^bench/mean/(avg|pass)@\d+$"  # the math benchmarks' mean (each benchmark is in the CSV)
 )
 _PASS_AT_K = re.compile(r"^((?:val/|test/)?)pass@(\d+)$")
 
@@ -271,9 +272,21 @@ def read_run(run_dir: Path | str, by: Sequence[str] = DEFAULT_BY) -> RunRecord:
     final, final_source = dict(last), "metrics.csv"
     eval_path = run_dir / "eval.json"
     if eval_path.is_file():
-        after = json.loads(eval_path.read_text()).get("student after")
+        saved = json.loads(eval_path.read_text())
+        after = saved.get("student after")
         if after:
             final = {k: float(v) for k, v in after.items() if _number(v) is not None}
+            final_source = "eval.json"
+        benchmarks = (saved.get("benchmarks") or {}).get("student after")
+        if benchmarks:  # {benchmark or "mean": {metric: value}}, from the math benchmarks
+            final.update(
+                {
+                    f"bench/{name}/{metric}": float(value)
+                    for name, metrics in benchmarks.items()
+                    for metric, value in metrics.items()
+                    if _number(value) is not None
+                }
+            )
             final_source = "eval.json"
     return RunRecord(
         name=run_dir.name,

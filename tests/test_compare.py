@@ -32,6 +32,7 @@ from eopd.compare import (
     read_run,
     record_from_wandb_run,
     t_quantile,
+    table_metrics,
     variant_label,
 )
 
@@ -376,3 +377,26 @@ def test_cli_writes_next_to_the_sweep_by_default(sweep_dir, tmp_path):
         timeout=120,
     )
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+
+
+def test_math_benchmark_results_become_final_metrics_and_their_mean_a_table_column(sweep_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(next(find_runs(sweep_dir).__iter__()), run)
+    saved = json.loads((run / "eval.json").read_text())
+    saved["benchmarks"] = {
+        "student after": {
+            "math500": {"avg@8": 0.5, "pass@8": 0.75, "n_problems": 4},
+            "aime24": {"avg@8": 0.25, "pass@8": 0.5, "n_problems": 2},
+            "mean": {"avg@8": 0.375, "pass@8": 0.625},
+        }
+    }
+    (run / "eval.json").write_text(json.dumps(saved))
+
+    record = read_run(run)
+
+    assert record.final["bench/math500/avg@8"] == 0.5
+    assert record.final["bench/mean/pass@8"] == 0.625
+    assert record.final["avg@4"] == saved["student after"]["avg@4"]  # the embedded table is kept
+    shown = table_metrics([record])
+    assert {"bench/mean/avg@8", "bench/mean/pass@8"} <= set(shown)
+    assert "bench/math500/avg@8" not in shown
