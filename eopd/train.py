@@ -4,9 +4,12 @@
     python -m eopd.train objective=opd seed=1              # another objective, another seed
     python -m eopd.train objective=eopd objective.tau=1.0 logger=wandb
     python -m eopd.train -m objective=opd,eopd seed=0,1,2  # a grid (Hydra multirun)
+    python -m eopd.train resume=auto                       # continue the newest unfinished run of this name
 
 Every config error (unknown option, bad value, missing model path, impossible batch sizes) is reported
-before any model loads. `main()` returns the metric a sweeper optimises.
+before any model loads. `main()` returns the metric a sweeper optimises. Exit codes: 0 finished or
+preempted (SIGTERM/SIGUSR1: checkpoint saved, `resume=auto` continues), 2 a config or data error,
+3 stopped after too many non-finite updates in a row.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ OmegaConf.register_new_resolver("eopd.optimizer_steps", _optimizer_steps, replac
 OmegaConf.register_new_resolver(
     "eopd.fraction_of", lambda total, f: max(int(int(total) * float(f)), 1), replace=True
 )
+OmegaConf.register_new_resolver("eopd.run_dir", lambda *args: _run_dir_for(*args), replace=True)
+
+
+def _run_dir_for(base: str, stamp: str, resume: str | None) -> str:
+    from eopd.checkpointing import run_dir_for
+
+    return run_dir_for(base, stamp, resume)
 
 
 @dataclass
@@ -55,13 +65,14 @@ class Plan:
     recipe: Any = None
     eval_spec: Any = None
     final_spec: Any = None
+    resume_from: Path | None = None  # set when the run claims its directory: the checkpoint it continues from
 
 
 def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     """Check the whole config and build the cheap objects; raise ValueError naming the key otherwise."""
     from hydra.utils import instantiate
 
-    from eopd.data import PromptFormat, load_records
+    from eopd.data import LONG_PROMPTS, PromptFormat, load_records
     from eopd.evaluate import GRADERS
     from eopd.models import ModelSource
     from eopd.module import LogSpec, OptimSpec, RolloutSpec, UpdateSpec
@@ -86,6 +97,11 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             f"config 'trainer.accelerator'={accelerator!r} but no CUDA device is visible; use trainer=cpu"
         )
     _check_positive(cfg, "data.batch_size")
+    _check_positive(cfg, "data.max_prompt_tokens")
+    if cfg.data.get("long_prompts", "drop") not in LONG_PROMPTS:
+        raise ConfigError(
+            f"config 'data.long_prompts'={cfg.data.long_prompts!r} is unknown; allowed: {', '.join(LONG_PROMPTS)}"
+        )
     steps_per_rollout = _build("update", lambda: update.steps_per_rollout(cfg.data.batch_size))
     pair = cfg.pair
     student_format = _build("pair.student_format", lambda: PromptFormat(**_plain(pair.student_format)))
@@ -125,6 +141,12 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
                 f"config '{key}'={node.split!r} is not a data split; allowed: {', '.join(records)}"
             )
     _check_writable(run_dir)
+    resume = cfg.get("resume")
+    if resume not in (None, "auto") and not Path(str(resume)).expanduser().is_file():
+        raise ConfigError(
+            f"config 'resume'={resume!r}: no checkpoint file there; use resume=auto (the newest checkpoint "
+            "in the run directory) or the path of a .ckpt file"
+        )
     return Plan(
         objective=objective,
         rollout=rollout,
@@ -148,13 +170,19 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     """Train with a composed config, writing into `run_dir`; returns the final logged metrics."""
     import lightning as L
 
+    from eopd import checkpointing
     from eopd.data import PromptDataset, prompt_loader
     from eopd.evaluate import GRADERS, ModelSide, PeriodicEvaluation, evaluate
-    from eopd.models import check_shared_vocabulary, load_model, load_tokenizer
-    from eopd.module import DistillModule, PairSpec
+    from eopd.models import load_model, load_tokenizer
+    from eopd.module import DistillModule, NonFiniteTraining, PairSpec
 
     p = plan(cfg, run_dir)  # every check that needs no model
-    p.run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("resume") == "auto" and checkpointing.is_finished(p.run_dir):
+        log.info("the run in %s has finished; nothing to resume (its outputs are kept)", p.run_dir)
+        return checkpointing.finished_metrics(p.run_dir)
+    lock, p.resume_from = _build("resume", lambda: checkpointing.claim_run_dir(p.run_dir, cfg.get("resume")))
+    if p.resume_from is not None:
+        log.info("resuming from %s", p.resume_from)
     OmegaConf.save(cfg, p.run_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -165,7 +193,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         ensure_pair(p.recipe, Path(pair.build_dir))
     student_tokenizer = load_tokenizer(p.student_source, eos_token=pair.student_eos)
     teacher_tokenizer = load_tokenizer(p.teacher_source, eos_token=pair.teacher_eos)
-    vocab_size = check_shared_vocabulary(student_tokenizer, teacher_tokenizer)
+    vocab_size = _build("pair", lambda: _shared_vocabulary(pair.name, student_tokenizer, teacher_tokenizer))
     student_eos = _token_id(student_tokenizer, pair.student_eos, "pair.student_eos")
     teacher_eos = _token_id(teacher_tokenizer, pair.teacher_eos, "pair.teacher_eos")
     pad = student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else student_eos
@@ -189,19 +217,25 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     )
     _log_prompt_example(p, student_tokenizer, teacher_tokenizer)
 
-    train_set = PromptDataset(
-        p.records["train"],
-        student_tokenizer=student_tokenizer,
-        student_format=p.student_format,
-        teacher_tokenizer=teacher_tokenizer,
-        teacher_format=p.teacher_format,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
+    train_set = _build(
+        "data.max_prompt_tokens",
+        lambda: PromptDataset(
+            p.records["train"],
+            student_tokenizer=student_tokenizer,
+            student_format=p.student_format,
+            teacher_tokenizer=teacher_tokenizer,
+            teacher_format=p.teacher_format,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            long_prompts=cfg.data.get("long_prompts", "drop"),
+        ),
     )
-    if train_set.dropped:
+    if train_set.dropped or train_set.truncated:
         log.warning(
-            "dropped %d training prompts longer than data.max_prompt_tokens=%d",
-            train_set.dropped,
+            "%d training prompts were longer than data.max_prompt_tokens=%d: %d dropped, %d truncated",
+            train_set.dropped + train_set.truncated,
             cfg.data.max_prompt_tokens,
+            train_set.dropped,
+            train_set.truncated,
         )
     loader = prompt_loader(train_set, batch_size=cfg.data.batch_size, seed=cfg.seed)
 
@@ -237,7 +271,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     table: dict[str, dict[str, float]] = {}
     if final.enabled:
         table["student before"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
-    callbacks = _callbacks(cfg, p.run_dir)
+    callbacks = [checkpointing.ResumeState(), *_callbacks(cfg, p.run_dir)]
     periodic = PeriodicEvaluation(
         lambda model: evaluation(
             p.eval_spec,
@@ -249,14 +283,29 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         at_end=True,
     )
     callbacks.append(periodic)
+    preemption = checkpointing.Preemption()  # last: an evaluation due at the stopping step still runs
+    callbacks.append(preemption)
+    loggers = _loggers(cfg, p.run_dir)
+    if p.resume_from is not None:
+        checkpointing.keep_logs_until(p.run_dir, loggers, *checkpointing.checkpoint_steps(p.resume_from))
     trainer = L.Trainer(
         max_steps=p.max_steps,
         default_root_dir=str(p.run_dir),
-        logger=_loggers(cfg, p.run_dir),
+        logger=loggers,
         callbacks=callbacks,
+        plugins=[checkpointing.AtomicCheckpointIO()],
         **_plain(cfg.trainer),
     )
-    trainer.fit(module, train_dataloaders=loader)
+    try:
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=p.resume_from)
+    except NonFiniteTraining as error:
+        last = checkpointing.latest_checkpoint(p.run_dir)
+        raise NonFiniteTraining(f"{error}. Last checkpoint: {last or 'none written yet'}") from None
+    if preemption.signal_received is not None:
+        raise checkpointing.Preempted(
+            f"{preemption.signal_received}: stopped after rollout step {module.rollout_step} and saved "
+            f"{checkpointing.latest_checkpoint(p.run_dir)}; continue with resume=auto"
+        )
     _save_student(module, p.run_dir / "student")
     log.info("student saved to %s", p.run_dir / "student")
     metrics = dict(module.last_logs)
@@ -270,6 +319,8 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         )
         _report_table(table, p.final_spec, final, p.run_dir)
         metrics.update({f"test/{k}": v for k, v in table["student after"].items()})
+    checkpointing.mark_finished(p.run_dir, metrics)
+    lock.release()
     return metrics
 
 
@@ -278,12 +329,21 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the metric a sweeper maximises: the final validation Pass@k (k = n)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from eopd.checkpointing import Preempted
+    from eopd.module import NonFiniteTraining
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = run(cfg, run_dir)
     except ConfigError as error:
         log.error("%s", error)
         sys.exit(2)
+    except Preempted as stop:
+        log.warning("%s", stop)
+        sys.exit(0)
+    except NonFiniteTraining as error:
+        log.error("%s", error)
+        sys.exit(3)
     return metrics.get(f"val/pass@{cfg.eval.n_samples}", float("nan"))
 
 
@@ -352,6 +412,10 @@ def _check_writable(run_dir: Path) -> None:
     probe = run_dir
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"output directory {run_dir} cannot be created: {probe} is a file; set output_root=... to a directory"
+        )
     if not os.access(probe, os.W_OK):
         raise ConfigError(
             f"output directory {run_dir} is not writable ({probe} denies writing); set output_root=..."
@@ -367,6 +431,19 @@ def _token_id(tokenizer, token: str, key: str) -> int:
     if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
         raise ConfigError(f"config '{key}'={token!r} is not a token of the tokenizer")
     return int(ids[0])
+
+
+def _shared_vocabulary(name: str, student_tokenizer, teacher_tokenizer) -> int:
+    from eopd.models import VocabularyMismatchError, check_shared_vocabulary
+
+    try:
+        return check_shared_vocabulary(student_tokenizer, teacher_tokenizer)
+    except VocabularyMismatchError as error:
+        raise ConfigError(
+            f"config 'pair' ({name}): the student's and teacher's tokenizers differ ({error}). The objective "
+            "compares the two models id by id: pick a pair that shares one tokenizer "
+            "(pair.student.tokenizer, pair.teacher.tokenizer)"
+        ) from None
 
 
 def _millions(model) -> float:
