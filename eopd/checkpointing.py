@@ -34,7 +34,7 @@ log = logging.getLogger("eopd.checkpointing")
 
 FINISHED = "finished.json"
 LOCK = "run.lock"
-RUN_MARKER = "config.yaml"  # written by every run when it starts
+RUN_OUTPUTS = ("metrics.csv", "samples.jsonl", "student")  # a directory with one of these holds a run
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
@@ -155,7 +155,8 @@ def resume_checkpoint(resume: str | None, run_dir: Path | str) -> Path | None:
     """
     run_dir = Path(run_dir)
     if resume is None:
-        if is_finished(run_dir) or (run_dir / RUN_MARKER).exists():
+        started = latest_checkpoint(run_dir) or any((run_dir / name).exists() for name in RUN_OUTPUTS)
+        if is_finished(run_dir) or started:
             state = "a finished run" if is_finished(run_dir) else "a run"
             raise ValueError(
                 f"output directory {run_dir} already holds {state}; its files are kept. Continue it with "
