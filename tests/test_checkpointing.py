@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import eopd.module
 import eopd.train
@@ -223,6 +223,43 @@ def test_sigterm_to_a_training_process_saves_exits_cleanly_and_resumes_exactly(t
     assert_same_metrics(read_rows(tmp_path / "uninterrupted"), read_rows(run_dir))
 
 
+def test_under_slurm_a_preempted_run_hands_over_to_lightnings_requeue(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # records its arguments instead of talking to a SLURM controller
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    scontrol.chmod(0o755)
+    run_dir = tmp_path / "run"
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "eopd", "SLURM_NODELIST": "node1"}
+    env = {**os.environ, **slurm, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "eopd.train", *TINY, "rollout_steps=500", f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "samples.jsonl").exists():
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "no training step within 180 s"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGUSR1)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    assert process.returncode == 0, output
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert list(run_dir.glob("hpc_ckpt_*.ckpt")), "Lightning's SLURM checkpoint was not written"
+    _, stopped = checkpointing.checkpoint_steps(latest_checkpoint(run_dir))
+    _, in_hpc = checkpointing.checkpoint_steps(next(run_dir.glob("hpc_ckpt_*.ckpt")))
+    assert stopped == in_hpc >= 1
+
+
 # ---- the run directory -------------------------------------------------------------------------------------
 
 
@@ -250,6 +287,43 @@ def test_a_second_job_never_writes_into_a_directory_in_use(tmp_path, no_model_lo
     finally:
         lock.release()
     assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]
+
+
+@pytest.mark.slow
+def test_concurrent_jobs_of_a_sweep_write_only_into_their_own_directories(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eopd.train",
+            "sweep=divergences",
+            "objective=opd,eopd,fkl,jsd",
+            "seed=0",
+            "hydra/launcher=parallel",
+            "rollout_steps=2",
+            *TINY,
+            f"output_root={tmp_path}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    (sweep_dir,) = (tmp_path / "sweeps" / "divergences").iterdir()
+    jobs = sorted(d for d in sweep_dir.iterdir() if d.is_dir())
+    assert len(jobs) == 4
+    for job in jobs:
+        objective = job.name.split("_", 1)[1].split("-")[0]
+        assert OmegaConf.load(job / "config.yaml").objective.name == objective
+        steps = [r for r in read_rows(job) if r.get("train/loss")]
+        assert len(steps) == 2  # its own two rollout steps, no other job's
+        assert checkpointing.finished_metrics(job)["train/loss"] == pytest.approx(
+            float(steps[-1]["train/loss"])
+        )
+        RunLock(job).release()  # released when the job ended
 
 
 def test_resume_auto_picks_the_newest_unfinished_run_with_a_checkpoint(tmp_path):
