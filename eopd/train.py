@@ -37,13 +37,15 @@ OmegaConf.register_new_resolver("eopd.optimizer_steps", _optimizer_steps, replac
 OmegaConf.register_new_resolver(
     "eopd.fraction_of", lambda total, f: max(int(int(total) * float(f)), 1), replace=True
 )
-OmegaConf.register_new_resolver("eopd.run_dir", lambda *args: _run_dir_for(*args), replace=True)
 
 
 def _run_dir_for(base: str, stamp: str, resume: str | None) -> str:
     from eopd.checkpointing import run_dir_for
 
     return run_dir_for(base, stamp, resume)
+
+
+OmegaConf.register_new_resolver("eopd.run_dir", _run_dir_for, replace=True)  # hydra.run.dir, for resume=auto
 
 
 @dataclass
@@ -299,9 +301,11 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     try:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=p.resume_from)
     except NonFiniteTraining as error:
+        lock.release()
         last = checkpointing.latest_checkpoint(p.run_dir)
         raise NonFiniteTraining(f"{error}. Last checkpoint: {last or 'none written yet'}") from None
     if preemption.signal_received is not None:
+        lock.release()
         raise checkpointing.Preempted(
             f"{preemption.signal_received}: stopped after rollout step {module.rollout_step} and saved "
             f"{checkpointing.latest_checkpoint(p.run_dir)}; continue with resume=auto"
