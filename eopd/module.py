@@ -226,7 +226,7 @@ class _TeacherSide:
 
 
 class NonFiniteTraining(RuntimeError):
-    """Too many updates in a row had a non-finite loss or gradient; the message names the step and values."""
+    """Too many updates in a row were not finite; the message names the step and the diagnostics."""
 
 
 class DistillModule(L.LightningModule):
@@ -273,7 +273,7 @@ class DistillModule(L.LightningModule):
         self.seed = seed
         self.automatic_optimization = False
         self.rollout_step = 0
-        self.skipped_updates = 0  # updates skipped for a non-finite loss or gradient, over the run
+        self.skipped_updates = 0  # updates skipped as not finite, over the run
         self.nonfinite_in_a_row = 0
         self.last_logs: dict[str, float] = {}
         if self.rollout_spec.temperature != objective.temperature:
@@ -494,8 +494,9 @@ class DistillModule(L.LightningModule):
                     sub = rollout.select(part)
                     hidden = response_hidden_states(self.student, sub)
                     if not bool(torch.isfinite(hidden[sub.response_mask]).all()):
+                        # The update is skipped below; a finite stand-in keeps every rank's backward in step.
                         step_metrics.add_sums("student/hidden_states", float("nan"), 1.0)
-                        continue  # no loss to take: the update is skipped below
+                        hidden = torch.nan_to_num(hidden, nan=0.0, posinf=0.0, neginf=0.0)
                     student = LinearLogits(hidden, output_weight(self.student), self.pair.vocab_size)
                     full_teacher = None
                     if self.objective.needs_teacher_logits:
