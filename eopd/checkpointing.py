@@ -100,10 +100,16 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 class ResumeState(L.Callback):
-    """Puts the global RNG states into every checkpoint and restores them on resume."""
+    """Puts the global RNG states into every checkpoint and restores them on resume.
+
+    It also flushes the loggers with each checkpoint, so that after a crash the metrics on disk reach at
+    least up to the checkpoint a resumed run continues from.
+    """
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng"] = capture_rng()
+        for logger in trainer.loggers:
+            logger.save()
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if "rng" in checkpoint:

@@ -223,6 +223,39 @@ def test_sigterm_to_a_training_process_saves_exits_cleanly_and_resumes_exactly(t
     assert_same_metrics(read_rows(tmp_path / "uninterrupted"), read_rows(run_dir))
 
 
+def test_training_process_killed_outright_resumes_exactly_from_its_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    common = [
+        "optimizer.schedule=constant",
+        "eval.every_n_rollout_steps=1",
+        "callbacks.checkpoint_every_n_steps=4",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "eopd.train", *TINY, *common, "rollout_steps=500", f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not list((run_dir / "checkpoints").glob("*step=8.ckpt")):  # the second checkpoint
+            assert process.poll() is None and time.monotonic() < deadline, "no second checkpoint"
+            time.sleep(0.1)
+        process.kill()  # SIGKILL: no handler runs, the logs end wherever they were
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    _, resumed_at = checkpointing.checkpoint_steps(latest_checkpoint(run_dir))
+    steps = [*common, f"rollout_steps={resumed_at + 2}"]
+    eopd.train.run(compose_train([*steps, "resume=auto"]), run_dir)
+    eopd.train.run(compose_train(steps), tmp_path / "uninterrupted")
+
+    assert_same_metrics(read_rows(tmp_path / "uninterrupted"), read_rows(run_dir))
+
+
 def test_under_slurm_a_preempted_run_hands_over_to_lightnings_requeue(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
