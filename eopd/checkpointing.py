@@ -223,6 +223,20 @@ def claim_run_dir(run_dir: Path | str, resume: str | None) -> tuple[RunLock, Pat
         raise
 
 
+def config_changes(saved: Path | str, config: dict[str, Any]) -> list[str]:
+    """Keys (dotted) whose values differ between a run's saved config.yaml and `config`, `resume` aside."""
+    from omegaconf import OmegaConf
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix.rstrip("."): node}
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    before = flat(OmegaConf.to_container(OmegaConf.load(saved)))
+    after = flat(config)
+    return sorted(k for k in before.keys() | after.keys() if k != "resume" and before.get(k) != after.get(k))
+
+
 def checkpoint_steps(path: Path | str) -> tuple[int, int]:
     """(optimizer step, rollout step) of a checkpoint, read without loading its tensors into memory."""
     checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)

@@ -185,6 +185,10 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     lock, p.resume_from = _build("resume", lambda: checkpointing.claim_run_dir(p.run_dir, cfg.get("resume")))
     if p.resume_from is not None:
         log.info("resuming from %s", p.resume_from)
+        if (p.run_dir / "config.yaml").is_file():
+            changed = checkpointing.config_changes(p.run_dir / "config.yaml", _plain(cfg))
+            if changed:
+                log.warning("resuming with a config that differs from the run's in: %s", ", ".join(changed))
     OmegaConf.save(cfg, p.run_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 

@@ -186,7 +186,7 @@ def test_loader_resumed_from_its_state_serves_the_batches_an_uninterrupted_loade
 # ---- preemption of a real training process -----------------------------------------------------------------
 
 
-def test_sigterm_to_a_training_process_saves_exits_cleanly_and_resumes_exactly(tmp_path):
+def test_sigterm_to_a_training_process_saves_exits_cleanly_and_resumes_exactly(tmp_path, caplog):
     run_dir = tmp_path / "run"
     common = ["optimizer.schedule=constant", "eval.every_n_rollout_steps=0", "log.samples_every=1"]
     process = subprocess.Popen(
@@ -217,7 +217,9 @@ def test_sigterm_to_a_training_process_saves_exits_cleanly_and_resumes_exactly(t
 
     # Continue for two more rollout steps, and compare with a run that was never stopped.
     steps = [*common, f"rollout_steps={stopped + 2}"]
-    eopd.train.run(compose_train([*steps, "resume=auto"]), run_dir)
+    with caplog.at_level("WARNING", logger="eopd.train"):
+        eopd.train.run(compose_train([*steps, "resume=auto"]), run_dir)
+    assert "differs from the run's in: rollout_steps, total_optimizer_steps" in caplog.text
     eopd.train.run(compose_train(steps), tmp_path / "uninterrupted")
 
     assert_same_metrics(read_rows(tmp_path / "uninterrupted"), read_rows(run_dir))
