@@ -7,15 +7,16 @@ are shared, only the prompt part differs between the two contexts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 TEMPLATES = ("plain", "chat")
 SOURCES = ("embedded", "math")
+LONG_PROMPTS = ("drop", "truncate")
 
 
 @dataclass(frozen=True)
@@ -76,18 +77,30 @@ class PromptDataset(Dataset):
         teacher_tokenizer: Any = None,
         teacher_format: PromptFormat | None = None,
         max_prompt_tokens: int | None = None,
+        long_prompts: str = "drop",
     ) -> None:
+        if long_prompts not in LONG_PROMPTS:
+            raise ValueError(
+                f"data.long_prompts={long_prompts!r} is unknown; allowed: {', '.join(LONG_PROMPTS)}"
+            )
         self.records = list(records)
         self.items = []
         teacher_tokenizer = teacher_tokenizer or student_tokenizer
         teacher_format = teacher_format or student_format
         self.dropped = 0
+        self.truncated = 0
         for record in self.records:
             student_ids = student_format.encode(student_tokenizer, record["prompt"])
             teacher_ids = teacher_format.encode(teacher_tokenizer, record["prompt"])
             if max_prompt_tokens is not None and max(len(student_ids), len(teacher_ids)) > max_prompt_tokens:
-                self.dropped += 1  # counted and reported, never a crash mid-run
-                continue
+                # Counted and reported, never a crash mid-run. Truncation keeps the end of the prompt: the
+                # question's last words, the suffix and the chat template's generation prompt.
+                if long_prompts == "drop":
+                    self.dropped += 1
+                    continue
+                self.truncated += 1
+                student_ids = student_ids[-max_prompt_tokens:]
+                teacher_ids = teacher_ids[-max_prompt_tokens:]
             self.items.append({**record, "prompt_ids": student_ids, "teacher_prompt_ids": teacher_ids})
         if not self.items:
             raise ValueError(
@@ -107,15 +120,64 @@ class PromptDataset(Dataset):
 
 
 def prompt_loader(dataset: Dataset, *, batch_size: int, seed: int = 0, shuffle: bool = True) -> DataLoader:
-    """Rollout batches of `batch_size` prompts (lists of item dicts), reshuffled each epoch from `seed`."""
+    """Rollout batches of `batch_size` prompts (lists of item dicts), reshuffled each epoch from `seed`.
+
+    The loader can resume mid-epoch: Lightning stores its `state_dict` (the batches handed out) in every
+    checkpoint, and a resumed run continues with the prompts an uninterrupted run would have seen next.
+    """
     if len(dataset) < batch_size:
         raise ValueError(
             f"data.batch_size={batch_size} exceeds the {len(dataset)} training prompts; lower data.batch_size"
         )
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=True, collate_fn=list, generator=generator
-    )
+    batches = ResumableBatches(len(dataset), batch_size=batch_size, seed=seed, shuffle=shuffle)
+    return _ResumableLoader(dataset, batch_sampler=batches, collate_fn=list)
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """Batches of dataset indices, a fresh permutation each epoch, that can start in the middle of an epoch.
+
+    Epoch e uses the (e+1)-th permutation drawn from a generator seeded with `seed`, so the order depends on
+    the seed and the epoch alone; `served` counts the batches handed out so far, over all epochs, and is
+    all a checkpoint needs. The last incomplete batch of an epoch is dropped.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n = n
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.served = 0
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, start = divmod(self.served, len(self))
+        order = self._order(epoch)
+        for k in range(start, len(self)):
+            self.served += 1  # counted when handed out: the loader reads one batch at a time (no workers)
+            yield order[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        # The draws a shuffling torch DataLoader with a seeded generator makes per epoch (a worker base
+        # seed, then the permutation), so the order is the one runs had before this sampler existed.
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch + 1):
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            order = torch.randperm(self.n, generator=generator)
+        return order.tolist()
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning saves and restores (its `_Stateful` protocol)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_served": self.batch_sampler.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.served = int(state["batches_served"])
 
 
 def load_records(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:

@@ -280,7 +280,8 @@ class PeriodicEvaluation(Callback):
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.at_end:
+        stopped_early = trainer.max_steps > 0 and trainer.global_step < trainer.max_steps
+        if self.at_end and not stopped_early:  # a preempted run evaluates when it completes, not when stopped
             self._evaluate(trainer, pl_module)
 
     def _is_last(self, trainer) -> bool:

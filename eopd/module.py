@@ -19,6 +19,7 @@ gradients, is not in the optimizer and not in any checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
@@ -36,6 +37,8 @@ from eopd.models import output_weight, remap_end_token, response_hidden_states, 
 from eopd.objectives import LinearLogits, Metrics, Objective, TeacherStats, teacher_token_stats
 from eopd.rollout import RolloutBatch, sample, teacher_hidden_states, with_prompts
 from eopd.rollout_engines import ENGINES, HFEngine, RolloutEngine
+
+log = logging.getLogger("eopd.module")
 
 ROLLOUT_SOURCES = ("student", "teacher", "mix")
 LR_SCHEDULES = ("cosine", "constant")
@@ -97,6 +100,9 @@ class UpdateSpec:
         ppo_epochs: passes over the rollout batch.
         grad_clip: max gradient norm (0 disables clipping).
         shuffle: shuffle rows before splitting into mini-batches (seeded by step).
+        max_nonfinite_in_a_row: an update whose student hidden states, loss or gradient norm are not finite
+            is skipped (counted and logged as fault/skipped_updates); after this many in a row the run stops
+            with `NonFiniteTraining` (0 = never stop).
     """
 
     mini_batch_size: int = 32
@@ -104,6 +110,7 @@ class UpdateSpec:
     ppo_epochs: int = 1
     grad_clip: float = 1.0
     shuffle: bool = True
+    max_nonfinite_in_a_row: int = 5
 
     def __post_init__(self) -> None:
         for name in ("mini_batch_size", "ppo_epochs"):
@@ -118,6 +125,11 @@ class UpdateSpec:
             )
         if self.grad_clip < 0:
             raise ValueError(f"update.grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")
+        if not isinstance(self.max_nonfinite_in_a_row, int) or self.max_nonfinite_in_a_row < 0:
+            raise ValueError(
+                f"update.max_nonfinite_in_a_row={self.max_nonfinite_in_a_row!r} must be an integer >= 0 "
+                "(0 = never stop on non-finite updates)"
+            )
 
     def steps_per_rollout(self, rollout_batch_size: int) -> int:
         """Optimizer steps per rollout batch."""
@@ -221,6 +233,10 @@ class _TeacherSide:
     hidden: Tensor | None  # (B, R, H_t) kept for full-vocabulary terms and exact diagnostics
 
 
+class NonFiniteTraining(RuntimeError):
+    """Too many updates in a row were not finite; the message names the step and the diagnostics."""
+
+
 class DistillModule(L.LightningModule):
     """On-policy distillation of `student` from a frozen `teacher` with any `Objective`.
 
@@ -278,6 +294,8 @@ class DistillModule(L.LightningModule):
             )
         self.automatic_optimization = False
         self.rollout_step = 0
+        self.skipped_updates = 0  # updates skipped as not finite, over the run
+        self.nonfinite_in_a_row = 0
         self.last_logs: dict[str, float] = {}
         if self.rollout_spec.temperature != objective.temperature:
             raise ValueError(
@@ -311,10 +329,17 @@ class DistillModule(L.LightningModule):
         return batch  # lists of prompt records: token ids move to the device when the rollout is built
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["eopd"] = {"rollout_step": self.rollout_step}
+        checkpoint["eopd"] = {
+            "rollout_step": self.rollout_step,
+            "skipped_updates": self.skipped_updates,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.rollout_step = checkpoint.get("eopd", {}).get("rollout_step", 0)
+        state = checkpoint.get("eopd", {})
+        self.rollout_step = state.get("rollout_step", 0)
+        self.skipped_updates = state.get("skipped_updates", 0)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
 
     def configure_optimizers(self):
         spec = self.optim_spec
@@ -363,6 +388,7 @@ class DistillModule(L.LightningModule):
         logs["time/step"] = total
         logs["perf/tokens_per_s"] = rollout.num_valid_tokens / max(total, 1e-9)
         logs["train/lr"] = lr
+        logs["fault/skipped_updates"] = float(self.skipped_updates)
         logs["step/rollout"] = float(self.rollout_step)
         progress = {"loss": logs["train/loss"]}
         for key, short in (("div/fkl", "fkl"), ("entropy/student", "H_s"), ("gate/fraction", "gate")):
@@ -507,6 +533,10 @@ class DistillModule(L.LightningModule):
                     part = rows[start : start + micro]
                     sub = rollout.select(part)
                     hidden = response_hidden_states(self.student, sub)
+                    if not bool(torch.isfinite(hidden[sub.response_mask]).all()):
+                        # The update is skipped below; a finite stand-in keeps every rank's backward in step.
+                        step_metrics.add_sums("student/hidden_states", float("nan"), 1.0)
+                        hidden = torch.nan_to_num(hidden, nan=0.0, posinf=0.0, neginf=0.0)
                     student = LinearLogits(hidden, output_weight(self.student), self.pair.vocab_size)
                     full_teacher = None
                     if self.objective.needs_teacher_logits:
@@ -526,7 +556,7 @@ class DistillModule(L.LightningModule):
                     )
                     self.manual_backward(out.loss * world if world > 1 else out.loss)
                     step_metrics.merge([out.metrics])
-                grad_norm = self._clip_and_step(optimizer, scheduler)
+                grad_norm = self._clip_and_step(optimizer, scheduler, step_metrics)
                 step_metrics.add_sums("train/grad_norm", grad_norm, 1.0)
                 metrics.merge([step_metrics])
         return metrics
@@ -544,10 +574,22 @@ class DistillModule(L.LightningModule):
             object.__setattr__(self, "_teacher_weight_cache", cached)
         return cached[1]
 
-    def _clip_and_step(self, optimizer, scheduler) -> float:
+    def _clip_and_step(self, optimizer, scheduler, metrics: Metrics) -> float:
         params = [p for p in self.student.parameters() if p.grad is not None]
         max_norm = self.update_spec.grad_clip if self.update_spec.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        checked = ("loss/", "train/", "student/")
+        losses = [metrics.sums[k] for k in metrics.sums if k.startswith(checked)]
+        finite = math.isfinite(grad_norm) and (not losses or bool(torch.stack(losses).isfinite().all()))
+        if self._any_rank(not finite):
+            values = {**metrics.means(), "train/grad_norm": grad_norm}
+            bad = {k: v for k, v in values.items() if k.startswith(checked) and not math.isfinite(v)}
+            # Skip the update but still take the step: with no gradients AdamW changes nothing, and the
+            # step count, LR schedule and checkpoints stay on the run's plan.
+            optimizer.zero_grad(set_to_none=True)
+            self._count_nonfinite(bad)
+        else:
+            self.nonfinite_in_a_row = 0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -586,6 +628,26 @@ class DistillModule(L.LightningModule):
             for name, (total, weight) in shard.items():
                 merged.add_sums(name, total, weight)
         return merged
+
+    def _count_nonfinite(self, bad: dict[str, float]) -> None:
+        self.skipped_updates += 1
+        self.nonfinite_in_a_row += 1
+        limit = self.update_spec.max_nonfinite_in_a_row
+        values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) or "non-finite on another rank"
+        where = f"optimizer step {self.global_step} (rollout step {self.rollout_step + 1})"
+        if limit and self.nonfinite_in_a_row >= limit:
+            raise NonFiniteTraining(
+                f"{self.nonfinite_in_a_row} updates in a row were not finite, the last at {where}: {values}. "
+                f"Stopped (update.max_nonfinite_in_a_row={limit}); the weights are those of the last finite "
+                "update. Lower optimizer.lr or set update.grad_clip, then resume from the last checkpoint"
+            )
+        log.warning("skipped the update at %s: %s (%d in a row)", where, values, self.nonfinite_in_a_row)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not self._distributed:
+            return flag
+        total = self.trainer.strategy.reduce(torch.tensor(float(flag), device=self.device), reduce_op="sum")
+        return bool(total > 0)
 
     @property
     def _distributed(self) -> bool:
@@ -719,4 +781,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-__all__ = ["DistillModule", "LogSpec", "OptimSpec", "PairSpec", "RolloutSpec", "UpdateSpec"]
+__all__ = [
+    "DistillModule",
+    "LogSpec",
+    "NonFiniteTraining",
+    "OptimSpec",
+    "PairSpec",
+    "RolloutSpec",
+    "UpdateSpec",
+]

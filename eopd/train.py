@@ -4,9 +4,12 @@
     python -m eopd.train objective=opd seed=1              # another objective, another seed
     python -m eopd.train objective=eopd objective.tau=1.0 logger=wandb
     python -m eopd.train -m objective=opd,eopd seed=0,1,2  # a grid (Hydra multirun)
+    python -m eopd.train resume=auto                       # continue the newest unfinished run of this name
 
 Every config error (unknown option, bad value, missing model path, impossible batch sizes) is reported
-before any model loads. `main()` returns the metric a sweeper optimises.
+before any model loads. `main()` returns the metric a sweeper optimises. Exit codes: 0 finished or
+preempted (SIGTERM/SIGUSR1: checkpoint saved, `resume=auto` continues), 2 a config or data error,
+3 stopped after too many non-finite updates in a row.
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ OmegaConf.register_new_resolver(
 )
 
 
+def _run_dir_for(base: str, stamp: str, resume: str | None) -> str:
+    from eopd.checkpointing import run_dir_for
+
+    return run_dir_for(base, stamp, resume)
+
+
+OmegaConf.register_new_resolver("eopd.run_dir", _run_dir_for, replace=True)  # hydra.run.dir, for resume=auto
+
+
 @dataclass
 class Plan:
     """Everything checked and built from the config before a model loads."""
@@ -58,6 +70,7 @@ class Plan:
     engine_options: Any = None
     benchmarks: dict[str, list[dict[str, Any]]] | None = None
     benchmark_protocol: Any = None
+    resume_from: Path | None = None  # set when the run claims its directory: the checkpoint it continues from
 
 
 def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
@@ -65,13 +78,19 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     from hydra.utils import instantiate
 
     from eopd.benchmarks import PAPER_STUDENTS, BenchmarkProtocol, load_benchmarks
-    from eopd.data import PromptFormat, load_records
+    from eopd.data import LONG_PROMPTS, PromptFormat, load_records
     from eopd.evaluate import GRADERS
     from eopd.models import ModelSource
     from eopd.module import LogSpec, OptimSpec, RolloutSpec, UpdateSpec
     from eopd.pretrain import PairRecipe
 
     run_dir = Path(run_dir)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"config {', '.join(repr(key) for key in missing)}: required and not set (??? in its config "
+            f"file); give it on the command line, e.g. {missing[0]}=<value>"
+        )
     _check_positive(cfg, "rollout_steps")
     objective = _build("objective", lambda: instantiate(cfg.objective))
     rollout_fields = _plain(cfg.rollout)
@@ -99,6 +118,11 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             "output layer outside its forward, which sharded parameters do not allow; use trainer=ddp"
         )
     _check_positive(cfg, "data.batch_size")
+    _check_positive(cfg, "data.max_prompt_tokens")
+    if cfg.data.get("long_prompts", "drop") not in LONG_PROMPTS:
+        raise ConfigError(
+            f"config 'data.long_prompts'={cfg.data.long_prompts!r} is unknown; allowed: {', '.join(LONG_PROMPTS)}"
+        )
     steps_per_rollout = _build("update", lambda: update.steps_per_rollout(cfg.data.batch_size))
     pair = cfg.pair
     student_format = _build("pair.student_format", lambda: PromptFormat(**_plain(pair.student_format)))
@@ -161,6 +185,12 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             f"config 'eval.paper_student'={paper_student!r} is unknown; allowed: {', '.join(PAPER_STUDENTS)}"
         )
     _check_writable(run_dir)
+    resume = cfg.get("resume")
+    if resume not in (None, "auto") and not Path(str(resume)).expanduser().is_file():
+        raise ConfigError(
+            f"config 'resume'={resume!r}: no checkpoint file there; use resume=auto (the newest checkpoint "
+            "in the run directory) or the path of a .ckpt file"
+        )
     return Plan(
         objective=objective,
         rollout=rollout,
@@ -187,13 +217,23 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     """Train with a composed config, writing into `run_dir`; returns the final logged metrics."""
     import lightning as L
 
+    from eopd import checkpointing
     from eopd.data import PromptDataset, prompt_loader
     from eopd.evaluate import GRADERS, ModelSide, PeriodicEvaluation, evaluate
-    from eopd.models import check_shared_vocabulary, load_model, load_tokenizer, prepare_student
-    from eopd.module import DistillModule, PairSpec
+    from eopd.models import load_model, load_tokenizer, prepare_student
+    from eopd.module import DistillModule, NonFiniteTraining, PairSpec
 
     p = plan(cfg, run_dir)  # every check that needs no model
-    p.run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("resume") == "auto" and checkpointing.is_finished(p.run_dir):
+        log.info("the run in %s has finished; nothing to resume (its outputs are kept)", p.run_dir)
+        return checkpointing.finished_metrics(p.run_dir)
+    lock, p.resume_from = _build("resume", lambda: checkpointing.claim_run_dir(p.run_dir, cfg.get("resume")))
+    if p.resume_from is not None:
+        log.info("resuming from %s", p.resume_from)
+        if (p.run_dir / "config.yaml").is_file():
+            changed = checkpointing.config_changes(p.run_dir / "config.yaml", _plain(cfg))
+            if changed:
+                log.warning("resuming with a config that differs from the run's in: %s", ", ".join(changed))
     OmegaConf.save(cfg, p.run_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -204,7 +244,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         ensure_pair(p.recipe, Path(pair.build_dir))
     student_tokenizer = load_tokenizer(p.student_source, eos_token=pair.student_eos)
     teacher_tokenizer = load_tokenizer(p.teacher_source, eos_token=pair.teacher_eos)
-    vocab_size = check_shared_vocabulary(student_tokenizer, teacher_tokenizer)
+    vocab_size = _build("pair", lambda: _shared_vocabulary(pair.name, student_tokenizer, teacher_tokenizer))
     student_eos = _token_id(student_tokenizer, pair.student_eos, "pair.student_eos")
     teacher_eos = _token_id(teacher_tokenizer, pair.teacher_eos, "pair.teacher_eos")
     pad = student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else student_eos
@@ -229,19 +269,25 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         vocab_size,
     )
 
-    train_set = PromptDataset(
-        p.records["train"],
-        student_tokenizer=student_tokenizer,
-        student_format=p.student_format,
-        teacher_tokenizer=teacher_tokenizer,
-        teacher_format=p.teacher_format,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
+    train_set = _build(
+        "data.max_prompt_tokens",
+        lambda: PromptDataset(
+            p.records["train"],
+            student_tokenizer=student_tokenizer,
+            student_format=p.student_format,
+            teacher_tokenizer=teacher_tokenizer,
+            teacher_format=p.teacher_format,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            long_prompts=cfg.data.get("long_prompts", "drop"),
+        ),
     )
-    if train_set.dropped:
+    if train_set.dropped or train_set.truncated:
         log.warning(
-            "dropped %d training prompts longer than data.max_prompt_tokens=%d",
-            train_set.dropped,
+            "%d training prompts were longer than data.max_prompt_tokens=%d: %d dropped, %d truncated",
+            train_set.dropped + train_set.truncated,
             cfg.data.max_prompt_tokens,
+            train_set.dropped,
+            train_set.truncated,
         )
     loader = prompt_loader(train_set, batch_size=cfg.data.batch_size, seed=cfg.seed)
 
@@ -288,7 +334,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     bench_runs: dict[str, dict[str, dict[str, float]]] = {}
     if p.benchmarks and "before" in p.benchmark_protocol.models:
         bench_runs["student before"] = _evaluate_benchmarks(p, student_side, vocab_size)
-    callbacks = _callbacks(cfg, p.run_dir)
+    callbacks = [checkpointing.ResumeState(), *_callbacks(cfg, p.run_dir)]
     periodic = PeriodicEvaluation(
         lambda model: evaluation(
             p.eval_spec,
@@ -300,14 +346,31 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         at_end=True,
     )
     callbacks.append(periodic)
+    preemption = checkpointing.Preemption()  # last: an evaluation due at the stopping step still runs
+    callbacks.append(preemption)
+    loggers = _loggers(cfg, p.run_dir)
+    if p.resume_from is not None:
+        checkpointing.keep_logs_until(p.run_dir, loggers, *checkpointing.checkpoint_steps(p.resume_from))
     trainer = L.Trainer(
         max_steps=p.max_steps,
         default_root_dir=str(p.run_dir),
-        logger=_loggers(cfg, p.run_dir),
+        logger=loggers,
         callbacks=callbacks,
+        plugins=[checkpointing.AtomicCheckpointIO()],
         **_plain(cfg.trainer),
     )
-    trainer.fit(module, train_dataloaders=loader)
+    try:
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=p.resume_from)
+    except NonFiniteTraining as error:
+        lock.release()
+        last = checkpointing.latest_checkpoint(p.run_dir)
+        raise NonFiniteTraining(f"{error}. Last checkpoint: {last or 'none written yet'}") from None
+    if preemption.signal_received is not None:
+        lock.release()
+        raise checkpointing.Preempted(
+            f"{preemption.signal_received}: stopped after rollout step {module.rollout_step} and saved "
+            f"{checkpointing.latest_checkpoint(p.run_dir)}; continue with resume=auto"
+        )
     if trainer.is_global_zero:  # under DDP every rank holds the same weights: one writer
         student_side.model = _save_student(module, p.run_dir / "student", p.student_source)
         log.info("student saved to %s", p.run_dir / "student")
@@ -333,6 +396,8 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
             logger.log_metrics(logged, step=trainer.global_step)
             logger.save()
         metrics.update(logged)
+    checkpointing.mark_finished(p.run_dir, metrics)
+    lock.release()
     return metrics
 
 
@@ -341,14 +406,21 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the metric a sweeper maximises: the final validation Pass@k (k = n)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from eopd.models import VocabularyMismatchError
+    from eopd.checkpointing import Preempted
+    from eopd.module import NonFiniteTraining
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         metrics = run(cfg, run_dir)
-    except (ConfigError, VocabularyMismatchError) as error:
+    except ConfigError as error:
         log.error("%s", error)
         sys.exit(2)
+    except Preempted as stop:
+        log.warning("%s", stop)
+        sys.exit(0)
+    except NonFiniteTraining as error:
+        log.error("%s", error)
+        sys.exit(3)
     return metrics.get(f"val/pass@{cfg.eval.n_samples}", float("nan"))
 
 
@@ -472,6 +544,10 @@ def _check_writable(run_dir: Path) -> None:
     probe = run_dir
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(
+            f"output directory {run_dir} cannot be created: {probe} is a file; set output_root=... to a directory"
+        )
     if not os.access(probe, os.W_OK):
         raise ConfigError(
             f"output directory {run_dir} is not writable ({probe} denies writing); set output_root=..."
@@ -487,6 +563,18 @@ def _token_id(tokenizer, token: str, key: str) -> int:
     if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
         raise ConfigError(f"config '{key}'={token!r} is not a token of the tokenizer")
     return int(ids[0])
+
+
+def _shared_vocabulary(name: str, student_tokenizer, teacher_tokenizer) -> int:
+    from eopd.models import VocabularyMismatchError, check_shared_vocabulary
+
+    try:
+        return check_shared_vocabulary(student_tokenizer, teacher_tokenizer)
+    except VocabularyMismatchError as error:
+        raise ConfigError(
+            f"config 'pair' ({name}): the student's and teacher's tokenizers differ: {error}. Pick a pair "
+            "whose models share one tokenizer, or point pair.student.tokenizer / pair.teacher.tokenizer at one"
+        ) from None
 
 
 def _millions(model) -> float:

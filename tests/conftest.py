@@ -59,3 +59,15 @@ def math_files(tmp_path) -> dict:
             write_jsonl(path, rows)
         benchmarks[name] = path
     return {"train": train, "benchmarks": benchmarks}
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Make loading any tokenizer or model fail the test: for errors that must come before either loads."""
+    import eopd.models
+
+    def forbidden(*args, **kwargs):
+        pytest.fail("a model or tokenizer was loaded before the error was reported")
+
+    monkeypatch.setattr(eopd.models, "load_model", forbidden)
+    monkeypatch.setattr(eopd.models, "load_tokenizer", forbidden)

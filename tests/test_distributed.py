@@ -32,9 +32,9 @@ class FixedRollouts(DistillModule):
     def make_rollout(self, batch):
         return self.fixed_rollout, True
 
-    def _clip_and_step(self, optimizer, scheduler):
+    def _clip_and_step(self, optimizer, scheduler, metrics):
         self.grads.append([p.grad.detach().clone() for p in self.student.parameters()])
-        return super()._clip_and_step(optimizer, scheduler)
+        return super()._clip_and_step(optimizer, scheduler, metrics)
 
 
 def objective() -> Objective:

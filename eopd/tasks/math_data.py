@@ -195,7 +195,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({error.msg}); each line must be one JSON object"
+                ) from None
             yield f"{path}:{number}", row
 
 

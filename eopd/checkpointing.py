@@ -1,0 +1,331 @@
+"""Resuming runs: atomic checkpoints, RNG state, the run directory's lifecycle, and preemption signals.
+
+A run directory goes through three states. It is claimed (`claim_run_dir`: a lock held while the run
+writes, so two jobs never write into one directory), it holds checkpoints (Lightning's ModelCheckpoint,
+written through `AtomicCheckpointIO`: a crash never leaves a half-written file under a checkpoint's
+name), and it is finished (`mark_finished`: `finished.json`; a new run never writes over it).
+
+    python -m eopd.train resume=auto          # continue the newest unfinished run of this run_name
+
+Exact resume: the student, optimizer, LR scheduler and loop counters are Lightning's own checkpoint
+content; the module adds its rollout step (its sampling streams are functions of it), the data loader
+adds its position (`eopd.data.prompt_loader`), and `ResumeState` adds every global RNG state.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import logging
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger("eopd.checkpointing")
+
+FINISHED = "finished.json"
+LOCK = "run.lock"
+RUN_OUTPUTS = ("metrics.csv", "samples.jsonl", "student")  # a directory with one of these holds a run
+PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class Preempted(Exception):
+    """The run saved a checkpoint on a preemption signal and stopped; `resume=auto` continues it."""
+
+
+# ---- atomic files ---------------------------------------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, but a checkpoint appears under its name only once fully on disk.
+
+    The file is written next to its destination, flushed to disk, then renamed over it (`os.replace` is
+    atomic on POSIX): a crash mid-save leaves the previous checkpoint intact and a stray `*.tmp` file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, content: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, indent=2))
+    os.replace(tmp, path)
+
+
+# ---- RNG state --------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global RNG state: python, numpy, torch (CPU) and each CUDA device.
+
+    Only tensors and plain Python values, so that checkpoints load with `torch.load(weights_only=True)`.
+    """
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    random.setstate(state["python"])
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumeState(L.Callback):
+    """Puts the global RNG states into every checkpoint and restores them on resume.
+
+    It also flushes the loggers with each checkpoint, so that after a crash the metrics on disk reach at
+    least up to the checkpoint a resumed run continues from.
+    """
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng"] = capture_rng()
+        for logger in trainer.loggers:
+            logger.save()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if "rng" in checkpoint:
+            restore_rng(checkpoint["rng"])
+
+
+# ---- the run directory ------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(run_dir: Path | str) -> Path | None:
+    """The newest complete checkpoint of a run: ModelCheckpoint's files and Lightning's SLURM ones."""
+    run_dir = Path(run_dir)
+    found = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    found = [p for p in found if not p.name.startswith(".") and p.is_file()]  # not a save in progress
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt")) if found else None
+
+
+def is_finished(run_dir: Path | str) -> bool:
+    return (Path(run_dir) / FINISHED).is_file()
+
+
+def mark_finished(run_dir: Path | str, metrics: dict[str, float]) -> None:
+    """Record that the run completed, with its final metrics; a finished run is never written over."""
+    write_json_atomic(Path(run_dir) / FINISHED, {k: float(v) for k, v in metrics.items()})
+
+
+def finished_metrics(run_dir: Path | str) -> dict[str, float]:
+    return json.loads((Path(run_dir) / FINISHED).read_text())
+
+
+def run_dir_for(base: str, stamp: str, resume: str | None) -> str:
+    """`hydra.run.dir`: `base/stamp`, or with resume=auto the newest unfinished run under `base` that has a
+    checkpoint (so a rerun or a requeued job lands in the directory it left)."""
+    if resume == "auto" and Path(base).is_dir():
+        unfinished = [
+            d for d in Path(base).iterdir() if d.is_dir() and not is_finished(d) and latest_checkpoint(d)
+        ]
+        if unfinished:
+            return str(max(unfinished, key=lambda d: latest_checkpoint(d).stat().st_mtime_ns))
+    return f"{base}/{stamp}"
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path | str) -> Path | None:
+    """The checkpoint a run in `run_dir` starts from (None: from scratch); ValueError when it cannot start.
+
+    Args:
+        resume: None (a new run: the directory must not hold one), "auto" (the newest checkpoint in the
+            directory, or from scratch when there is none), or the path of a checkpoint file.
+    """
+    run_dir = Path(run_dir)
+    if resume is None:
+        started = latest_checkpoint(run_dir) or any((run_dir / name).exists() for name in RUN_OUTPUTS)
+        if is_finished(run_dir) or started:
+            state = "a finished run" if is_finished(run_dir) else "a run"
+            raise ValueError(
+                f"output directory {run_dir} already holds {state}; its files are kept. Continue it with "
+                "resume=auto, or start a new run in another directory (output_root=... or hydra.run.dir=...)"
+            )
+        return None
+    if resume == "auto":
+        return None if is_finished(run_dir) else latest_checkpoint(run_dir)
+    path = Path(str(resume)).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"resume={resume!r}: no checkpoint file there; use resume=auto (the newest checkpoint in the run "
+            "directory) or the path of a .ckpt file"
+        )
+    return path
+
+
+class RunLock:
+    """An exclusive lock on a run directory for as long as the run writes into it.
+
+    flock is released by the kernel when the process ends, however it ends, so a killed run never leaves
+    its directory locked.
+    """
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.path = Path(run_dir) / LOCK
+        self._file = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise ValueError(
+                f"output directory {run_dir} is in use by {holder}; two runs never write into one "
+                "directory. Wait for it to end, or start this run in another directory"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+
+def claim_run_dir(run_dir: Path | str, resume: str | None) -> tuple[RunLock, Path | None]:
+    """Create and lock `run_dir`, then decide (under the lock) what the run starts from."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    try:
+        return lock, resume_checkpoint(resume, run_dir)
+    except ValueError:
+        lock.release()
+        raise
+
+
+def config_changes(saved: Path | str, config: dict[str, Any]) -> list[str]:
+    """Keys (dotted) whose values differ between a run's saved config.yaml and `config`, `resume` aside."""
+    from omegaconf import OmegaConf
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(node, dict):
+            return {prefix.rstrip("."): node}
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+
+    before = flat(OmegaConf.to_container(OmegaConf.load(saved)))
+    after = flat(config)
+    return sorted(k for k in before.keys() | after.keys() if k != "resume" and before.get(k) != after.get(k))
+
+
+def checkpoint_steps(path: Path | str) -> tuple[int, int]:
+    """(optimizer step, rollout step) of a checkpoint, read without loading its tensors into memory."""
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    return int(checkpoint["global_step"]), int(checkpoint.get("eopd", {}).get("rollout_step", 0))
+
+
+def keep_logs_until(run_dir: Path | str, loggers: list, step: int, rollout_step: int) -> None:
+    """On resume, keep what the run logged up to the checkpoint and drop what it logged after it.
+
+    Lightning's CSVLogger starts its file afresh in a directory that has one, so the kept rows are handed
+    to its writer, which writes them back before the resumed run's rows. samples.jsonl is cut the same way.
+    """
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.csv"
+    rows = []
+    if metrics.is_file():
+        with open(metrics, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if row.get("step") and int(row["step"]) <= step]
+    for logger in loggers:
+        if type(logger).__name__ == "CSVLogger":
+            writer = logger.experiment  # creating the writer removes the old file
+            for row in rows:
+                writer.metrics.append({k: _number(k, v) for k, v in row.items() if v != ""})
+    samples = run_dir / "samples.jsonl"
+    if samples.is_file():
+        lines = [
+            ln for ln in samples.read_text().splitlines() if json.loads(ln).get("step", 0) <= rollout_step
+        ]
+        tmp = samples.with_name(f".{samples.name}.tmp")
+        tmp.write_text("".join(f"{ln}\n" for ln in lines))
+        os.replace(tmp, samples)
+
+
+def _number(key: str, value: str) -> float | int:
+    return int(value) if key == "step" else float(value)
+
+
+# ---- preemption -------------------------------------------------------------------------------------------
+
+
+class Preemption(L.Callback):
+    """SIGTERM or SIGUSR1: finish the current training step, then stop with a checkpoint.
+
+    The handler only records the signal; the run stops between steps, where ModelCheckpoint's save at the
+    end of training (save_last) writes `checkpoints/last.ckpt`, so the checkpoint is exact. Under SLURM
+    (Lightning's SLURMEnvironment with auto_requeue, its default there) Lightning's own requeue handler is
+    called at that point too: it saves `hpc_ckpt_N.ckpt` and requeues the job. Without a ModelCheckpoint,
+    this callback writes `checkpoints/last.ckpt` itself. `signal_received` names the signal once one came.
+    """
+
+    def __init__(self) -> None:
+        self.signal_received: str | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Runs after Lightning's signal connector is set up at fit start, so this handler is the one called;
+        # Lightning's teardown puts back the handlers from before fit.
+        for name in PREEMPTION_SIGNALS:
+            try:
+                signal.signal(getattr(signal, name), self._record)
+            except ValueError:  # not the main thread: leave the signals to whoever owns them
+                return
+
+    def _record(self, number: int, frame) -> None:
+        self.signal_received = signal.Signals(number).name
+        log.warning("%s received: stopping with a checkpoint after the current step", self.signal_received)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.signal_received is None or trainer.should_stop:
+            return
+        trainer.should_stop = True
+        environment = trainer._accelerator_connector.cluster_environment
+        requeue = getattr(trainer._signal_connector, "_slurm_sigusr_handler_fn", None)
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and requeue is not None:
+            requeue(getattr(signal, self.signal_received), None)  # saves hpc_ckpt_N.ckpt, requeues the job
+        if not trainer.checkpoint_callbacks:
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "Preempted",
+    "Preemption",
+    "ResumeState",
+    "RunLock",
+    "capture_rng",
+    "claim_run_dir",
+    "latest_checkpoint",
+    "mark_finished",
+    "restore_rng",
+    "resume_checkpoint",
+    "run_dir_for",
+]

@@ -1,0 +1,268 @@
+"""Every bad input ends with one message naming the key or file and the fix, before models load, and
+leaves earlier outputs as they were; long prompts are truncated or dropped and counted, never a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+import eopd.models
+import eopd.train
+from eopd import checkpointing
+from eopd.data import PromptDataset, PromptFormat
+from eopd.tasks.tokenizer import build_tokenizer
+from eopd.train import ConfigError
+
+CONF_DIR = Path(eopd.train.CONF_DIR)
+REPO = CONF_DIR.parent
+TINY = ["logger=csv", "data.batch_size=4", "update.mini_batch_size=2", "rollout.max_new_tokens=8"]
+
+
+def compose_train(overrides: list[str]):
+    if not any(o.startswith("pair=") for o in overrides):
+        overrides = ["pair=tiny_random", *overrides]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*TINY, *overrides])
+
+
+@dataclass
+class Case:
+    overrides: list[str]
+    error: type[Exception]
+    names: list[str]  # the key or file, and the fix, as the message must say them
+    loads_tokenizers: bool = False  # the check needs the tokenizers (never the models)
+    into_earlier_run: bool = False  # aimed at the directory of the earlier run
+    files: dict[str, str] = field(default_factory=dict)  # name -> content, written under tmp_path
+
+
+JSONL = ["data=jsonl"]  # math prompts from a local file: `data.path`
+CASES = {
+    "unknown-objective": Case(
+        ["objective=eopdd"], ConfigCompositionException, ["objective", "Available options"]
+    ),
+    "unknown-pair": Case(["pair=tiny_randomm"], ConfigCompositionException, ["pair", "Available options"]),
+    "typo-in-a-key": Case(
+        ["objective.tua=1.0"], ConfigCompositionException, ["objective.tua", "+objective.tua"]
+    ),
+    "typo-in-a-top-level-key": Case(
+        ["rollout_step=3"], ConfigCompositionException, ["rollout_step", "append"]
+    ),
+    "negative-tau": Case(["objective.tau=-1"], ConfigError, ["objective", "tau=-1"]),
+    "missing-model-directory": Case(
+        ["pair.student.path={tmp}/no_such_model"],
+        ConfigError,
+        ["pair.student.path", "no_such_model", "config.json", "Fix the path"],
+    ),
+    "teacher-student-vocabulary-mismatch": Case(
+        ["+pair.teacher.tokenizer={tmp}/other_tokenizer"],
+        ConfigError,
+        ["config 'pair'", "tokenizer sizes differ", "pair.teacher.tokenizer"],
+        loads_tokenizers=True,
+    ),
+    "malformed-dataset-file": Case(
+        [*JSONL, "data.path={tmp}/bad.jsonl"],
+        ConfigError,
+        ["bad.jsonl:2", "not valid JSON", "one JSON object"],
+        files={"bad.jsonl": '{"problem": "1+2=", "answer": "3"}\n{"problem": "3+4=",\n'},
+    ),
+    "empty-dataset-file": Case(
+        [*JSONL, "data.path={tmp}/empty.jsonl"],
+        ConfigError,
+        ["empty.jsonl", "no rows", "config 'data'"],
+        files={"empty.jsonl": "\n"},
+    ),
+    "row-without-the-prompt-field": Case(
+        [*JSONL, "data.path={tmp}/rows.jsonl"],
+        ConfigError,
+        ["rows.jsonl:2", "missing field 'problem'", "has: question, answer", "data.prompt_field"],
+        files={"rows.jsonl": '{"problem": "1+2=", "answer": "3"}\n{"question": "3+4=", "answer": "7"}\n'},
+    ),
+    "missing-dataset-file": Case(
+        [*JSONL, "data.path={tmp}/no_such.jsonl"],
+        ConfigError,
+        ["'data.path'", "no_such.jsonl", "no such file"],
+    ),
+    "jsonl-without-a-path": Case(JSONL, ConfigError, ["'data.path'", "data.path=<value>"]),
+    "mini-batch-does-not-divide-the-batch": Case(
+        ["data.batch_size=6", "update.mini_batch_size=4"],
+        ConfigError,
+        ["update.mini_batch_size=4", "make data.batch_size a multiple"],
+    ),
+    "batch-larger-than-the-dataset": Case(
+        ["data.n_train=8", "data.batch_size=16", "update.mini_batch_size=4"],
+        ConfigError,
+        ["'data.batch_size'=16", "8 training prompts", "lower data.batch_size"],
+    ),
+    "unwritable-output-directory": Case(
+        ["output_root={tmp}/a_file/outputs"],
+        ConfigError,
+        ["a_file is a file", "output_root"],
+        files={"a_file": "not a directory"},
+    ),
+    "directory-of-an-earlier-run": Case(
+        [],
+        ConfigError,
+        ["already holds a finished run", "resume=auto", "another directory"],
+        into_earlier_run=True,
+    ),
+    "resume-from-a-missing-checkpoint": Case(
+        ["resume={tmp}/missing.ckpt"], ConfigError, ["'resume'", "missing.ckpt", "resume=auto"]
+    ),
+    "unknown-long-prompt-policy": Case(
+        ["data.long_prompts=cut"], ConfigError, ["data.long_prompts", "drop, truncate"]
+    ),
+    "zero-prompt-length-limit": Case(["data.max_prompt_tokens=0"], ConfigError, ["data.max_prompt_tokens"]),
+    "unknown-grader": Case(["eval.grader=exact"], ConfigError, ["eval.grader", "allowed: embedded, math"]),
+    "gpu-trainer-without-a-gpu": Case(["trainer=gpu"], ConfigError, ["trainer.accelerator", "trainer=cpu"]),
+    "non-finite-limit-negative": Case(
+        ["update.max_nonfinite_in_a_row=-1"], ConfigError, ["update.max_nonfinite_in_a_row=-1", ">= 0"]
+    ),
+}
+
+
+@pytest.fixture
+def earlier_run(tmp_path) -> Path:
+    """A finished run's directory in the output root every case writes under."""
+    run_dir = tmp_path / "outputs" / "runs" / "earlier"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    (run_dir / "metrics.csv").write_text("step,train/loss\n1,0.5\n")
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    checkpointing.mark_finished(run_dir, {"train/loss": 0.5})
+    return run_dir
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def write_other_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["[UNK]", "the", "answer", "is"])}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[UNK]")))
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=name) for name, c in CASES.items()])
+def test_bad_input_is_named_with_its_fix_before_models_load_and_keeps_earlier_outputs(
+    case, tmp_path, monkeypatch, earlier_run
+):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, content in case.files.items():
+        (tmp_path / name).write_text(content)
+    if "{tmp}/other_tokenizer" in " ".join(case.overrides):
+        write_other_tokenizer(tmp_path / "other_tokenizer")
+
+    def forbidden(*args, **kwargs):
+        pytest.fail("a model was loaded before the error was reported")
+
+    monkeypatch.setattr(eopd.models, "load_model", forbidden)
+    if not case.loads_tokenizers:
+        monkeypatch.setattr(eopd.models, "load_tokenizer", forbidden)
+    before = snapshot(earlier_run)
+    overrides = [
+        f"output_root={tmp_path}/outputs",
+        *(o.replace("{tmp}", str(tmp_path)) for o in case.overrides),
+    ]
+
+    with pytest.raises(case.error) as info:
+        cfg = compose_train(overrides)
+        run_dir = earlier_run if case.into_earlier_run else Path(cfg.output_root) / "runs" / "new"
+        eopd.train.run(cfg, run_dir)
+
+    message = str(info.value)
+    for name in case.names:
+        assert name in message, f"{name!r} not in: {message}"
+    after = snapshot(earlier_run)
+    after.pop("run.lock", None)  # the lock taken to look at the directory; no output
+    assert after == before
+    new = tmp_path / "outputs" / "runs" / "new"
+    if case.loads_tokenizers:  # the run had claimed its directory: it holds no output, and can be rerun
+        assert sorted(p.name for p in new.iterdir()) == ["config.yaml", "run.lock"]
+        assert checkpointing.resume_checkpoint(None, new) is None
+    else:
+        assert not new.exists()
+
+
+def test_bad_dataset_file_on_the_command_line_exits_2_naming_file_and_line(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"problem": "1+2=", "answer": "3"}\n\n{"text": "3+4="}\n')
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eopd.train",
+            "pair=tiny_random",
+            *JSONL,
+            f"data.path={data}",
+            f"output_root={tmp_path}/outputs",
+        ],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert f"{data}:3" in output
+    assert "Traceback" not in output
+
+
+# ---- prompts over the length limit ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.mark.parametrize(
+    ("policy", "kept", "dropped", "truncated"), [("drop", 2, 1, 0), ("truncate", 3, 0, 1)]
+)
+def test_long_prompts_are_dropped_or_truncated_and_counted(tokenizer, policy, kept, dropped, truncated):
+    records = [{"prompt": "1+2="}, {"prompt": "1+2+3+4+5+6+7+8+9="}, {"prompt": "3+4="}]
+    limit = len(PromptFormat().encode(tokenizer, "1+2+3="))
+
+    dataset = PromptDataset(
+        records,
+        student_tokenizer=tokenizer,
+        student_format=PromptFormat(),
+        max_prompt_tokens=limit,
+        long_prompts=policy,
+    )
+
+    assert (len(dataset), dataset.dropped, dataset.truncated) == (kept, dropped, truncated)
+    assert all(len(item["prompt_ids"]) <= limit for item in dataset)
+    if policy == "truncate":  # the end of the prompt is kept: the model answers after it
+        long_ids = PromptFormat().encode(tokenizer, records[1]["prompt"])
+        assert dataset[1]["prompt_ids"] == long_ids[-limit:]
+
+
+def test_training_with_prompts_over_the_limit_truncates_them_and_runs(tmp_path, caplog):
+    cfg = compose_train(
+        ["rollout_steps=1", "data.n_train=16", "data.max_prompt_tokens=12", "data.long_prompts=truncate"]
+    )
+
+    metrics = eopd.train.run(cfg, tmp_path / "run")
+
+    assert "train/loss" in metrics
+    assert (
+        "16 training prompts were longer than data.max_prompt_tokens=12: 0 dropped, 16 truncated"
+        in caplog.text
+    )
+    rows = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert rows, "no training step logged"
