@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("eopd.train")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+SHARDED = "fsdp"  # trainer.strategy for FSDP2 through Lightning's ModelParallelStrategy (trainer=fsdp)
 
 
 def _optimizer_steps(rollout_steps: int, ppo_epochs: int, batch_size: int, mini_batch_size: int) -> int:
@@ -90,11 +91,13 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             f"config 'trainer.accelerator'={accelerator!r} but no CUDA device is visible; use trainer=cpu"
         )
     strategy = str(cfg.trainer.get("strategy", "auto"))
-    if "fsdp" in strategy or "deepspeed" in strategy:
+    if strategy != SHARDED and ("fsdp" in strategy or "deepspeed" in strategy):
         raise ConfigError(
-            f"config 'trainer.strategy'={strategy!r} is not supported yet: the trainer reads the student's "
-            "output layer outside its forward, which sharded parameters do not allow; use trainer=ddp"
+            f"config 'trainer.strategy'={strategy!r} is not supported: the student is sharded with FSDP2 "
+            f"only (trainer=fsdp, strategy '{SHARDED}'); use trainer=fsdp or trainer=ddp"
         )
+    if strategy == SHARDED:
+        _check_sharded(cfg.trainer, rollout.engine)
     _check_positive(cfg, "data.batch_size")
     steps_per_rollout = _build("update", lambda: update.steps_per_rollout(cfg.data.batch_size))
     pair = cfg.pair
@@ -273,11 +276,20 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         default_root_dir=str(p.run_dir),
         logger=_loggers(cfg, p.run_dir),
         callbacks=callbacks,
-        **_plain(cfg.trainer),
+        **_trainer_arguments(cfg.trainer),
     )
     trainer.fit(module, train_dataloaders=loader)
+    if module.sharded:  # every rank gathers its shards; rank 0 evaluates and saves a plain copy
+        state = module.student_state_dict()
+        if trainer.is_global_zero:
+            student = load_model(
+                p.student_source, vocab_size=vocab_size, dtype=pair.dtype, special_ids=special
+            )
+            student.load_state_dict(state)
+            student_side = ModelSide(student, student_tokenizer, p.student_format, (student_eos,))
+        del state
     if trainer.is_global_zero:  # under DDP every rank holds the same weights: one writer
-        _save_student(module, p.run_dir / "student")
+        _save_student(student, student_tokenizer, p.run_dir / "student")
         log.info("student saved to %s", p.run_dir / "student")
     metrics = dict(module.last_logs)
     if periodic.history:
@@ -466,11 +478,47 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     ]
 
 
-def _save_student(module, directory: Path) -> None:
+def _save_student(student, tokenizer, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    module.student.save_pretrained(directory)
-    if module.tokenizer is not None:
-        module.tokenizer.save_pretrained(directory)
+    student.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def _check_sharded(trainer: DictConfig, engine: str) -> None:
+    """What FSDP training of the student needs, checked before any model loads."""
+    devices = trainer.get("devices", 1)
+    if not (isinstance(devices, int) and (devices > 0 or devices == -1)):
+        raise ConfigError(
+            f"config 'trainer.devices'={devices!r} must be a positive number of processes per node (or -1: "
+            f"every visible GPU) with trainer.strategy={SHARDED!r}"
+        )
+    if engine != "hf":
+        raise ConfigError(
+            f"config 'rollout.engine'={engine!r} cannot sample a sharded student yet (its weights would have "
+            f"to be gathered into the engine every step); use rollout.engine=hf with trainer.strategy={SHARDED!r}"
+        )
+
+
+def _trainer_arguments(trainer: DictConfig) -> dict[str, Any]:
+    """Lightning Trainer arguments; strategy 'fsdp' becomes FSDP2 over all ranks (ModelParallelStrategy).
+
+    DistillModule.configure_model shards the student over the mesh's data-parallel dimension, which spans
+    every process (devices x num_nodes); tensor parallelism stays 1.
+    """
+    kwargs = _plain(trainer)
+    if kwargs.get("strategy") != SHARDED:
+        return kwargs
+    import torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    devices = kwargs.get("devices", 1)
+    if devices == -1:
+        devices = torch.cuda.device_count()
+    kwargs["strategy"] = ModelParallelStrategy(
+        data_parallel_size=devices * kwargs.get("num_nodes", 1), tensor_parallel_size=1
+    )
+    return kwargs
 
 
 if __name__ == "__main__":

@@ -220,3 +220,47 @@ def test_sweep_runs_the_grid_narrowed_from_the_command_line(tmp_path):
     assert sorted(d.name.split("_", 1)[1] for d in jobs) == ["eopd-s0", "opd-s0"]
     for job in jobs:
         assert read_metrics(job), f"{job.name} logged no training step"
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_trains_and_saves_the_whole_student(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eopd.train",
+            "rollout_steps=3",
+            *TINY,
+            "trainer=fsdp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32-true",
+            "rollout=mix",  # some rollout steps sample the student, others the teacher
+            f"output_root={tmp_path}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir,) = (tmp_path / "runs").glob("*/*")
+    rows = read_metrics(run_dir)
+    assert [float(r["step/rollout"]) for r in rows] == [1.0, 2.0, 3.0]
+    assert all(math.isfinite(float(r["train/loss"])) for r in rows)
+    assert {float(r["rollout/on_policy"]) for r in rows} == {0.0, 1.0}
+    # Saved from the gathered shards: every weight whole, and trained.
+    saved = AutoModelForCausalLM.from_pretrained(run_dir / "student").state_dict()
+    cfg = compose_train(["rollout_steps=2", *TINY])
+    p = eopd.train.plan(cfg, tmp_path / "plan")
+    tokenizer = load_tokenizer(p.student_source, eos_token=cfg.pair.student_eos)
+    eos = tokenizer.convert_tokens_to_ids(cfg.pair.student_eos)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    special = {"eos_token_id": eos, "pad_token_id": pad}
+    initial = load_model(
+        p.student_source, vocab_size=len(tokenizer), dtype=cfg.pair.dtype, special_ids=special
+    ).state_dict()
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in initial.items()}
+    assert any(not torch.equal(saved[k], initial[k]) for k in initial)
