@@ -211,6 +211,37 @@ class RunLock:
             self._file.close()
 
 
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (0 when none did): Lightning's subprocess launcher, SLURM,
+    torchrun. Known before the Trainer exists, so only rank 0 claims the run directory."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    local, node = (int(os.environ.get(key, "0") or 0) for key in ("LOCAL_RANK", "NODE_RANK"))
+    return local if node == 0 else node * 1_000_000 + local  # only "is it 0?" matters here
+
+
+class _Unlocked:
+    """The lock a rank other than 0 holds: none (rank 0 holds the directory's)."""
+
+    def release(self) -> None:
+        pass
+
+
+def follow_run_dir(run_dir: Path | str, resume: str | None) -> tuple[_Unlocked, Path | None]:
+    """What a rank other than 0 starts from, in the directory rank 0 has claimed and checked.
+
+    Rank 0 starts the other ranks' processes from inside `fit`, before it writes a checkpoint, so every
+    rank resolves resume=auto to the same file.
+    """
+    run_dir = Path(run_dir)
+    if resume is None:
+        return _Unlocked(), None
+    if resume == "auto":
+        return _Unlocked(), None if is_finished(run_dir) else latest_checkpoint(run_dir)
+    return _Unlocked(), Path(str(resume)).expanduser()
+
+
 def claim_run_dir(run_dir: Path | str, resume: str | None) -> tuple[RunLock, Path | None]:
     """Create and lock `run_dir`, then decide (under the lock) what the run starts from."""
     run_dir = Path(run_dir)

@@ -139,6 +139,10 @@ class ResumableBatches(Sampler[list[int]]):
     Epoch e uses the (e+1)-th permutation drawn from a generator seeded with `seed`, so the order depends on
     the seed and the epoch alone; `served` counts the batches handed out so far, over all epochs, and is
     all a checkpoint needs. The last incomplete batch of an epoch is dropped.
+
+    Under data parallelism (a torch.distributed process group, read when the batches are drawn) the ranks
+    share each epoch's permutation: the k-th batch of rank r is slice r of the k-th run of world x
+    batch_size prompts, so ranks see disjoint prompts and `served` is the same on all of them.
     """
 
     def __init__(self, n: int, *, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
@@ -149,14 +153,21 @@ class ResumableBatches(Sampler[list[int]]):
         self.served = 0
 
     def __len__(self) -> int:
-        return self.n // self.batch_size
+        return self.n // (self.batch_size * _world()[1])
 
     def __iter__(self) -> Iterator[list[int]]:
+        rank, world = _world()
+        if len(self) == 0:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} x {world} ranks exceeds the {self.n} training prompts; "
+                "lower data.batch_size"
+            )
         epoch, start = divmod(self.served, len(self))
         order = self._order(epoch)
         for k in range(start, len(self)):
             self.served += 1  # counted when handed out: the loader reads one batch at a time (no workers)
-            yield order[k * self.batch_size : (k + 1) * self.batch_size]
+            first = (k * world + rank) * self.batch_size
+            yield order[first : first + self.batch_size]
 
     def _order(self, epoch: int) -> list[int]:
         if not self.shuffle:
@@ -168,6 +179,13 @@ class ResumableBatches(Sampler[list[int]]):
             torch.empty((), dtype=torch.int64).random_(generator=generator)
             order = torch.randperm(self.n, generator=generator)
         return order.tolist()
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of this process's torch.distributed group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class _ResumableLoader(DataLoader):

@@ -290,7 +290,8 @@ class PeriodicEvaluation(Callback):
     def _evaluate(self, trainer, pl_module) -> None:
         if self.history and self.history[-1][0] == trainer.global_step:
             return
-        metrics = self.run_evaluation(pl_module.student)
+        # Under FSDP every rank evaluates with the gathered student (the same prompts and seeds).
+        metrics = pl_module.on_student(self.run_evaluation, gathered=True)
         self.history.append((trainer.global_step, metrics))
         logged = {f"val/{k}": v for k, v in metrics.items()}
         logged["step/rollout"] = float(getattr(pl_module, "rollout_step", 0))

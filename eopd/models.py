@@ -297,6 +297,12 @@ def _decoder_of(model: PreTrainedModel) -> torch.nn.Module | None:
     return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else None
 
 
+def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The transformer blocks of a causal LM, in order (empty when the architecture keeps them elsewhere)."""
+    layers = getattr(_decoder_of(model), "layers", None)
+    return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
+
+
 def final_hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The last hidden states after the final norm: what the output layer multiplies.
 

@@ -14,6 +14,12 @@ Usable without Hydra:
 
 The teacher is deliberately not a registered submodule: it stays in eval mode whatever `fit` does, has no
 gradients, is not in the optimizer and not in any checkpoint.
+
+Sharded training (FSDP2 through Lightning's `ModelParallelStrategy`, `conf/trainer/fsdp.yaml`): every
+use of the student runs inside one forward call of `_StudentCall`, the root FSDP unit, so the student's
+embeddings, final norm and output layer are whole there while each decoder layer gathers itself in its
+own forward and gradients are reduce-scattered by FSDP's backward hooks. The fused loss keeps reading the
+output layer's weight directly, tile by tile. Sampling gathers the whole student for the rollout.
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from eopd.models import output_weight, remap_end_token, response_hidden_states, teacher_output_weight
+from eopd.models import (
+    decoder_layers,
+    output_weight,
+    remap_end_token,
+    response_hidden_states,
+    teacher_output_weight,
+)
 from eopd.objectives import LinearLogits, Metrics, Objective, TeacherStats, teacher_token_stats
 from eopd.rollout import RolloutBatch, sample, teacher_hidden_states, with_prompts
 from eopd.rollout_engines import ENGINES, HFEngine, RolloutEngine
@@ -273,6 +285,7 @@ class DistillModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.student = student
+        object.__setattr__(self, "_student_call", _StudentCall(student))  # the root unit under FSDP
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         self.objective = objective
         self.pair = pair
@@ -318,6 +331,63 @@ class DistillModule(L.LightningModule):
                 )
 
     # ---- Lightning plumbing ------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Shard the student with FSDP2 when the strategy gives a device mesh (ModelParallelStrategy).
+
+        Each decoder layer is one unit, gathered for its own forward and backward; the rest (embeddings,
+        final norm, output layer) belongs to the root unit `_StudentCall`. Data parallelism only: the
+        tensor-parallel dimension of the mesh must be 1.
+        """
+        mesh = self.device_mesh
+        if mesh is None or self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError(
+                f"the student is sharded over data-parallel ranks only; tensor_parallel_size="
+                f"{mesh['tensor_parallel'].size()} must be 1"
+            )
+        ranks = mesh["data_parallel"]
+        for layer in decoder_layers(self.student):
+            fully_shard(layer, mesh=ranks)
+        fully_shard(self._student_call, mesh=ranks)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the student is sharded with FSDP (by `configure_model`)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self._student_call, FSDPModule)
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The student's full weights; under FSDP gathered from every rank's shards (call it on every rank)."""
+        return {
+            name: value.full_tensor() if hasattr(value, "full_tensor") else value
+            for name, value in self.student.state_dict().items()
+        }
+
+    def on_student(self, fn, *, gathered: bool = False):
+        """`fn(student)`, with the student's weights usable inside it however the student is sharded.
+
+        Unsharded, this is `fn(self.student)`. Under FSDP it runs inside the root unit's forward, where each
+        decoder layer gathers its weights for its own forward only; with `gathered=True` (no gradients)
+        every layer is gathered once for the whole call instead, so `fn` may run any number of forwards
+        without collectives (sampling, whose step count differs between ranks; evaluation). Every rank
+        must make the same calls. Gradients reach FSDP's hooks only when `fn` runs with gradients enabled,
+        not gathered, and returns the tensors to differentiate (a tuple, not a dataclass: FSDP hooks the
+        tensors it can see).
+        """
+        if not self.sharded:
+            return fn(self.student)
+        call = self._student_call
+        if not gathered and torch.is_grad_enabled():
+            return call(fn)  # the backward reshards the root unit
+        with torch.no_grad():
+            out = call(_gather_layers_for(fn) if gathered else fn)
+        call.reshard()  # the root keeps its weights gathered after a forward, expecting a backward
+        return out
 
     def on_fit_start(self) -> None:
         self.student.train()  # from_pretrained returns models in eval mode
@@ -411,7 +481,10 @@ class DistillModule(L.LightningModule):
         elif spec.source == "teacher":
             on_policy = False
         else:
-            coin = torch.Generator().manual_seed(self._stream(1))
+            seed = self._stream(1)
+            if self.sharded:  # one coin for all ranks: sampling the sharded student takes every rank
+                seed -= self.global_rank  # rank 0's stream
+            coin = torch.Generator().manual_seed(seed)
             on_policy = bool(torch.rand((), generator=coin) < spec.lmbda)
         student_prompts = [row["prompt_ids"] for row in batch]
         common = dict(
@@ -423,12 +496,15 @@ class DistillModule(L.LightningModule):
             vocab_size=self.pair.vocab_size,
         )
         if on_policy:
-            drawn = self.engine.generate(
-                self.student,
-                student_prompts,
-                eos_token_ids=self.pair.student_eos_ids,
-                seed=self._stream(0),
-                **common,
+            drawn = self.on_student(
+                lambda student: self.engine.generate(
+                    student,
+                    student_prompts,
+                    eos_token_ids=self.pair.student_eos_ids,
+                    seed=self._stream(0),
+                    **common,
+                ),
+                gathered=True,  # ranks draw responses of different lengths: no per-token collectives
             )
             return drawn, True
         teacher_prompts = [row.get("teacher_prompt_ids", row["prompt_ids"]) for row in batch]
@@ -471,32 +547,39 @@ class DistillModule(L.LightningModule):
     @torch.no_grad()
     def score_old_policy(self, rollout: RolloutBatch, teacher: _TeacherSide) -> tuple[Tensor, Metrics]:
         """One student forward: log pi_old(y_t) and every diagnostic at the rollout policy (exact, full vocab)."""
+        mask = rollout.response_mask
+        gates = self._gate_weights(teacher.stats.entropy, mask)
+        teacher_full = LinearLogits(teacher.hidden, self._teacher_weight(), self.pair.vocab_size)
+
+        def old_policy(model) -> tuple[Tensor, Metrics]:
+            # Everything that reads the student's output layer stays inside: FSDP frees it afterwards.
+            hidden = response_hidden_states(model, rollout)  # (B, R, H)
+            student = LinearLogits(hidden, output_weight(model), self.pair.vocab_size)
+            old = teacher_token_stats(
+                student,
+                rollout.responses,
+                k=1,
+                temperature=self.objective.temperature,
+                chunk_size=self.objective.chunk_size,
+            ).token_logprobs
+            diagnostics = self.objective(
+                student=student,
+                tokens=rollout.responses,
+                mask=mask,
+                teacher_stats=teacher.stats,
+                teacher=teacher_full,
+                old_logprobs=old,
+                gate_weights=gates,
+                step=self.global_step,
+            ).metrics
+            return old, diagnostics
+
         was_training = self.student.training
         self.student.eval()  # the policy that sampled: no dropout
         try:
-            hidden = response_hidden_states(self.student, rollout)  # (B, R, H)
+            old, diagnostics = self.on_student(old_policy)
         finally:
             self.student.train(was_training)
-        student = LinearLogits(hidden, output_weight(self.student), self.pair.vocab_size)
-        mask = rollout.response_mask
-        old = teacher_token_stats(
-            student,
-            rollout.responses,
-            k=1,
-            temperature=self.objective.temperature,
-            chunk_size=self.objective.chunk_size,
-        ).token_logprobs
-        teacher_full = LinearLogits(teacher.hidden, self._teacher_weight(), self.pair.vocab_size)
-        diagnostics = self.objective(
-            student=student,
-            tokens=rollout.responses,
-            mask=mask,
-            teacher_stats=teacher.stats,
-            teacher=teacher_full,
-            old_logprobs=old,
-            gate_weights=self._gate_weights(teacher.stats.entropy, mask),
-            step=self.global_step,
-        ).metrics
         return old, diagnostics
 
     def update(self, rollout: RolloutBatch, teacher: _TeacherSide, old_logprobs: Tensor) -> Metrics:
@@ -532,30 +615,43 @@ class DistillModule(L.LightningModule):
                 for start in range(0, len(rows), micro):
                     part = rows[start : start + micro]
                     sub = rollout.select(part)
-                    hidden = response_hidden_states(self.student, sub)
-                    if not bool(torch.isfinite(hidden[sub.response_mask]).all()):
-                        # The update is skipped below; a finite stand-in keeps every rank's backward in step.
-                        step_metrics.add_sums("student/hidden_states", float("nan"), 1.0)
-                        hidden = torch.nan_to_num(hidden, nan=0.0, posinf=0.0, neginf=0.0)
-                    student = LinearLogits(hidden, output_weight(self.student), self.pair.vocab_size)
                     full_teacher = None
                     if self.objective.needs_teacher_logits:
                         full_teacher = LinearLogits(
                             teacher.hidden[part], teacher_weight, self.pair.vocab_size
                         )
-                    out = self.objective(
-                        student=student,
-                        tokens=sub.responses,
-                        mask=sub.response_mask,
-                        teacher_stats=teacher.stats.rows(part),
-                        teacher=full_teacher,
-                        old_logprobs=old_logprobs[part],
-                        gate_weights=gates[:, part],
-                        step=self.global_step,
-                        num_valid_tokens=count,
-                    )
-                    self.manual_backward(out.loss * world if world > 1 else out.loss)
-                    step_metrics.merge([out.metrics])
+
+                    def micro_loss(
+                        model,
+                        sub=sub,
+                        part=part,
+                        full_teacher=full_teacher,
+                        count=count,
+                        step_metrics=step_metrics,
+                    ):
+                        hidden = response_hidden_states(model, sub)  # (b, R, H)
+                        if not bool(torch.isfinite(hidden[sub.response_mask]).all()):
+                            # The update is skipped below; a finite stand-in keeps every rank's backward
+                            # (and, sharded, every collective) in step.
+                            step_metrics.add_sums("student/hidden_states", float("nan"), 1.0)
+                            hidden = torch.nan_to_num(hidden, nan=0.0, posinf=0.0, neginf=0.0)
+                        student = LinearLogits(hidden, output_weight(model), self.pair.vocab_size)
+                        out = self.objective(
+                            student=student,
+                            tokens=sub.responses,
+                            mask=sub.response_mask,
+                            teacher_stats=teacher.stats.rows(part),
+                            teacher=full_teacher,
+                            old_logprobs=old_logprobs[part],
+                            gate_weights=gates[:, part],
+                            step=self.global_step,
+                            num_valid_tokens=count,
+                        )
+                        return out.loss, out.metrics  # a tuple: FSDP hooks the loss for backward
+
+                    loss, micro_metrics = self.on_student(micro_loss)
+                    self.manual_backward(loss * world if world > 1 else loss)
+                    step_metrics.merge([micro_metrics])
                 grad_norm = self._clip_and_step(optimizer, scheduler, step_metrics)
                 step_metrics.add_sums("train/grad_norm", grad_norm, 1.0)
                 metrics.merge([step_metrics])
@@ -577,7 +673,9 @@ class DistillModule(L.LightningModule):
     def _clip_and_step(self, optimizer, scheduler, metrics: Metrics) -> float:
         params = [p for p in self.student.parameters() if p.grad is not None]
         max_norm = self.update_spec.grad_clip if self.update_spec.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        # Sharded gradients are DTensors: their norm is the global one, reduced over the shards.
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         checked = ("loss/", "train/", "student/")
         losses = [metrics.sums[k] for k in metrics.sums if k.startswith(checked)]
         finite = math.isfinite(grad_norm) and (not losses or bool(torch.stack(losses).isfinite().all()))
@@ -684,6 +782,10 @@ class DistillModule(L.LightningModule):
         step = self.rollout_step
         want_samples = spec.samples_every > 0 and (step == 1 or step % spec.samples_every == 0)
         want_hist = spec.histograms_every > 0 and step % spec.histograms_every == 0
+        want_hist = want_hist and any(type(lg).__name__ == "WandbLogger" for lg in self.loggers)
+        student_entropy = None
+        if want_hist and (self.sharded or self.global_rank == 0):  # sharded: a forward needs every rank
+            student_entropy = self._student_entropy(rollout)
         if not (want_samples or want_hist) or self.global_rank != 0:
             return
         mask = rollout.response_mask
@@ -720,7 +822,6 @@ class DistillModule(L.LightningModule):
                 if type(logger).__name__ == "WandbLogger":
                     import wandb
 
-                    student_entropy = self._student_entropy(rollout)
                     logger.experiment.log(
                         {
                             "hist/teacher_entropy": wandb.Histogram(
@@ -733,10 +834,43 @@ class DistillModule(L.LightningModule):
 
     @torch.no_grad()
     def _student_entropy(self, rollout: RolloutBatch) -> Tensor:
-        hidden = response_hidden_states(self.student, rollout)[rollout.response_mask]
-        source = LinearLogits(hidden, output_weight(self.student), self.pair.vocab_size)
-        tokens = rollout.responses[rollout.response_mask]
-        return teacher_token_stats(source, tokens, k=1, temperature=self.objective.temperature).entropy
+        def entropy(model) -> Tensor:
+            hidden = response_hidden_states(model, rollout)[rollout.response_mask]
+            source = LinearLogits(hidden, output_weight(model), self.pair.vocab_size)
+            tokens = rollout.responses[rollout.response_mask]
+            return teacher_token_stats(source, tokens, k=1, temperature=self.objective.temperature).entropy
+
+        return self.on_student(entropy)
+
+
+class _StudentCall(torch.nn.Module):
+    """Calls `fn(student)` in its forward: under FSDP, the root unit whose forward makes the student whole."""
+
+    def __init__(self, student: torch.nn.Module) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, fn):
+        return fn(self.student)
+
+
+def _gather_layers_for(fn):
+    """`fn` wrapped to run with every FSDP unit below the root gathered once, instead of per forward."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def gathered(student):
+        units = [m for m in student.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        try:
+            return fn(student)
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(True, recurse=False)
+
+    return gathered
 
 
 def _gather_padded(values: Tensor) -> tuple[list[Tensor], list[int]]:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("eopd.train")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+SHARDED = "fsdp"  # trainer.strategy for FSDP2 through Lightning's ModelParallelStrategy (trainer=fsdp)
 
 
 def _optimizer_steps(rollout_steps: int, ppo_epochs: int, batch_size: int, mini_batch_size: int) -> int:
@@ -112,11 +113,13 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             f"config 'trainer.accelerator'={accelerator!r} but no CUDA device is visible; use trainer=cpu"
         )
     strategy = str(cfg.trainer.get("strategy", "auto"))
-    if "fsdp" in strategy or "deepspeed" in strategy:
+    if strategy != SHARDED and ("fsdp" in strategy or "deepspeed" in strategy):
         raise ConfigError(
-            f"config 'trainer.strategy'={strategy!r} is not supported yet: the trainer reads the student's "
-            "output layer outside its forward, which sharded parameters do not allow; use trainer=ddp"
+            f"config 'trainer.strategy'={strategy!r} is not supported: the student is sharded with FSDP2 "
+            f"only (trainer=fsdp, strategy '{SHARDED}'); use trainer=fsdp or trainer=ddp"
         )
+    if strategy == SHARDED:
+        _check_sharded(cfg.trainer, rollout.engine)
     _check_positive(cfg, "data.batch_size")
     _check_positive(cfg, "data.max_prompt_tokens")
     if cfg.data.get("long_prompts", "drop") not in LONG_PROMPTS:
@@ -227,14 +230,20 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     if cfg.get("resume") == "auto" and checkpointing.is_finished(p.run_dir):
         log.info("the run in %s has finished; nothing to resume (its outputs are kept)", p.run_dir)
         return checkpointing.finished_metrics(p.run_dir)
-    lock, p.resume_from = _build("resume", lambda: checkpointing.claim_run_dir(p.run_dir, cfg.get("resume")))
-    if p.resume_from is not None:
+    primary = checkpointing.launched_rank() == 0
+    if primary:
+        claim = lambda: checkpointing.claim_run_dir(p.run_dir, cfg.get("resume"))  # noqa: E731
+    else:  # a process the launcher started for another rank: rank 0 holds the directory and checked it
+        claim = lambda: checkpointing.follow_run_dir(p.run_dir, cfg.get("resume"))  # noqa: E731
+    lock, p.resume_from = _build("resume", claim)
+    if p.resume_from is not None and primary:
         log.info("resuming from %s", p.resume_from)
         if (p.run_dir / "config.yaml").is_file():
             changed = checkpointing.config_changes(p.run_dir / "config.yaml", _plain(cfg))
             if changed:
                 log.warning("resuming with a config that differs from the run's in: %s", ", ".join(changed))
-    OmegaConf.save(cfg, p.run_dir / "config.yaml", resolve=True)
+    if primary:
+        OmegaConf.save(cfg, p.run_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     pair = cfg.pair
@@ -349,7 +358,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     preemption = checkpointing.Preemption()  # last: an evaluation due at the stopping step still runs
     callbacks.append(preemption)
     loggers = _loggers(cfg, p.run_dir)
-    if p.resume_from is not None:
+    if p.resume_from is not None and primary:
         checkpointing.keep_logs_until(p.run_dir, loggers, *checkpointing.checkpoint_steps(p.resume_from))
     trainer = L.Trainer(
         max_steps=p.max_steps,
@@ -357,7 +366,8 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         logger=loggers,
         callbacks=callbacks,
         plugins=[checkpointing.AtomicCheckpointIO()],
-        **_plain(cfg.trainer),
+        use_distributed_sampler=False,  # the prompt loader splits each batch over the ranks itself
+        **_trainer_arguments(cfg.trainer),
     )
     try:
         trainer.fit(module, train_dataloaders=loader, ckpt_path=p.resume_from)
@@ -371,8 +381,20 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
             f"{preemption.signal_received}: stopped after rollout step {module.rollout_step} and saved "
             f"{checkpointing.latest_checkpoint(p.run_dir)}; continue with resume=auto"
         )
+    trained = module.student
+    if module.sharded:  # every rank gathers its shards; rank 0 evaluates and saves a plain copy
+        state = module.student_state_dict()
+        if trainer.is_global_zero:
+            trained = load_model(
+                p.student_source, vocab_size=vocab_size, dtype=pair.dtype, special_ids=special
+            )
+            trained = prepare_student(trained, p.student_source)  # LoRA: the same parameter names
+            trained.load_state_dict(state)
+        del state
     if trainer.is_global_zero:  # under DDP every rank holds the same weights: one writer
-        student_side.model = _save_student(module, p.run_dir / "student", p.student_source)
+        student_side.model = _save_student(
+            trained, student_tokenizer, p.run_dir / "student", p.student_source
+        )
         log.info("student saved to %s", p.run_dir / "student")
     metrics = dict(module.last_logs)
     if periodic.history:
@@ -385,7 +407,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         )
         _report_table(table, p.final_spec, final, p.run_dir)
         metrics.update({f"test/{k}": v for k, v in table["student after"].items()})
-    if p.benchmarks:
+    if p.benchmarks and trainer.is_global_zero:  # under DDP the other ranks would repeat it
         if "after" in p.benchmark_protocol.models:
             bench_runs["student after"] = _evaluate_benchmarks(p, student_side, vocab_size)
         if "teacher" in p.benchmark_protocol.models:
@@ -396,7 +418,8 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
             logger.log_metrics(logged, step=trainer.global_step)
             logger.save()
         metrics.update(logged)
-    checkpointing.mark_finished(p.run_dir, metrics)
+    if trainer.is_global_zero:
+        checkpointing.mark_finished(p.run_dir, metrics)
     lock.release()
     return metrics
 
@@ -669,13 +692,53 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     ]
 
 
-def _save_student(module, directory: Path, source=None):
+def _save_student(student, tokenizer, directory: Path, source=None):
     """Save the student (a LoRA student: adapter and merged model); return the model to evaluate."""
     from eopd.models import save_student
 
     lora = getattr(source, "lora", None)
     merge = lora.merge_on_save if lora is not None else True
-    return save_student(module.student, directory, module.tokenizer, merge_lora=merge)
+    return save_student(student, directory, tokenizer, merge_lora=merge)
+
+
+def _check_sharded(trainer: DictConfig, engine: str) -> None:
+    """What FSDP training of the student needs, checked before any model loads."""
+    devices = trainer.get("devices", 1)
+    if not (isinstance(devices, int) and (devices > 0 or devices == -1)):
+        raise ConfigError(
+            f"config 'trainer.devices'={devices!r} must be a positive number of processes per node (or -1: "
+            f"every visible GPU) with trainer.strategy={SHARDED!r}"
+        )
+    if engine != "hf":
+        raise ConfigError(
+            f"config 'rollout.engine'={engine!r} cannot sample a sharded student yet (its weights would have "
+            f"to be gathered into the engine every step); use rollout.engine=hf with trainer.strategy={SHARDED!r}"
+        )
+
+
+def _trainer_arguments(trainer: DictConfig) -> dict[str, Any]:
+    """Lightning Trainer arguments; strategy 'fsdp' becomes FSDP2 over all ranks (ModelParallelStrategy).
+
+    DistillModule.configure_model shards the student over the mesh's data-parallel dimension, which spans
+    every process (devices x num_nodes); tensor parallelism stays 1.
+    """
+    kwargs = _plain(trainer)
+    if kwargs.get("strategy") != SHARDED:
+        return kwargs
+    import torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    devices = kwargs.get("devices", 1)
+    if devices == -1:
+        devices = torch.cuda.device_count()
+    # Checkpoints gathered whole on rank 0 and written as one file through the run's CheckpointIO: the
+    # same atomic files, resume=auto and finished-run rules as every other strategy.
+    kwargs["strategy"] = ModelParallelStrategy(
+        data_parallel_size=devices * kwargs.get("num_nodes", 1),
+        tensor_parallel_size=1,
+        save_distributed_checkpoint=False,
+    )
+    return kwargs
 
 
 if __name__ == "__main__":

@@ -299,6 +299,21 @@ def no_model_loads(monkeypatch):
     monkeypatch.setattr(eopd.models, "load_tokenizer", forbidden)
 
 
+def test_trainer_fsdp_shards_the_student_over_every_process(monkeypatch):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    monkeypatch.setenv("EOPD_NODES", "2")
+    monkeypatch.setenv("EOPD_GPUS_PER_NODE", "4")
+    arguments = eopd.train._trainer_arguments(compose_train(["trainer=fsdp"]).trainer)
+
+    strategy = arguments["strategy"]
+    assert isinstance(strategy, ModelParallelStrategy)
+    # One data-parallel dimension over all 8 processes: DistillModule.configure_model shards over it.
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (8, 1)
+    assert (arguments["devices"], arguments["num_nodes"]) == (4, 2)
+    assert eopd.train._trainer_arguments(compose_train(["trainer=ddp"]).trainer)["strategy"] == "ddp"
+
+
 def test_off_policy_kd_selects_the_teacher_rollout_unless_the_command_line_says_otherwise():
     kd = compose_train(["objective=kd"])
     assert (kd.objective.name, kd.rollout.source) == ("kd", "teacher")
@@ -361,10 +376,22 @@ CONFIG_ERRORS = [
         id="batch-larger-than-training-set",
     ),
     pytest.param(
-        ["+trainer.strategy=fsdp"],
+        ["+trainer.strategy=deepspeed"],
         ConfigError,
-        ["trainer.strategy", "fsdp", "trainer=ddp"],
-        id="sharded-student",
+        ["trainer.strategy", "deepspeed", "trainer=fsdp"],
+        id="deepspeed",
+    ),
+    pytest.param(
+        ["+trainer.strategy=fsdp_cpu_offload"],
+        ConfigError,
+        ["trainer.strategy", "fsdp_cpu_offload", "trainer=fsdp"],
+        id="lightning-fsdp1",
+    ),
+    pytest.param(
+        ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=auto"],
+        ConfigError,
+        ["trainer.devices", "'auto'"],
+        id="fsdp-devices",
     ),
     pytest.param(
         ["rollout.engine=sglang"],

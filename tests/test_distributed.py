@@ -1,9 +1,10 @@
-"""Data-parallel training (Lightning DDP, 2 gloo processes on CPU) equals one process on the same rollouts.
+"""Data-parallel training (2 gloo processes on CPU) equals one process on the same rollouts.
 
-Each rank trains on its half of a fixed rollout batch; the reference is a single process on the whole
-batch. Loss, gradients before every optimizer step and the weights after them must agree: the token mean
-divides by the count over all ranks, DDP's gradient average is undone, and batch-level gates (quantile,
-random) decide over the gathered batch, not each rank's half.
+Two strategies: Lightning DDP (replicated student) and FSDP2 through ModelParallelStrategy (sharded
+student, `trainer=fsdp`). Each rank trains on its half of a fixed rollout batch; the reference is a single
+process on the whole batch. Loss, gradient norm, gradients before every optimizer step and the weights
+after them must agree: the token mean divides by the count over all ranks, the ranks' gradient average is
+undone, and batch-level gates (quantile, random) decide over the gathered batch, not each rank's half.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from eopd.models import build_causal_lm
 from eopd.module import DistillModule, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
@@ -24,6 +26,7 @@ from eopd.rollout import RolloutBatch, sample
 
 V, PAD, EOS = 40, 0, 1
 WORLD, ROWS_PER_RANK = 2, 4
+SAMPLE_PROMPTS, SAMPLE_TOKENS = [[5, 6, 7], [8, 9]], (3, 9)  # rank r samples SAMPLE_TOKENS[r] after training
 
 
 class FixedRollouts(DistillModule):
@@ -33,8 +36,17 @@ class FixedRollouts(DistillModule):
         return self.fixed_rollout, True
 
     def _clip_and_step(self, optimizer, scheduler, metrics):
-        self.grads.append([p.grad.detach().clone() for p in self.student.parameters()])
+        self.grads.append([_full(p.grad.detach()).clone() for p in self.student.parameters()])
         return super()._clip_and_step(optimizer, scheduler, metrics)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter or gradient gathered whole; a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _local_numel(tensor: torch.Tensor) -> int:
+    return tensor.to_local().numel() if hasattr(tensor, "to_local") else tensor.numel()
 
 
 def objective() -> Objective:
@@ -86,7 +98,13 @@ def shards() -> tuple[list[RolloutBatch], list[list[dict]]]:
     return rollouts, groups
 
 
-def train(world: int, rank: int, root: Path) -> dict:
+def strategy(name: str):
+    if name == "fsdp":  # what eopd.train builds for trainer=fsdp
+        return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
+    return name
+
+
+def train(world: int, rank: int, root: Path, strategy_name: str = "ddp") -> dict:
     """Two optimizer steps (two PPO epochs over one rollout batch, two micro-batches each)."""
     torch.set_num_threads(1)
     rollouts, groups = shards()
@@ -110,7 +128,7 @@ def train(world: int, rank: int, root: Path) -> dict:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=world,
-        strategy="ddp" if world > 1 else "auto",
+        strategy=strategy(strategy_name) if world > 1 else "auto",
         max_steps=2,
         logger=False,
         enable_checkpointing=False,
@@ -121,14 +139,42 @@ def train(world: int, rank: int, root: Path) -> dict:
     )
     loader = torch.utils.data.DataLoader(records, batch_size=rows, collate_fn=list)
     trainer.fit(module, loader)
+    # Sampling from the trained student, with as many tokens as the rank's number says: ranks draw
+    # different numbers of tokens, so a sharded student must not need a collective per token.
+    samples = {}
+    for n in range(WORLD) if world == 1 else [rank]:
+        samples[n] = module.on_student(
+            lambda model, n=n: (
+                sample(
+                    model,
+                    SAMPLE_PROMPTS,
+                    max_new_tokens=SAMPLE_TOKENS[n],
+                    eos_token_ids=EOS,
+                    pad_token_id=PAD,
+                    generator=torch.Generator().manual_seed(5),
+                ).input_ids
+            ),
+            gathered=True,
+        )
+    params = list(module.student.parameters())
     return {
         "logs": module.last_logs,
         "grads": module.grads,
-        "weights": {k: v.detach().clone() for k, v in module.student.state_dict().items()},
+        "weights": {k: _full(v.detach()).clone() for k, v in module.student.state_dict().items()},
+        "saved": module.student_state_dict(),
+        "samples": samples,
+        "local_numel": sum(_local_numel(p) for p in params),
+        "numel": sum(_full(p).numel() for p in params),
+        "optimizer_numel": sum(
+            _local_numel(v)
+            for s in module.optimizers().optimizer.state.values()
+            for v in s.values()
+            if v.dim()
+        ),
     }
 
 
-def _worker(rank: int, port: int, root: str) -> None:
+def _worker(rank: int, port: int, root: str, strategy_name: str) -> None:
     # LOCAL_RANK set: Lightning joins these processes instead of launching its own.
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -138,7 +184,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         LOCAL_RANK=str(rank),
         OMP_NUM_THREADS="1",
     )
-    torch.save(train(WORLD, rank, Path(root)), Path(root) / f"rank{rank}.pt")
+    torch.save(train(WORLD, rank, Path(root), strategy_name), Path(root) / f"rank{rank}.pt")
 
 
 def _free_port() -> int:
@@ -148,24 +194,35 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
+def single(tmp_path_factory):
+    return train(1, 0, tmp_path_factory.mktemp("single"))
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def runs(request, single, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    mp.spawn(_worker, args=(_free_port(), str(root), request.param), nprocs=WORLD, join=True)
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    single = train(1, 0, tmp_path_factory.mktemp("single"))
-    return single, ranks
+    return single, ranks, request.param
 
 
-def test_ddp_loss_and_metrics_equal_one_process(runs):
-    single, ranks = runs
+def test_loss_and_metrics_equal_one_process(runs):
+    single, ranks, _ = runs
     keys = ("train/loss", "loss/ppo_rkl", "loss/fkl_quantile", "loss/fkl_random", "gate/fkl_random_fraction")
-    for key in (*keys, "gate/fraction", "div/fkl_topk_gated", "entropy/teacher", "div/fkl"):
+    for key in (
+        *keys,
+        "gate/fraction",
+        "div/fkl_topk_gated",
+        "entropy/teacher",
+        "div/fkl",
+        "train/grad_norm",
+    ):
         for result in ranks:  # every rank logs the whole batch's value
             assert result["logs"][key] == pytest.approx(single["logs"][key], rel=1e-4, abs=1e-6), key
 
 
-def test_ddp_gradients_equal_one_process(runs):
-    single, ranks = runs
+def test_gradients_equal_one_process(runs):
+    single, ranks, _ = runs
     assert len(single["grads"]) == 2
     for result in ranks:
         assert len(result["grads"]) == 2
@@ -176,8 +233,8 @@ def test_ddp_gradients_equal_one_process(runs):
                 assert float((a - b).norm() / b.norm()) < tolerance, step
 
 
-def test_ddp_updated_weights_equal_one_process(runs):
-    single, ranks = runs
+def test_updated_weights_equal_one_process(runs):
+    single, ranks, _ = runs
     initial = build_causal_lm(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, seed=0).state_dict()
     assert any(not torch.equal(initial[k], v) for k, v in single["weights"].items())  # it did train
     for result in ranks:
@@ -185,3 +242,25 @@ def test_ddp_updated_weights_equal_one_process(runs):
             # Measured against the update itself: AdamW magnifies float noise where a gradient is ~eps.
             step = (value - initial[name]).norm()
             assert float((result["weights"][name] - value).norm()) < 1e-2 * float(step), name
+
+
+def test_sampling_and_saved_weights_equal_one_process(runs):
+    single, ranks, _ = runs
+    for rank, result in enumerate(ranks):
+        assert torch.equal(result["samples"][rank], single["samples"][rank]), rank
+        for name, value in result["saved"].items():  # the weights eopd.train saves after a sharded run
+            assert torch.equal(value, result["weights"][name]), name
+    # The ranks drew different numbers of tokens, each from the same trained student.
+    assert ranks[0]["samples"][0].shape != ranks[1]["samples"][1].shape
+
+
+def test_fsdp_shards_weights_and_optimizer_state(runs):
+    single, ranks, name = runs
+    if name != "fsdp":
+        pytest.skip("DDP replicates the student")
+    for result in ranks:
+        assert result["numel"] == single["numel"]
+        # Each rank holds about half of every weight and of AdamW's two moments (dim-0 shards).
+        assert result["local_numel"] <= 0.55 * single["numel"]
+        assert result["optimizer_numel"] <= 0.55 * single["optimizer_numel"]
+    assert sum(r["local_numel"] for r in ranks) == single["numel"]

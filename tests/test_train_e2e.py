@@ -220,3 +220,72 @@ def test_sweep_runs_the_grid_narrowed_from_the_command_line(tmp_path):
     assert sorted(d.name.split("_", 1)[1] for d in jobs) == ["eopd-s0", "opd-s0"]
     for job in jobs:
         assert read_metrics(job), f"{job.name} logged no training step"
+
+
+ON_TWO_CPU_PROCESSES = [
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.precision=32-true",
+    "rollout=mix",  # some rollout steps sample the student, others the teacher
+    "callbacks.checkpoint_every_n_steps=2",  # one checkpoint per rollout step (2 optimizer steps)
+]
+
+
+def train_on_two_cpu_processes(strategy: str, output_root: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eopd.train",
+            "rollout_steps=3",
+            *TINY,
+            f"trainer={strategy}",
+            *ON_TWO_CPU_PROCESSES,
+            f"output_root={output_root}",
+            *extra,
+        ],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_cpu_processes_train_save_the_whole_student_and_resume_exactly(strategy, tmp_path):
+    result = train_on_two_cpu_processes(strategy, tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run_dir,) = (tmp_path / "runs").glob("*/*")
+    rows = read_metrics(run_dir)
+    assert [float(r["step/rollout"]) for r in rows] == [1.0, 2.0, 3.0]
+    assert all(math.isfinite(float(r["train/loss"])) for r in rows)
+    assert {float(r["rollout/on_policy"]) for r in rows} == {0.0, 1.0}
+    # Saved from the gathered shards: every weight whole, and trained.
+    saved = AutoModelForCausalLM.from_pretrained(run_dir / "student").state_dict()
+    cfg = compose_train(["rollout_steps=2", *TINY])
+    p = eopd.train.plan(cfg, tmp_path / "plan")
+    tokenizer = load_tokenizer(p.student_source, eos_token=cfg.pair.student_eos)
+    eos = tokenizer.convert_tokens_to_ids(cfg.pair.student_eos)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    special = {"eos_token_id": eos, "pad_token_id": pad}
+    initial = load_model(
+        p.student_source, vocab_size=len(tokenizer), dtype=cfg.pair.dtype, special_ids=special
+    ).state_dict()
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in initial.items()}
+    assert any(not torch.equal(saved[k], initial[k]) for k in initial)
+    # Checkpoints are whole files, so a sharded run resumes like any other: from rollout step 2's
+    # checkpoint, step 3 logs what the uninterrupted run logged.
+    (checkpoint,) = (run_dir / "checkpoints").glob("*step=4.ckpt")
+    assert checkpoint.is_file()
+    resumed = train_on_two_cpu_processes(
+        strategy, tmp_path / "resumed", f"resume='{checkpoint}'"
+    )  # quoted: '='
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (resumed_dir,) = (tmp_path / "resumed" / "runs").glob("*/*")
+    after = read_metrics(resumed_dir)
+    assert [float(r["step/rollout"]) for r in after] == [3.0]
+    for column in ("train/loss", "div/fkl", "rollout/on_policy", "rollout/len_mean"):
+        assert float(after[0][column]) == pytest.approx(float(rows[2][column]), rel=1e-5, abs=1e-7), column
