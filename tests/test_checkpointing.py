@@ -31,7 +31,7 @@ from eopd.checkpointing import (
     restore_rng,
     run_dir_for,
 )
-from eopd.data import PromptDataset, PromptFormat, prompt_loader
+from eopd.data import PromptDataset, PromptFormat, ResumableBatches, prompt_loader
 from eopd.module import DistillModule, NonFiniteTraining
 from eopd.objectives import Objective
 from eopd.tasks.tokenizer import build_tokenizer
@@ -181,6 +181,33 @@ def test_loader_resumed_from_its_state_serves_the_batches_an_uninterrupted_loade
 
     assert head + prompts(resumed, 5) == full
     assert full[:3] != full[3:6], "epochs are not reshuffled"
+
+
+def test_ranks_share_each_epochs_permutation_and_draw_disjoint_batches(monkeypatch):
+    import eopd.data
+
+    def batches(rank: int, world: int, n_batches: int) -> list[list[int]]:
+        monkeypatch.setattr(eopd.data, "_world", lambda: (rank, world))
+        sampler = ResumableBatches(20, batch_size=3, seed=5)
+        drawn = []
+        while len(drawn) < n_batches:  # epoch after epoch, as Lightning reads it
+            for batch in sampler:
+                drawn.append(batch)
+                if len(drawn) == n_batches:
+                    break
+        return drawn
+
+    one = batches(0, 1, 6)  # 6 batches an epoch
+    rank0, rank1 = batches(0, 2, 6), batches(1, 2, 6)  # 20 // (2 x 3) = 3 batches an epoch each
+
+    # Each step the two ranks hold, between them, what one process takes in two steps: the same epochs.
+    assert [a + b for a, b in zip(rank0[:3], rank1[:3], strict=True)] == [
+        one[0] + one[1],
+        one[2] + one[3],
+        one[4] + one[5],
+    ]
+    assert not set(sum(rank0[:3], [])) & set(sum(rank1[:3], [])), "ranks drew the same prompts"
+    assert rank0[3:] != rank0[:3], "epochs are not reshuffled"
 
 
 # ---- preemption of a real training process -----------------------------------------------------------------
