@@ -243,7 +243,12 @@ PAPER_STUDENTS = {
     "qwen3_0.6b_base": "Qwen3-0.6B-Base",
     "qwen3_1.7b_base": "Qwen3-1.7B-Base",
     "qwen3_4b_base": "Qwen3-4B-Base",
+    "llama3.2_3b_instruct": "Llama-3.2-3B-Instruct",  # the appendix pair: no numbers in PAPER.md
 }
+
+
+def _paper_teacher(student: str) -> str:
+    return "Llama-3.1-8B-Instruct" if student.startswith("llama") else "Qwen3-8B"
 
 
 def paper_comparison(
@@ -280,14 +285,17 @@ def paper_comparison(
     label_width = max(len(label) for label in rows) + 2
     width = max(13, *(len(h) for h in headers)) + 2
     lines = [
-        f"Avg@k / Pass@k in %, {PAPER_STUDENTS[student]} student, Qwen3-8B teacher: "
+        f"Avg@k / Pass@k in %, {PAPER_STUDENTS[student]} student, {_paper_teacher(student)} teacher: "
         f"the paper (PAPER.md section 4, k = 8) and this run (k = {n})",
         " " * label_width + "".join(f"{h:>{width}}" for h in headers),
     ]
     for label, cells in rows.items():
         text = "".join(f"{'-' if c is None else f'{c[0]:.2f}/{c[1]:.2f}':>{width}}" for c in cells)
         lines.append(f"{label:<{label_width}}{text}")
-    lines.append(f"paper: EOPD - OPD, six-benchmark mean Pass@8: +{PAPER_PASS_GAIN[student]:.2f} points")
+    if student in PAPER_PASS_GAIN:
+        lines.append(f"paper: EOPD - OPD, six-benchmark mean Pass@8: +{PAPER_PASS_GAIN[student]:.2f} points")
+    else:
+        lines.append("paper: no numbers for this pair in PAPER.md")
     if n != 8:
         lines.append(
             f"note: this run drew {n} samples per problem, the paper 8: the numbers are not comparable"

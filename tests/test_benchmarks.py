@@ -212,6 +212,15 @@ def test_paper_comparison_for_a_student_without_per_benchmark_numbers():
         paper_comparison("qwen3_14b", "opd", {})
 
 
+def test_paper_comparison_for_the_appendix_llama_pair_names_its_teacher_and_has_no_paper_numbers():
+    text = paper_comparison("llama3.2_3b_instruct", "eopd", {"math500": {"avg@8": 0.5, "pass@8": 0.75}})
+
+    assert "Llama-3.2-3B-Instruct student, Llama-3.1-8B-Instruct teacher" in text
+    run = next(line for line in text.splitlines() if line.startswith("this run"))
+    assert run.split()[3] == "50.00/75.00"
+    assert "no numbers for this pair" in text
+
+
 def test_evaluate_command_line_on_benchmarks_from_local_files(math_files, tmp_path):
     import json
     import subprocess

@@ -38,9 +38,6 @@ def local(math_files, *, data_fields: bool = True) -> list[str]:
 @pytest.mark.parametrize("size", STUDENTS)
 def test_paper_experiment_selects_its_pair(size):
     pair = f"qwen3_8b_to_qwen3_{size}_base"
-    if not (CONF_DIR / "pair" / f"{pair}.yaml").is_file():
-        pytest.skip(f"conf/pair/{pair}.yaml does not exist yet (the Qwen3 pair configs are added separately)")
-
     cfg = compose_train([f"experiment=paper_qwen3_{size}"])
 
     assert cfg.pair.name == pair
@@ -85,13 +82,18 @@ def test_paper_experiment_has_the_paper_s_hyperparameters(size, objective, math_
     assert cfg.run_name == f"paper-qwen3-{size}-{objective}-s0"
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    def forbidden(*args, **kwargs):
-        pytest.fail("a model or tokenizer was loaded before the config error was reported")
+def test_appendix_llama_experiment_samples_at_top_p_0_8_with_the_shared_recipe(math_files, tmp_path):
+    assert compose_train(["experiment=paper_llama3.2_3b"]).pair.name == (
+        "llama3.1_8b_instruct_to_llama3.2_3b_instruct"
+    )
+    cfg = compose_train(["experiment=paper_llama3.2_3b", "objective=opd", *local(math_files)])
 
-    monkeypatch.setattr(eopd.models, "load_model", forbidden)
-    monkeypatch.setattr(eopd.models, "load_tokenizer", forbidden)
+    p = plan(cfg, tmp_path / "run")
+
+    assert (p.rollout.temperature, p.rollout.top_p, p.rollout.max_new_tokens) == (1.0, 0.8, 4096)
+    assert (p.optim.lr, cfg.data.batch_size, p.update.mini_batch_size) == (3e-6, 128, 32)
+    assert p.objective.name == "opd" and cfg.run_name == "paper-llama3.2-3b-opd-s0"
+    assert cfg.eval.paper_student == "llama3.2_3b_instruct"
 
 
 def test_missing_benchmark_file_is_reported_before_any_model_loads(math_files, tmp_path, no_model_loads):
