@@ -323,7 +323,7 @@ def main() -> None:
             raise SystemExit(
                 "checkpoint is required: python -m eopd.evaluate checkpoint=DIR (a save_pretrained directory)"
             )
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain = with_pair_formats(OmegaConf.to_container(cfg, resolve=True))
         spec = EvalSpec(**plain["eval"])
         if cfg.grader not in GRADERS:
             raise ValueError(f"grader={cfg.grader!r} is unknown; allowed: {', '.join(GRADERS)}")
@@ -374,6 +374,24 @@ def main() -> None:
         return metrics[f"pass@{spec.n_samples}"]
 
     _main()
+
+
+def with_pair_formats(plain: dict) -> dict:
+    """The evaluate config with `format`, `eos`, `teacher_format` and `teacher_eos` taken from its `pair`.
+
+    `python -m eopd.evaluate checkpoint=<run>/student pair=<the run's pair>` then reads each model's prompts
+    as training did; without a pair the four keys are used as given.
+    """
+    pair = plain.get("pair")
+    if not pair:
+        return plain
+    return {
+        **plain,
+        "format": pair["student_format"],
+        "eos": pair["student_eos"],
+        "teacher_format": pair["teacher_format"],
+        "teacher_eos": pair["teacher_eos"],
+    }
 
 
 def _main_benchmarks(cfg, side: ModelSide, benchmarks, protocol, vocab_size: int) -> float:

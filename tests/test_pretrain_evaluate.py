@@ -129,3 +129,26 @@ def test_evaluate_command_line_on_a_saved_model(tmp_path):
         [sys.executable, "-m", "eopd.evaluate"], cwd=repo, capture_output=True, text=True, timeout=180
     )
     assert missing.returncode != 0 and "checkpoint is required" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "pair", ["qwen3_8b_to_qwen3_1.7b_base", "llama3.1_8b_instruct_to_llama3.2_3b_instruct"]
+)
+def test_evaluate_with_a_pair_reads_prompts_and_end_tokens_as_training_did(pair):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from eopd.evaluate import with_pair_formats
+
+    conf = str(Path(__file__).resolve().parent.parent / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        plain = OmegaConf.to_container(compose("evaluate", ["checkpoint=x", f"pair={pair}"]), resolve=True)
+        train = OmegaConf.to_container(compose("train", [f"pair={pair}"]).pair, resolve=True)
+
+    got = with_pair_formats(plain)
+
+    assert (got["format"], got["eos"]) == (train["student_format"], train["student_eos"])
+    assert (got["teacher_format"], got["teacher_eos"]) == (train["teacher_format"], train["teacher_eos"])
+    assert got["format"] != plain["format"], "the pair changed nothing: the test would pass without it"
