@@ -433,6 +433,8 @@ class ModelSource:
         device_map: passed to `from_pretrained` (needs accelerate): "auto" spreads the layers over the
             visible GPUs and then the CPU, a dict places modules by name. Meant for the teacher; the
             module then leaves its placement alone. None loads on the CPU and Lightning moves the model.
+        shard: the teacher under trainer=fsdp only: shard its decoder layers over the ranks like the
+            student's (each GPU holds 1/N of it, gathered layer by layer to score); False replicates it.
     """
 
     path: str | None = None
@@ -448,6 +450,7 @@ class ModelSource:
     gradient_checkpointing: bool = False
     lora: LoraSpec | dict | None = None
     device_map: str | dict | None = None
+    shard: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -16,10 +16,11 @@ The teacher is deliberately not a registered submodule: it stays in eval mode wh
 gradients, is not in the optimizer and not in any checkpoint.
 
 Sharded training (FSDP2 through Lightning's `ModelParallelStrategy`, `conf/trainer/fsdp.yaml`): every
-use of the student runs inside one forward call of `_StudentCall`, the root FSDP unit, so the student's
+use of the student runs inside one forward call of `_ModelCall`, the root FSDP unit, so the student's
 embeddings, final norm and output layer are whole there while each decoder layer gathers itself in its
 own forward and gradients are reduce-scattered by FSDP's backward hooks. The fused loss keeps reading the
-output layer's weight directly, tile by tile. Sampling gathers the whole student for the rollout.
+output layer's weight directly, tile by tile. Sampling gathers the whole student for the rollout. With
+`shard_teacher=True` the frozen teacher is sharded the same way behind its own root unit (`on_teacher`).
 """
 
 from __future__ import annotations
@@ -282,11 +283,14 @@ class DistillModule(L.LightningModule):
         logging: LogSpec | None = None,
         seed: int = 0,
         engine: RolloutEngine | None = None,
+        shard_teacher: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
-        object.__setattr__(self, "_student_call", _StudentCall(student))  # the root unit under FSDP
+        object.__setattr__(self, "_student_call", _ModelCall(student))  # the root unit under FSDP
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
+        object.__setattr__(self, "_teacher_call", _ModelCall(teacher))  # its root unit when sharded
+        self.shard_teacher = shard_teacher
         self.objective = objective
         self.pair = pair
         self.tokenizer = tokenizer
@@ -336,7 +340,7 @@ class DistillModule(L.LightningModule):
         """Shard the student with FSDP2 when the strategy gives a device mesh (ModelParallelStrategy).
 
         Each decoder layer is one unit, gathered for its own forward and backward; the rest (embeddings,
-        final norm, output layer) belongs to the root unit `_StudentCall`. Data parallelism only: the
+        final norm, output layer) belongs to the root unit `_ModelCall`. Data parallelism only: the
         tensor-parallel dimension of the mesh must be 1.
         """
         mesh = self.device_mesh
@@ -353,6 +357,11 @@ class DistillModule(L.LightningModule):
         for layer in decoder_layers(self.student):
             fully_shard(layer, mesh=ranks)
         fully_shard(self._student_call, mesh=ranks)
+        if self.shard_teacher:  # the same units; frozen first, so FSDP keeps no gradient state for it
+            _freeze(self.teacher)
+            for layer in decoder_layers(self.teacher):
+                fully_shard(layer, mesh=ranks)
+            fully_shard(self._teacher_call, mesh=ranks)
 
     @property
     def sharded(self) -> bool:
@@ -360,6 +369,29 @@ class DistillModule(L.LightningModule):
         from torch.distributed.fsdp import FSDPModule
 
         return isinstance(self._student_call, FSDPModule)
+
+    @property
+    def teacher_sharded(self) -> bool:
+        """Whether the teacher is sharded with FSDP (`shard_teacher=True` under a device mesh)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self._teacher_call, FSDPModule)
+
+    def on_teacher(self, fn, *, gathered: bool = False):
+        """`fn(teacher)` without gradients, with the teacher's weights usable inside it however it is placed.
+
+        Replicated, this is `fn(self.teacher)`. Sharded, it runs inside the teacher's root unit, as
+        `on_student` does for the student: decoder layers gathered one forward at a time, or all of them
+        for the whole call with `gathered=True` (sampling, evaluation). Every rank must make the same calls.
+        """
+        if not self.teacher_sharded:
+            with torch.no_grad():
+                return fn(self.teacher)
+        call = self._teacher_call
+        with torch.no_grad():
+            out = call(_gather_layers_for(fn) if gathered else fn)
+        call.reshard()
+        return out
 
     def student_state_dict(self) -> dict[str, Tensor]:
         """The student's full weights; under FSDP gathered from every rank's shards (call it on every rank)."""
@@ -391,7 +423,8 @@ class DistillModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.student.train()  # from_pretrained returns models in eval mode
-        if getattr(self.teacher, "hf_device_map", None) is None:  # a device_map placed it: leave it there
+        placed = getattr(self.teacher, "hf_device_map", None) is not None  # a device_map: leave it there
+        if not (placed or self.teacher_sharded):  # FSDP placed a sharded teacher on the mesh's device
             self.teacher.to(self.device)
         _freeze(self.teacher)
 
@@ -508,7 +541,12 @@ class DistillModule(L.LightningModule):
             )
             return drawn, True
         teacher_prompts = [row.get("teacher_prompt_ids", row["prompt_ids"]) for row in batch]
-        drawn = sample(self.teacher, teacher_prompts, eos_token_ids=self.pair.teacher_eos_ids, **common)
+        drawn = self.on_teacher(
+            lambda teacher: sample(
+                teacher, teacher_prompts, eos_token_ids=self.pair.teacher_eos_ids, **common
+            ),
+            gathered=True,  # as for the student: ranks draw different numbers of tokens
+        )
         rollout = with_prompts(drawn, student_prompts, pad_token_id=self.pair.pad_token_id)
         if self.pair.remap_end_token is not None:  # the teacher's end token, as the student would write it
             to_id, from_id = self.pair.remap_end_token
@@ -527,12 +565,14 @@ class DistillModule(L.LightningModule):
     def score_teacher(self, rollout: RolloutBatch, batch: list[dict[str, Any]]) -> _TeacherSide:
         """One teacher forward on its own copy of the rollout, reduced to per-token statistics."""
         teacher_prompts = [row.get("teacher_prompt_ids", row["prompt_ids"]) for row in batch]
-        hidden = teacher_hidden_states(  # (B, R, H_t)
-            self.teacher,
-            rollout,
-            teacher_prompts,
-            pad_token_id=self.pair.pad_token_id,
-            remap_end_token_ids=self.pair.remap_end_token,
+        hidden = self.on_teacher(
+            lambda teacher: teacher_hidden_states(  # (B, R, H_t)
+                teacher,
+                rollout,
+                teacher_prompts,
+                pad_token_id=self.pair.pad_token_id,
+                remap_end_token_ids=self.pair.remap_end_token,
+            )
         ).to(self.device)  # a teacher placed by a device_map may end its forward on another device
         source = LinearLogits(hidden, self._teacher_weight(), self.pair.vocab_size)
         stats = teacher_token_stats(
@@ -660,8 +700,14 @@ class DistillModule(L.LightningModule):
     def _teacher_weight(self) -> Tensor:
         """The teacher's output layer in the student's token ids (end-token rows swapped when remapped)."""
         # The teacher is frozen: build the (V, H) permuted copy once per device, not once per call.
-        source = output_weight(self.teacher)
         cached = getattr(self, "_teacher_weight_cache", None)
+        if self.teacher_sharded:  # gathered whole once (every rank at the same call) and kept
+            if cached is None:
+                remap = self.pair.remap_end_token
+                whole = self.on_teacher(lambda teacher: teacher_output_weight(teacher, remap).clone())
+                object.__setattr__(self, "_teacher_weight_cache", (None, whole.to(self.device)))
+            return self._teacher_weight_cache[1]
+        source = output_weight(self.teacher)
         if cached is None or cached[0] != (source.data_ptr(), source.device):
             cached = (
                 (source.data_ptr(), source.device),
@@ -843,15 +889,15 @@ class DistillModule(L.LightningModule):
         return self.on_student(entropy)
 
 
-class _StudentCall(torch.nn.Module):
-    """Calls `fn(student)` in its forward: under FSDP, the root unit whose forward makes the student whole."""
+class _ModelCall(torch.nn.Module):
+    """Calls `fn(model)` in its forward: under FSDP, the root unit whose forward makes the model whole."""
 
-    def __init__(self, student: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.student = student
+        self.model = model
 
     def forward(self, fn):
-        return fn(self.student)
+        return fn(self.model)
 
 
 def _gather_layers_for(fn):

@@ -151,6 +151,19 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             raise ConfigError(
                 f"config 'pair.teacher.{option}' is set, but the teacher is frozen: it applies to the student only"
             )
+    if sources["student"].shard:
+        raise ConfigError(
+            "config 'pair.student.shard' is for the teacher; the student is sharded by trainer=fsdp"
+        )
+    if sources["teacher"].shard and strategy != SHARDED:
+        raise ConfigError(
+            f"config 'pair.teacher.shard'=true needs trainer=fsdp (trainer.strategy={strategy!r}): the teacher "
+            "is sharded over the same ranks as the student; set pair.teacher.shard=false to replicate it"
+        )
+    if sources["teacher"].shard and sources["teacher"].device_map is not None:
+        raise ConfigError(
+            "config 'pair.teacher.shard'=true and pair.teacher.device_map both place the teacher; keep one"
+        )
     eval_spec = _build("eval", lambda: _eval_spec(cfg.eval, cfg.eval))
     final_spec = _build("eval.final", lambda: _eval_spec(cfg.eval, cfg.eval.final))
     for key in ("grader",):
@@ -319,20 +332,26 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         logging=p.logging,
         seed=cfg.seed,
         engine=engine,
+        shard_teacher=p.teacher_source.shard,
     )
     student_side = ModelSide(student, student_tokenizer, p.student_format, (student_eos,))
     teacher_side = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
     grader = GRADERS[cfg.eval.grader]()
 
-    def evaluation(spec, split: str, n_problems: int, side: ModelSide, with_teacher: bool = True):
+    def evaluation(
+        spec, split: str, n_problems: int, side: ModelSide, with_teacher: bool = True, teacher_model=None
+    ):
         records = p.records[split][:n_problems]
+        teacher_with = teacher_side
+        if teacher_model is not None:  # the teacher as `on_teacher` hands it over (gathered when sharded)
+            teacher_with = ModelSide(teacher_model, teacher_tokenizer, p.teacher_format, (teacher_eos,))
         return evaluate(
             side,
             records,
             grader,
             spec,
             vocab_size=vocab_size,
-            teacher=teacher_side if with_teacher else None,
+            teacher=teacher_with if with_teacher else None,
             remap_end_token_ids=remap,
         )
 
@@ -344,12 +363,16 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     if p.benchmarks and "before" in p.benchmark_protocol.models:
         bench_runs["student before"] = _evaluate_benchmarks(p, student_side, vocab_size)
     callbacks = [checkpointing.ResumeState(), *_callbacks(cfg, p.run_dir)]
-    periodic = PeriodicEvaluation(
-        lambda model: evaluation(
-            p.eval_spec,
-            cfg.eval.split,
-            cfg.eval.n_problems,
-            ModelSide(model, student_tokenizer, p.student_format, (student_eos,)),
+    periodic = PeriodicEvaluation(  # on every rank under FSDP: student and teacher gathered whole
+        lambda model: module.on_teacher(
+            lambda teacher_model: evaluation(
+                p.eval_spec,
+                cfg.eval.split,
+                cfg.eval.n_problems,
+                ModelSide(model, student_tokenizer, p.student_format, (student_eos,)),
+                teacher_model=teacher_model,
+            ),
+            gathered=True,
         ),
         every_n_rollout_steps=cfg.eval.every_n_rollout_steps,
         at_end=True,
@@ -390,7 +413,12 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
             )
             trained = prepare_student(trained, p.student_source)  # LoRA: the same parameter names
             trained.load_state_dict(state)
+            trained.to(module.device)
         del state
+    if module.teacher_sharded and trainer.is_global_zero:  # rank 0 evaluates alone: a whole teacher
+        teacher = load_model(p.teacher_source, vocab_size=vocab_size, dtype=pair.dtype, special_ids=special)
+        teacher.requires_grad_(False).eval().to(module.device)  # frozen: the weights it was loaded with
+        teacher_side = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
     if trainer.is_global_zero:  # under DDP every rank holds the same weights: one writer
         student_side.model = _save_student(
             trained, student_tokenizer, p.run_dir / "student", p.student_source
@@ -678,8 +706,14 @@ def _wandb_api_key_present() -> bool:
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    import warnings
+
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    # Lightning warns that a checkpoint taken under manual optimization holds the weights after the
+    # optimizer step. Here that is the point: a checkpoint closes a rollout step, updates and all, and a
+    # resumed run starts the next one (tests/test_checkpointing.py checks the metrics match exactly).
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     every = cfg.callbacks.checkpoint_every_n_steps
     return [
         ModelCheckpoint(

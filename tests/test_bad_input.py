@@ -122,6 +122,12 @@ CASES = {
     "zero-prompt-length-limit": Case(["data.max_prompt_tokens=0"], ConfigError, ["data.max_prompt_tokens"]),
     "unknown-grader": Case(["eval.grader=exact"], ConfigError, ["eval.grader", "allowed: embedded, math"]),
     "gpu-trainer-without-a-gpu": Case(["trainer=gpu"], ConfigError, ["trainer.accelerator", "trainer=cpu"]),
+    "sharded-teacher-without-fsdp": Case(
+        ["+pair.teacher.shard=true"], ConfigError, ["pair.teacher.shard", "needs trainer=fsdp", "=false"]
+    ),
+    "sharding-asked-of-the-student": Case(
+        ["+pair.student.shard=true"], ConfigError, ["pair.student.shard", "sharded by trainer=fsdp"]
+    ),
     "non-finite-limit-negative": Case(
         ["update.max_nonfinite_in_a_row=-1"], ConfigError, ["update.max_nonfinite_in_a_row=-1", ">= 0"]
     ),

@@ -99,7 +99,7 @@ def shards() -> tuple[list[RolloutBatch], list[list[dict]]]:
 
 
 def strategy(name: str):
-    if name == "fsdp":  # what eopd.train builds for trainer=fsdp
+    if name in ("fsdp", "fsdp_teacher"):  # what eopd.train builds for trainer=fsdp
         return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)
     return name
 
@@ -123,6 +123,7 @@ def train(world: int, rank: int, root: Path, strategy_name: str = "ddp") -> dict
         rollout=RolloutSpec(max_new_tokens=12),
         update=UpdateSpec(mini_batch_size=rows, micro_batch_size=rows // 2, ppo_epochs=2, shuffle=False),
         optim=OptimSpec(lr=1e-3, schedule="constant"),
+        shard_teacher=strategy_name == "fsdp_teacher",
     )
     module.fixed_rollout, module.grads = rollout, []
     trainer = L.Trainer(
@@ -156,13 +157,33 @@ def train(world: int, rank: int, root: Path, strategy_name: str = "ddp") -> dict
             ),
             gathered=True,
         )
+    teacher_samples = {  # off-policy rollouts sample the teacher the same way
+        n: module.on_teacher(
+            lambda model, n=n: (
+                sample(
+                    model,
+                    SAMPLE_PROMPTS,
+                    max_new_tokens=SAMPLE_TOKENS[n],
+                    eos_token_ids=EOS,
+                    pad_token_id=PAD,
+                    generator=torch.Generator().manual_seed(6),
+                ).input_ids
+            ),
+            gathered=True,
+        )
+        for n in (range(WORLD) if world == 1 else [rank])
+    }
     params = list(module.student.parameters())
+    teacher_params = list(module.teacher.parameters())
     return {
         "logs": module.last_logs,
         "grads": module.grads,
         "weights": {k: _full(v.detach()).clone() for k, v in module.student.state_dict().items()},
         "saved": module.student_state_dict(),
         "samples": samples,
+        "teacher_samples": teacher_samples,
+        "teacher_local_numel": sum(_local_numel(p) for p in teacher_params),
+        "teacher_numel": sum(_full(p).numel() for p in teacher_params),
         "local_numel": sum(_local_numel(p) for p in params),
         "numel": sum(_full(p).numel() for p in params),
         "optimizer_numel": sum(
@@ -198,7 +219,7 @@ def single(tmp_path_factory):
     return train(1, 0, tmp_path_factory.mktemp("single"))
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+@pytest.fixture(scope="module", params=["ddp", "fsdp", "fsdp_teacher"])
 def runs(request, single, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     mp.spawn(_worker, args=(_free_port(), str(root), request.param), nprocs=WORLD, join=True)
@@ -256,7 +277,7 @@ def test_sampling_and_saved_weights_equal_one_process(runs):
 
 def test_fsdp_shards_weights_and_optimizer_state(runs):
     single, ranks, name = runs
-    if name != "fsdp":
+    if name == "ddp":
         pytest.skip("DDP replicates the student")
     for result in ranks:
         assert result["numel"] == single["numel"]
@@ -264,3 +285,16 @@ def test_fsdp_shards_weights_and_optimizer_state(runs):
         assert result["local_numel"] <= 0.55 * single["numel"]
         assert result["optimizer_numel"] <= 0.55 * single["optimizer_numel"]
     assert sum(r["local_numel"] for r in ranks) == single["numel"]
+
+
+def test_teacher_is_sharded_only_when_asked_and_samples_as_one_process(runs):
+    single, ranks, name = runs
+    for rank, result in enumerate(ranks):
+        assert torch.equal(result["teacher_samples"][rank], single["teacher_samples"][rank])
+        assert result["teacher_numel"] == single["teacher_numel"]
+        if name == "fsdp_teacher":  # each rank holds about half of the frozen teacher
+            assert result["teacher_local_numel"] <= 0.55 * single["teacher_numel"]
+        else:
+            assert result["teacher_local_numel"] == single["teacher_numel"]
+    if name == "fsdp_teacher":
+        assert sum(r["teacher_local_numel"] for r in ranks) == single["teacher_numel"]

@@ -239,8 +239,9 @@ def train_on_two_cpu_processes(strategy: str, output_root: Path, *extra: str) ->
             "eopd.train",
             "rollout_steps=3",
             *TINY,
-            f"trainer={strategy}",
+            f"trainer={strategy.removesuffix('_teacher')}",
             *ON_TWO_CPU_PROCESSES,
+            *(["+pair.teacher.shard=true"] if strategy == "fsdp_teacher" else []),
             f"output_root={output_root}",
             *extra,
         ],
@@ -253,7 +254,7 @@ def train_on_two_cpu_processes(strategy: str, output_root: Path, *extra: str) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "fsdp_teacher"])  # the last shards the teacher too
 def test_two_cpu_processes_train_save_the_whole_student_and_resume_exactly(strategy, tmp_path):
     result = train_on_two_cpu_processes(strategy, tmp_path)
 
@@ -276,6 +277,9 @@ def test_two_cpu_processes_train_save_the_whole_student_and_resume_exactly(strat
     ).state_dict()
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in initial.items()}
     assert any(not torch.equal(saved[k], initial[k]) for k in initial)
+    table = json.loads((run_dir / "eval.json").read_text())  # rank 0's final evaluation, teacher included
+    assert set(table) == {"student before", "student after", "teacher"}
+    assert math.isfinite(table["student after"]["div/fkl_high_entropy"])
     # Checkpoints are whole files, so a sharded run resumes like any other: from rollout step 2's
     # checkpoint, step 3 logs what the uninterrupted run logged.
     (checkpoint,) = (run_dir / "checkpoints").glob("*step=4.ckpt")
