@@ -31,7 +31,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -689,8 +689,13 @@ class DistillModule(L.LightningModule):
                         )
                         return out.loss, out.metrics  # a tuple: FSDP hooks the loss for backward
 
-                    loss, micro_metrics = self.on_student(micro_loss)
-                    self.manual_backward(loss * world if world > 1 else loss)
+                    # DDP: all-reduce once per optimizer step, on the last micro-batch's backward (the
+                    # gradients accumulated before it are summed in); FSDP reduce-scatters every time.
+                    last = start + micro >= len(rows)
+                    hold = self._distributed and not last
+                    with self.trainer.strategy.block_backward_sync() if hold else nullcontext():
+                        loss, micro_metrics = self.on_student(micro_loss)
+                        self.manual_backward(loss * world if world > 1 else loss)
                     step_metrics.merge([micro_metrics])
                 grad_norm = self._clip_and_step(optimizer, scheduler, step_metrics)
                 step_metrics.add_sums("train/grad_norm", grad_norm, 1.0)

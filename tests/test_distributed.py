@@ -39,6 +39,11 @@ class FixedRollouts(DistillModule):
         self.grads.append([_full(p.grad.detach()).clone() for p in self.student.parameters()])
         return super()._clip_and_step(optimizer, scheduler, metrics)
 
+    def manual_backward(self, loss, *args, **kwargs):
+        ddp = self.trainer.strategy.model
+        self.syncs.append(getattr(ddp, "require_backward_grad_sync", None))  # None: not DDP-wrapped
+        return super().manual_backward(loss, *args, **kwargs)
+
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded (DTensor) parameter or gradient gathered whole; a plain tensor as it is."""
@@ -125,7 +130,7 @@ def train(world: int, rank: int, root: Path, strategy_name: str = "ddp") -> dict
         optim=OptimSpec(lr=1e-3, schedule="constant"),
         shard_teacher=strategy_name == "fsdp_teacher",
     )
-    module.fixed_rollout, module.grads = rollout, []
+    module.fixed_rollout, module.grads, module.syncs = rollout, [], []
     trainer = L.Trainer(
         accelerator="cpu",
         devices=world,
@@ -178,6 +183,7 @@ def train(world: int, rank: int, root: Path, strategy_name: str = "ddp") -> dict
     return {
         "logs": module.last_logs,
         "grads": module.grads,
+        "syncs": module.syncs,
         "weights": {k: _full(v.detach()).clone() for k, v in module.student.state_dict().items()},
         "saved": module.student_state_dict(),
         "samples": samples,
@@ -298,3 +304,11 @@ def test_teacher_is_sharded_only_when_asked_and_samples_as_one_process(runs):
             assert result["teacher_local_numel"] == single["teacher_numel"]
     if name == "fsdp_teacher":
         assert sum(r["teacher_local_numel"] for r in ranks) == single["teacher_numel"]
+
+
+def test_ddp_all_reduces_once_per_optimizer_step(runs):
+    _, ranks, name = runs
+    if name != "ddp":
+        pytest.skip("FSDP reduce-scatters each micro-batch's gradients")
+    for result in ranks:  # two optimizer steps of two micro-batches: gradients held, then synced
+        assert result["syncs"] == [False, True, False, True]
