@@ -362,7 +362,8 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     bench_runs: dict[str, dict[str, dict[str, float]]] = {}
     if p.benchmarks and "before" in p.benchmark_protocol.models:
         bench_runs["student before"] = _evaluate_benchmarks(p, student_side, vocab_size)
-    callbacks = [checkpointing.ResumeState(), *_callbacks(cfg, p.run_dir)]
+    steps_per_rollout = p.max_steps // cfg.rollout_steps
+    callbacks = [checkpointing.ResumeState(), *_callbacks(cfg, p.run_dir, steps_per_rollout)]
     periodic = PeriodicEvaluation(  # on every rank under FSDP: student and teacher gathered whole
         lambda model: module.on_teacher(
             lambda teacher_model: evaluation(
@@ -705,7 +706,7 @@ def _wandb_api_key_present() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
+def _callbacks(cfg: DictConfig, run_dir: Path, steps_per_rollout: int = 1) -> list:
     import warnings
 
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -715,6 +716,18 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     # resumed run starts the next one (tests/test_checkpointing.py checks the metrics match exactly).
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     every = cfg.callbacks.checkpoint_every_n_steps
+    if every and every > 0 and every % steps_per_rollout:
+        # Lightning checks the step count between rollout steps only, so any other number would take
+        # checkpoints at the least common multiple, far apart; round up to the next rollout step instead.
+        rounded = -(-every // steps_per_rollout) * steps_per_rollout
+        log.warning(
+            "callbacks.checkpoint_every_n_steps=%d is not a multiple of the %d optimizer steps per rollout "
+            "step; checkpointing every %d steps",
+            every,
+            steps_per_rollout,
+            rounded,
+        )
+        every = rounded
     return [
         ModelCheckpoint(
             dirpath=str(run_dir / "checkpoints"),

@@ -147,6 +147,17 @@ def test_checkpoint_holds_every_rng_state_and_the_data_position(uninterrupted):
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
 
 
+def test_checkpoint_interval_off_the_rollout_grid_is_rounded_up_to_the_next_rollout_step(tmp_path, caplog):
+    # 2 optimizer steps per rollout step: every 3 steps would only meet Lightning's check at step 6.
+    cfg = compose_train(["rollout_steps=3", "callbacks.checkpoint_every_n_steps=3"])
+
+    eopd.train.run(cfg, tmp_path / "run")
+
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert saved == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert "checkpointing every 4 steps" in caplog.text
+
+
 def test_rng_states_round_trip_through_a_checkpoint_file(tmp_path):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     path = tmp_path / "rng.pt"
