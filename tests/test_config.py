@@ -288,17 +288,6 @@ def test_slurm_resources_come_from_the_environment_or_the_command_line(monkeypat
 # ---- config errors -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Make loading any tokenizer or model fail the test."""
-
-    def forbidden(*args, **kwargs):
-        pytest.fail("a model or tokenizer was loaded before the config error was reported")
-
-    monkeypatch.setattr(eopd.models, "load_model", forbidden)
-    monkeypatch.setattr(eopd.models, "load_tokenizer", forbidden)
-
-
 def test_trainer_fsdp_shards_the_student_over_every_process(monkeypatch):
     from lightning.pytorch.strategies import ModelParallelStrategy
 

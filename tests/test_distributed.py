@@ -146,38 +146,11 @@ def train(world: int, rank: int, root: Path, strategy_name: str = "ddp") -> dict
     loader = torch.utils.data.DataLoader(records, batch_size=rows, collate_fn=list)
     trainer.fit(module, loader)
     # Sampling from the trained student, with as many tokens as the rank's number says: ranks draw
-    # different numbers of tokens, so a sharded student must not need a collective per token.
-    samples = {}
-    for n in range(WORLD) if world == 1 else [rank]:
-        samples[n] = module.on_student(
-            lambda model, n=n: (
-                sample(
-                    model,
-                    SAMPLE_PROMPTS,
-                    max_new_tokens=SAMPLE_TOKENS[n],
-                    eos_token_ids=EOS,
-                    pad_token_id=PAD,
-                    generator=torch.Generator().manual_seed(5),
-                ).input_ids
-            ),
-            gathered=True,
-        )
-    teacher_samples = {  # off-policy rollouts sample the teacher the same way
-        n: module.on_teacher(
-            lambda model, n=n: (
-                sample(
-                    model,
-                    SAMPLE_PROMPTS,
-                    max_new_tokens=SAMPLE_TOKENS[n],
-                    eos_token_ids=EOS,
-                    pad_token_id=PAD,
-                    generator=torch.Generator().manual_seed(6),
-                ).input_ids
-            ),
-            gathered=True,
-        )
-        for n in (range(WORLD) if world == 1 else [rank])
-    }
+    # different numbers of tokens, so a sharded model must not need a collective per token. Off-policy
+    # rollouts sample the teacher the same way.
+    numbers = range(WORLD) if world == 1 else [rank]
+    samples = {n: _draw(module.on_student, SAMPLE_TOKENS[n], seed=5) for n in numbers}
+    teacher_samples = {n: _draw(module.on_teacher, SAMPLE_TOKENS[n], seed=6) for n in numbers}
     params = list(module.student.parameters())
     teacher_params = list(module.teacher.parameters())
     return {
@@ -199,6 +172,23 @@ def train(world: int, rank: int, root: Path, strategy_name: str = "ddp") -> dict
             if v.dim()
         ),
     }
+
+
+def _draw(on_model, max_new_tokens: int, *, seed: int) -> torch.Tensor:
+    """SAMPLE_PROMPTS sampled from the model `on_model` hands over (gathered whole when sharded)."""
+    return on_model(
+        lambda model: (
+            sample(
+                model,
+                SAMPLE_PROMPTS,
+                max_new_tokens=max_new_tokens,
+                eos_token_ids=EOS,
+                pad_token_id=PAD,
+                generator=torch.Generator().manual_seed(seed),
+            ).input_ids
+        ),
+        gathered=True,
+    )
 
 
 def _worker(rank: int, port: int, root: str, strategy_name: str) -> None:
