@@ -291,6 +291,7 @@ def keep_logs_until(run_dir: Path | str, loggers: list, step: int, rollout_step:
             writer = logger.experiment  # creating the writer removes the old file
             for row in rows:
                 writer.metrics.append({k: _number(k, v) for k, v in row.items() if v != ""})
+            writer.save()  # back on disk now, not at the first save of the resumed run: a crash keeps them
     samples = run_dir / "samples.jsonl"
     if samples.is_file():
         lines = [

@@ -670,8 +670,14 @@ def _log_prompt_example(p: Plan, student_tokenizer, teacher_tokenizer, pair_spec
 
 
 def _loggers(cfg: DictConfig, run_dir: Path) -> list:
+    import warnings
+
     from lightning.pytorch.loggers import CSVLogger
 
+    # The run directory already holds config.yaml, so Lightning warns that it is not empty and would
+    # delete an old metrics.csv; a fresh run has none, and a resumed one gets its rows back
+    # (checkpointing.keep_logs_until).
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="", version="")]
     wandb_cfg = cfg.logger.get("wandb")
     if wandb_cfg is not None and wandb_cfg.get("mode", "auto") != "disabled":

@@ -158,6 +158,18 @@ def test_checkpoint_interval_off_the_rollout_grid_is_rounded_up_to_the_next_roll
     assert "checkpointing every 4 steps" in caplog.text
 
 
+def test_resume_writes_the_kept_metrics_back_before_training_starts(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    (tmp_path / "metrics.csv").write_text("step,train/loss\n2,0.5\n4,0.25\n6,0.125\n")
+    logger = CSVLogger(save_dir=str(tmp_path), name="", version="")
+
+    checkpointing.keep_logs_until(tmp_path, [logger], step=4, rollout_step=2)
+
+    # On disk already: a run killed before its first new row still has its history up to the checkpoint.
+    assert [(r["step"], r["train/loss"]) for r in read_rows(tmp_path)] == [("2", "0.5"), ("4", "0.25")]
+
+
 def test_rng_states_round_trip_through_a_checkpoint_file(tmp_path):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     path = tmp_path / "rng.pt"
