@@ -38,6 +38,7 @@ class _Tile:
     old_logprobs: Tensor | None
     stats: TeacherStats
     teacher_logp: Tensor | None  # (n, V) teacher log-probs when the full teacher is available
+    teacher_p: Tensor | None = None  # (n, V) their exp, on the closed-form path
 
 
 # A term function maps the student's log-probs of a tile (n, V), differentiable, to per-token values (n,).
@@ -46,6 +47,11 @@ TermFn = Callable[[Tensor, _Tile, Mapping[str, Any]], Tensor]
 # `support` gives those ids (n, m), `gathered` maps the log-probs there (n, m) to per-token values (n,).
 SupportFn = Callable[[_Tile, Mapping[str, Any]], Tensor]
 GatheredFn = Callable[[Tensor, _Tile, Mapping[str, Any]], Tensor]
+# A dense term with a closed-form derivative: dense(logp, p, tile, options, need_grad, consume) ->
+# (values (n,), G (n, V) or None), G = d values / d logp, a tensor the caller may overwrite. With consume,
+# the function may build G in the memory of tile.teacher_logp / tile.teacher_p (set when the objective has
+# the teacher's logits), which nothing reads afterwards.
+DenseFn = Callable[[Tensor, Tensor, _Tile, Mapping[str, Any], bool, bool], tuple[Tensor, Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,9 @@ class TermKind:
     """What a kind of term computes, what it needs, and which options it takes (with defaults).
 
     `support` and `gathered` (optional, for terms that read the student's log-probs at a few ids only,
-    when `sparse_if(options)` holds) let the objective skip autograd through the full-vocabulary softmax:
-    the tile's gradient is then formed in closed form (see `Objective._sparse_tile`).
+    when `sparse_if(options)` holds), or `dense` (a full-vocabulary term whose derivative with respect to
+    the log-probs is known in closed form) let the objective skip autograd through the full-vocabulary
+    softmax: the tile's gradient is then formed in closed form (see `Objective._closed_form_tile`).
     """
 
     fn: TermFn
@@ -65,6 +72,7 @@ class TermKind:
     support: SupportFn | None = None
     gathered: GatheredFn | None = None
     sparse_if: Callable[[Mapping[str, Any]], bool] = lambda options: True
+    dense: DenseFn | None = None
 
 
 def _ppo_support(tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
@@ -115,6 +123,45 @@ def _entropy_bonus(logp: Tensor, tile: _Tile, opt: Mapping[str, Any]) -> Tensor:
     return (logp.exp() * logp).sum(-1)  # = -H(student): minimising it raises the student's entropy
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise sum of a * b over the vocabulary, with no (n, V) temporary: (n,)."""
+    return torch.einsum("nv,nv->n", a, b)
+
+
+# Closed-form derivatives G = d values / d logp, from the definitions (logp = log p, p = exp(logp)):
+#   KL(t||s) = sum p_t (log p_t - log p)     -> G = -p_t
+#   KL(s||t) = sum p (log p - log p_t)       -> G = p (log p - log p_t + 1)
+#   -H(s)    = sum p log p                   -> G = p (log p + 1)
+# The log-probs stay on the simplex, so G + c p gives the same gradient for any c per row; each function
+# returns the representative with sum_v G_v = 0 (c = -sum_v G_v), which is also the gradient itself up to
+# 1/T and avoids subtracting two large, nearly equal rows: p - p_t, p (log p - log p_t - KL), p (log p + H).
+def _forward_kl_dense(logp, p, tile: _Tile, opt, need_grad: bool, consume: bool):
+    values = _dot(tile.teacher_p, tile.teacher_logp) - _dot(tile.teacher_p, logp)
+    if not need_grad:
+        return values, None
+    if consume:  # p - p_t in p_t's memory
+        tile.teacher_logp = None
+        grad, tile.teacher_p = tile.teacher_p.neg_().add_(p), None
+        return values, grad
+    return values, p - tile.teacher_p
+
+
+def _reverse_kl_dense(logp, p, tile: _Tile, opt, need_grad: bool, consume: bool):
+    values = _dot(p, logp) - _dot(p, tile.teacher_logp)
+    if not need_grad:
+        return values, None
+    if consume:  # in log p_t's memory
+        grad, tile.teacher_logp, tile.teacher_p = tile.teacher_logp.neg_().add_(logp), None, None
+    else:
+        grad = logp - tile.teacher_logp
+    return values, grad.sub_(values[:, None]).mul_(p)
+
+
+def _entropy_bonus_dense(logp, p, tile: _Tile, opt, need_grad: bool, consume: bool):
+    values = _dot(p, logp)  # = -H
+    return values, (logp - values[:, None]).mul_(p) if need_grad else None
+
+
 TERM_KINDS: dict[str, TermKind] = {
     "ppo_rkl": TermKind(
         _ppo,
@@ -134,10 +181,16 @@ TERM_KINDS: dict[str, TermKind] = {
         sparse_if=lambda options: options["tail"] == "renorm",
     ),
     "forward_kl": TermKind(
-        _full(D.forward_kl), needs_teacher_logits=True, doc="full-vocabulary KL(teacher||student)"
+        _full(D.forward_kl),
+        needs_teacher_logits=True,
+        doc="full-vocabulary KL(teacher||student)",
+        dense=_forward_kl_dense,
     ),
     "reverse_kl": TermKind(
-        _full(D.reverse_kl), needs_teacher_logits=True, doc="full-vocabulary KL(student||teacher)"
+        _full(D.reverse_kl),
+        needs_teacher_logits=True,
+        doc="full-vocabulary KL(student||teacher)",
+        dense=_reverse_kl_dense,
     ),
     "generalized_jsd": TermKind(
         _full(D.generalized_jsd), needs_teacher_logits=True, options={"beta": 0.5}, doc="generalised JSD"
@@ -149,7 +202,9 @@ TERM_KINDS: dict[str, TermKind] = {
         _full(D.skew_reverse_kl), needs_teacher_logits=True, options={"alpha": 0.1}, doc="skew reverse KL"
     ),
     "total_variation": TermKind(_full(D.total_variation), needs_teacher_logits=True, doc="total variation"),
-    "entropy_bonus": TermKind(_entropy_bonus, doc="minus the student's entropy (an entropy bonus)"),
+    "entropy_bonus": TermKind(
+        _entropy_bonus, doc="minus the student's entropy (an entropy bonus)", dense=_entropy_bonus_dense
+    ),
 }
 
 
@@ -195,6 +250,11 @@ class Term:
     def sparse(self) -> bool:
         """True when the term reads the student's log-probs only at a few ids per token (`TermKind`)."""
         return self.spec.support is not None and self.spec.sparse_if(self.options)
+
+    @property
+    def closed_form(self) -> bool:
+        """True when the term's gradient can be formed without autograd: sparse, or dense with `dense`."""
+        return self.sparse or self.spec.dense is not None
 
 
 def _check_options(kind: str, opt: Mapping[str, Any]) -> None:
@@ -365,14 +425,21 @@ class Objective:
             self._student_metrics(metrics, logp.detach(), token_logp.detach(), tile, gates[:, start:end])
             return total
 
-        def sparse_tile(student_logits: Tensor, start: int, end: int, need_grad: bool):
+        def closed_form_tile(student_logits: Tensor, start: int, end: int, need_grad: bool):
             tile = _Tile(
                 tokens=flat_tokens[start:end],
                 old_logprobs=None if flat_old is None else flat_old[start:end],
                 stats=stats.rows(slice(start, end)),
                 teacher_logp=None,
             )
-            return self._sparse_tile(
+            if flat_teacher is not None:
+                teacher_logits = source_tile(flat_teacher, start, end)
+                if self.temperature != 1.0:
+                    teacher_logits = teacher_logits / self.temperature
+                tile.teacher_logp = torch.log_softmax(teacher_logits, -1)
+                del teacher_logits
+                tile.teacher_p = tile.teacher_logp.exp()
+            return self._closed_form_tile(
                 student_logits,
                 tile,
                 coefficients[:, start:end],
@@ -382,14 +449,14 @@ class Objective:
                 need_grad,
             )
 
-        if flat_teacher is None and all(term.sparse for term in self.terms):
-            loss = tiled_loss(flat_student, sparse_tile, chunk_size=self.chunk_size, analytic_grad=True)
+        if all(term.closed_form for term in self.terms):
+            loss = tiled_loss(flat_student, closed_form_tile, chunk_size=self.chunk_size, analytic_grad=True)
         else:
             loss = tiled_loss(flat_student, tile_loss, chunk_size=self.chunk_size)
         metrics.add_sums("loss/total", loss.detach() * count, n_local)
         return ObjectiveOutput(loss, metrics)
 
-    def _sparse_tile(
+    def _closed_form_tile(
         self,
         logits: Tensor,
         tile: _Tile,
@@ -399,13 +466,14 @@ class Objective:
         gates: Tensor,
         need_grad: bool,
     ) -> tuple[Tensor, Tensor | None]:
-        """One tile's loss and d loss / d logits in closed form, for objectives of sparse terms only.
+        """One tile's loss and d loss / d logits in closed form, for objectives of closed-form terms only.
 
-        With log p = log_softmax(z / T) and G = d L / d log p, nonzero only on the terms' supports (the
-        sampled token, the teacher's top-k), the chain rule through the softmax gives
-            d L / d z = (G - p * sum_v G_v) / T,
-        so the full-vocabulary work is one log-softmax, one exp (shared with the student-entropy
-        diagnostic) and one scaled copy of p: no autograd graph over (n, V) tensors.
+        With log p = log_softmax(z / T) and G = d L / d log p, the chain rule through the softmax gives
+            d L / d z = (G - p * sum_v G_v) / T.
+        Sparse terms contribute G on their supports only (the sampled token, the teacher's top-k), dense
+        ones (`TermKind.dense`: full-vocabulary KL, entropy) a full row each; either way the full-vocabulary
+        work is a log-softmax, an exp shared with the diagnostics and a few fused row operations: no
+        autograd graph over (n, V) tensors.
 
         Args:
             logits: (n, V) float32 student logits of the tile; overwritten (with the log-probs).
@@ -420,10 +488,16 @@ class Objective:
         token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
         if tile.old_logprobs is None:
             tile.old_logprobs = token_logp
+        # Diagnostics first: the last dense term may build its gradient in the teacher's tensors.
+        self._student_metrics(
+            metrics, logp, token_logp, tile, gates, student_entropy=student_entropy, student_p=p
+        )
         total = logp.new_zeros(())
         supports, grads = [], []
         with torch.enable_grad():
             for i, term in enumerate(self.terms):
+                if not term.sparse:
+                    continue
                 support = term.spec.support(tile, term.options)  # (n, m)
                 at = logp.gather(-1, support).requires_grad_(need_grad)
                 values = term.spec.gathered(at, tile, term.options)
@@ -434,11 +508,25 @@ class Objective:
                     (grad_at,) = torch.autograd.grad(term_total, at)
                     supports.append(support)
                     grads.append(grad_at)
-        self._student_metrics(metrics, logp, token_logp, tile, gates, student_entropy=student_entropy)
+        dense = [i for i, term in enumerate(self.terms) if not term.sparse]
+        dense_grad = None  # (n, V): sum over dense terms of coefficient x G
+        for i in dense:
+            term = self.terms[i]
+            consume = i == dense[-1]
+            values, g = term.spec.dense(logp, p, tile, term.options, need_grad, consume)
+            metrics.add(f"loss/{term.name}", (coefficients[i] * count) * values)
+            total = total + (coefficients[i] * values).sum()
+            if need_grad:
+                g = g.mul_(coefficients[i][:, None])
+                dense_grad = g if dense_grad is None else dense_grad.add_(g)
         if not need_grad:
             return total, None
-        grad_sum = sum(g.sum(-1) for g in grads)  # (n,)
+        grad_sum = sum(g.sum(-1) for g in grads) if grads else logp.new_zeros(logp.shape[0])  # (n,)
+        if dense_grad is not None:
+            grad_sum = grad_sum + dense_grad.sum(-1)
         grad = p.mul_(-grad_sum[:, None])  # p is not needed any more: reuse its memory
+        if dense_grad is not None:
+            grad.add_(dense_grad)
         for support, grad_at in zip(supports, grads, strict=True):
             grad.scatter_add_(-1, support, grad_at)
         if self.temperature != 1.0:
@@ -472,6 +560,7 @@ class Objective:
         tile: _Tile,
         gates: Tensor,
         student_entropy: Tensor | None = None,
+        student_p: Tensor | None = None,
     ) -> None:
         stats = tile.stats
         high = (stats.entropy >= self.diagnostic_tau).float()
@@ -502,9 +591,10 @@ class Objective:
                 metrics.add("ppo/clip_fraction", clipped.float())
                 break
         if tile.teacher_logp is not None:
-            p_t, p_s = tile.teacher_logp.exp(), logp.exp()
-            fkl = (p_t * (tile.teacher_logp - logp)).sum(-1)
-            rkl = (p_s * (logp - tile.teacher_logp)).sum(-1)
+            p_t = tile.teacher_p if tile.teacher_p is not None else tile.teacher_logp.exp()
+            p_s = student_p if student_p is not None else logp.exp()
+            fkl = _dot(p_t, tile.teacher_logp) - _dot(p_t, logp)
+            rkl = _dot(p_s, logp) - _dot(p_s, tile.teacher_logp)
             metrics.add("div/fkl", fkl)
             metrics.add("div/rkl", rkl)
             metrics.add("div/fkl_high_entropy", fkl, high)

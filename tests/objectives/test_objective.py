@@ -433,7 +433,7 @@ def test_closed_form_and_autograd_paths_agree_in_loss_gradient_and_diagnostics(n
     obj = preset(name, top_k=4, chunk_size=5)
     fast_loss, fast_grad = _loss_and_grad(obj, d["student"], **kw)
     fast_metrics = obj(student=d["student"], **kw).metrics.means()
-    monkeypatch.setattr(Term, "sparse", property(lambda self: False))
+    monkeypatch.setattr(Term, "closed_form", property(lambda self: False))
     slow_loss, slow_grad = _loss_and_grad(obj, d["student"], **kw)
     slow_metrics = obj(student=d["student"], **kw).metrics.means()
     torch.testing.assert_close(fast_loss, slow_loss)
@@ -441,6 +441,83 @@ def test_closed_form_and_autograd_paths_agree_in_loss_gradient_and_diagnostics(n
     assert fast_metrics.keys() == slow_metrics.keys()
     for key, value in slow_metrics.items():
         assert fast_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    ("name", "with_teacher"),
+    [("fkl", True), ("rkl", True), ("opd_entropy_bonus", False), ("eopd", True), ("opd", True)],
+)
+def test_closed_form_and_autograd_paths_agree_for_full_vocabulary_terms(name, with_teacher, monkeypatch):
+    # Full-vocabulary KL and the entropy bonus also form their gradient in closed form; with the teacher's
+    # logits given, so do OPD/EOPD (their diagnostics then include the exact forward and reverse KL).
+    d = make_batch(seed=7)
+    stats = teacher_token_stats(d["teacher"], d["tokens"], k=4, temperature=0.7)
+    kw = dict(tokens=d["tokens"], mask=d["mask"], teacher_stats=stats, old_logprobs=d["old_logprobs"])
+    if with_teacher:
+        kw["teacher"] = d["teacher"]
+    obj = preset(name, top_k=4, chunk_size=5, temperature=0.7)
+    assert all(term.closed_form for term in obj.terms)
+    fast_loss, fast_grad = _loss_and_grad(obj, d["student"], **kw)
+    fast_metrics = obj(student=d["student"], **kw).metrics.means()
+    monkeypatch.setattr(Term, "closed_form", property(lambda self: False))
+    slow_loss, slow_grad = _loss_and_grad(obj, d["student"], **kw)
+    slow_metrics = obj(student=d["student"], **kw).metrics.means()
+    torch.testing.assert_close(fast_loss, slow_loss)
+    torch.testing.assert_close(fast_grad, slow_grad)
+    assert fast_metrics.keys() == slow_metrics.keys()
+    for key, value in slow_metrics.items():
+        assert fast_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_several_dense_terms_share_one_closed_form_tile(monkeypatch):
+    # The last dense term builds its gradient in the teacher's tensors: the ones before it must not.
+    d = make_batch(seed=9)
+    obj = Objective(
+        (
+            Term("ppo_rkl"),
+            Term("reverse_kl", weight=0.5),
+            Term("forward_kl", gate=HardGate(0.8), name="fkl_gated"),
+            Term("entropy_bonus", weight=0.01),
+            Term("forward_kl", weight=0.3, name="fkl_all"),
+        ),
+        top_k=4,
+        chunk_size=4,
+    )
+    kw = dict(tokens=d["tokens"], mask=d["mask"], teacher=d["teacher"], old_logprobs=d["old_logprobs"])
+    fast_loss, fast_grad = _loss_and_grad(obj, d["student"], **kw)
+    fast_metrics = obj(student=d["student"], **kw).metrics.means()
+    monkeypatch.setattr(Term, "closed_form", property(lambda self: False))
+    slow_loss, slow_grad = _loss_and_grad(obj, d["student"], **kw)
+    slow_metrics = obj(student=d["student"], **kw).metrics.means()
+    torch.testing.assert_close(fast_loss, slow_loss)
+    torch.testing.assert_close(fast_grad, slow_grad)
+    for key, value in slow_metrics.items():
+        assert fast_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("direction", ["fkl", "rkl"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_closed_form_full_kl_gradient_matches_float64_autograd_on_the_definition(direction, temperature):
+    d = make_batch(seed=8, hidden=True)
+    hs = d["hs"].clone().requires_grad_(True)
+    ws = d["ws"].clone().requires_grad_(True)
+    teacher = LinearLogits(d["ht"], d["wt"])
+    obj = preset(direction, top_k=4, chunk_size=4, temperature=temperature)
+    loss = obj(student=LinearLogits(hs, ws), tokens=d["tokens"], mask=d["mask"], teacher=teacher).loss
+    g_h, g_w = torch.autograd.grad(loss, (hs, ws))
+
+    ls = torch.log_softmax((hs @ ws.T).double() / temperature, -1)
+    lt = torch.log_softmax((d["ht"] @ d["wt"].T).double() / temperature, -1)
+    kl = (lt.exp() * (lt - ls)).sum(-1) if direction == "fkl" else (ls.exp() * (ls - lt)).sum(-1)
+    ref = (kl * d["mask"]).sum() / d["mask"].sum()
+    r_h, r_w = torch.autograd.grad(ref, (hs, ws))
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(g_h, r_h.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_w, r_w.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_jsd_keeps_the_autograd_path():
+    assert not all(term.closed_form for term in preset("jsd").terms)
 
 
 def test_bucket_tail_is_not_sparse():
