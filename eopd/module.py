@@ -595,22 +595,18 @@ class DistillModule(L.LightningModule):
             # Everything that reads the student's output layer stays inside: FSDP frees it afterwards.
             hidden = response_hidden_states(model, rollout)  # (B, R, H)
             student = LinearLogits(hidden, output_weight(model), self.pair.vocab_size)
-            old = teacher_token_stats(
-                student,
-                rollout.responses,
-                k=1,
-                temperature=self.objective.temperature,
-                chunk_size=self.objective.chunk_size,
-            ).token_logprobs
+            # One pass over the vocabulary: the diagnostics at the rollout policy, which is the old
+            # policy itself (ratio 1), and log pi_old(y_t) kept from the same tiles.
+            old = torch.zeros(rollout.responses.shape, dtype=torch.float32, device=hidden.device)
             diagnostics = self.objective(
                 student=student,
                 tokens=rollout.responses,
                 mask=mask,
                 teacher_stats=teacher.stats,
                 teacher=teacher_full,
-                old_logprobs=old,
                 gate_weights=gates,
                 step=self.global_step,
+                token_logprobs_out=old,
             ).metrics
             return old, diagnostics
 

@@ -345,6 +345,7 @@ class Objective:
         gate_weights: Tensor | None = None,
         step: int = 0,
         num_valid_tokens: int | Tensor | None = None,
+        token_logprobs_out: Tensor | None = None,
     ) -> ObjectiveOutput:
         """Loss and diagnostics for a batch of response positions of shape (...), e.g. (B, T).
 
@@ -362,6 +363,9 @@ class Objective:
             step: the optimizer step, for schedules and random gates.
             num_valid_tokens: valid tokens of the whole batch across micro-batches and ranks; this call's
                 count when None.
+            token_logprobs_out: optional float32 tensor shaped like `tokens`; filled at the valid
+                positions with the student's log pi(y_t) as scored here (detached), e.g. to keep them as
+                the old policy's without a second pass over the vocabulary.
 
         Returns:
             ObjectiveOutput(loss, metrics).
@@ -401,6 +405,14 @@ class Objective:
 
         metrics = Metrics()
         self._teacher_metrics(metrics, stats, gates)
+        flat_token_logp = None
+        if token_logprobs_out is not None:
+            if token_logprobs_out.shape != tokens.shape:
+                raise ValueError(
+                    f"token_logprobs_out shape {tuple(token_logprobs_out.shape)} != tokens shape "
+                    f"{tuple(tokens.shape)}"
+                )
+            flat_token_logp = flat_tokens.new_zeros(flat_tokens.shape, dtype=torch.float32)
 
         def tile_loss(student_logits: Tensor, start: int, end: int) -> Tensor:
             logp = torch.log_softmax(student_logits / self.temperature, dim=-1)  # (n, V)
@@ -411,6 +423,8 @@ class Objective:
                 teacher_logp=None,
             )
             token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
+            if flat_token_logp is not None:
+                flat_token_logp[start:end] = token_logp.detach()
             tile.old_logprobs = token_logp.detach() if flat_old is None else flat_old[start:end]
             if flat_teacher is not None:
                 tile.teacher_logp = torch.log_softmax(
@@ -447,6 +461,7 @@ class Objective:
                 metrics,
                 gates[:, start:end],
                 need_grad,
+                None if flat_token_logp is None else flat_token_logp[start:end],
             )
 
         if all(term.closed_form for term in self.terms):
@@ -454,6 +469,8 @@ class Objective:
         else:
             loss = tiled_loss(flat_student, tile_loss, chunk_size=self.chunk_size)
         metrics.add_sums("loss/total", loss.detach() * count, n_local)
+        if token_logprobs_out is not None:
+            token_logprobs_out[mask] = flat_token_logp.to(token_logprobs_out.dtype)
         return ObjectiveOutput(loss, metrics)
 
     def _closed_form_tile(
@@ -465,6 +482,7 @@ class Objective:
         metrics: Metrics,
         gates: Tensor,
         need_grad: bool,
+        token_logp_out: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """One tile's loss and d loss / d logits in closed form, for objectives of closed-form terms only.
 
@@ -486,6 +504,8 @@ class Objective:
         p = logp.exp()
         student_entropy = -torch.einsum("nv,nv->n", p, logp)
         token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
+        if token_logp_out is not None:
+            token_logp_out.copy_(token_logp)
         if tile.old_logprobs is None:
             tile.old_logprobs = token_logp
         # Diagnostics first: the last dense term may build its gradient in the teacher's tensors.

@@ -516,6 +516,21 @@ def test_closed_form_full_kl_gradient_matches_float64_autograd_on_the_definition
     torch.testing.assert_close(g_w, r_w.float(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["eopd", "fkl", "jsd"])  # closed-form (sparse, dense) and autograd tiles
+def test_token_logprobs_out_holds_the_students_sampled_token_logprobs(name):
+    d = make_batch(seed=10)
+    out = torch.full(d["tokens"].shape, float("nan"))
+    obj = preset(name, top_k=4, chunk_size=4, temperature=0.7)
+
+    obj(
+        student=d["student"], tokens=d["tokens"], mask=d["mask"], teacher=d["teacher"], token_logprobs_out=out
+    )
+
+    expected = torch.log_softmax(d["student"].double() / 0.7, -1).gather(-1, d["tokens"][..., None])[..., 0]
+    torch.testing.assert_close(out[d["mask"]], expected[d["mask"]].float())
+    assert out[~d["mask"]].isnan().all(), "positions outside the mask are left as they were"
+
+
 def test_jsd_keeps_the_autograd_path():
     assert not all(term.closed_form for term in preset("jsd").terms)
 
