@@ -489,7 +489,8 @@ class DistillModule(L.LightningModule):
         logs.update({f"time/{k}": v for k, v in timer.seconds.items()})
         total = sum(timer.seconds.values())
         logs["time/step"] = total
-        logs["perf/tokens_per_s"] = rollout.num_valid_tokens / max(total, 1e-9)
+        tokens = self._reduce(float(rollout.num_valid_tokens), "sum")
+        logs["perf/tokens_per_s"] = tokens / max(total, 1e-9)  # every rank's response tokens
         logs["train/lr"] = lr
         logs["fault/skipped_updates"] = float(self.skipped_updates)
         logs["step/rollout"] = float(self.rollout_step)
@@ -809,20 +810,28 @@ class DistillModule(L.LightningModule):
     def _rollout_metrics(
         self, rollout: RolloutBatch, old_logprobs: Tensor, on_policy: bool
     ) -> dict[str, float]:
+        """Rollout statistics of the whole batch: under data parallelism summed over the ranks' shards."""
         lengths = rollout.response_lengths.float()
         mask = rollout.response_mask
-        logs = {
-            "rollout/len_mean": float(lengths.mean()),
-            "rollout/len_max": float(lengths.max()),
-            "rollout/truncated_frac": float(rollout.truncated.float().mean()),
-            "rollout/on_policy": float(on_policy),
-        }
-        if on_policy and rollout.sampler_logprobs is not None and mask.any():
+        sums = Metrics()
+        sums.add("rollout/len_mean", lengths)
+        sums.add("rollout/truncated_frac", rollout.truncated.float())
+        if on_policy and rollout.sampler_logprobs is not None:
             # On-policy guard: the sampler's log-probs against the trainer's recomputed ones.
             log_ratio = (old_logprobs - rollout.sampler_logprobs)[mask]
-            logs["rollout/sampler_kl_k3"] = float((torch.expm1(log_ratio) - log_ratio).mean())
-            logs["rollout/sampler_ratio_mean"] = float(log_ratio.exp().mean())
+            sums.add("rollout/sampler_kl_k3", torch.expm1(log_ratio) - log_ratio)
+            sums.add("rollout/sampler_ratio_mean", log_ratio.exp())
+        logs = self._all_ranks(sums).means()
+        logs["rollout/len_max"] = self._reduce(float(lengths.max()), "max")
+        logs["rollout/on_policy"] = float(on_policy)  # the same on every rank (one coin)
         return logs
+
+    def _reduce(self, value: float, op: str) -> float:
+        """`value` reduced over the ranks with "sum" or "max"; itself on one process."""
+        if not self._distributed:
+            return value
+        tensor = torch.tensor(value, dtype=torch.float64, device=self.device)
+        return float(self.trainer.strategy.reduce(tensor, reduce_op=op))
 
     def _log_samples(self, batch: list[dict[str, Any]], rollout: RolloutBatch, teacher: _TeacherSide) -> None:
         spec = self.log_spec

@@ -233,6 +233,10 @@ def test_loss_and_metrics_equal_one_process(runs):
         "entropy/teacher",
         "div/fkl",
         "train/grad_norm",
+        "rollout/len_mean",  # rollout statistics of the whole batch too, not of rank 0's shard
+        "rollout/len_max",
+        "rollout/truncated_frac",
+        "rollout/sampler_kl_k3",
     ):
         for result in ranks:  # every rank logs the whole batch's value
             assert result["logs"][key] == pytest.approx(single["logs"][key], rel=1e-4, abs=1e-6), key
