@@ -425,22 +425,27 @@ def test_closed_form_gradient_from_teacher_statistics_matches_float64_autograd(t
     torch.testing.assert_close(g_w, r_w.float(), rtol=1e-4, atol=1e-6)
 
 
+def assert_closed_form_matches_autograd(obj, student, monkeypatch, **kw):
+    """Loss, gradient and every diagnostic of the closed-form tiles equal the autograd tiles'."""
+    fast_loss, fast_grad = _loss_and_grad(obj, student, **kw)
+    fast_metrics = obj(student=student, **kw).metrics.means()
+    monkeypatch.setattr(Term, "closed_form", property(lambda self: False))
+    slow_loss, slow_grad = _loss_and_grad(obj, student, **kw)
+    slow_metrics = obj(student=student, **kw).metrics.means()
+    torch.testing.assert_close(fast_loss, slow_loss)
+    torch.testing.assert_close(fast_grad, slow_grad)
+    assert fast_metrics.keys() == slow_metrics.keys()
+    for key, value in slow_metrics.items():
+        assert fast_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
 @pytest.mark.parametrize("name", ["opd", "eopd", "eopd_soft", "eopd_quantile"])
 def test_closed_form_and_autograd_paths_agree_in_loss_gradient_and_diagnostics(name, monkeypatch):
     d = make_batch(seed=6)
     stats = teacher_token_stats(d["teacher"], d["tokens"], k=4)
     kw = dict(tokens=d["tokens"], mask=d["mask"], teacher_stats=stats, old_logprobs=d["old_logprobs"])
     obj = preset(name, top_k=4, chunk_size=5)
-    fast_loss, fast_grad = _loss_and_grad(obj, d["student"], **kw)
-    fast_metrics = obj(student=d["student"], **kw).metrics.means()
-    monkeypatch.setattr(Term, "closed_form", property(lambda self: False))
-    slow_loss, slow_grad = _loss_and_grad(obj, d["student"], **kw)
-    slow_metrics = obj(student=d["student"], **kw).metrics.means()
-    torch.testing.assert_close(fast_loss, slow_loss)
-    torch.testing.assert_close(fast_grad, slow_grad)
-    assert fast_metrics.keys() == slow_metrics.keys()
-    for key, value in slow_metrics.items():
-        assert fast_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert_closed_form_matches_autograd(obj, d["student"], monkeypatch, **kw)
 
 
 @pytest.mark.parametrize(
@@ -457,16 +462,7 @@ def test_closed_form_and_autograd_paths_agree_for_full_vocabulary_terms(name, wi
         kw["teacher"] = d["teacher"]
     obj = preset(name, top_k=4, chunk_size=5, temperature=0.7)
     assert all(term.closed_form for term in obj.terms)
-    fast_loss, fast_grad = _loss_and_grad(obj, d["student"], **kw)
-    fast_metrics = obj(student=d["student"], **kw).metrics.means()
-    monkeypatch.setattr(Term, "closed_form", property(lambda self: False))
-    slow_loss, slow_grad = _loss_and_grad(obj, d["student"], **kw)
-    slow_metrics = obj(student=d["student"], **kw).metrics.means()
-    torch.testing.assert_close(fast_loss, slow_loss)
-    torch.testing.assert_close(fast_grad, slow_grad)
-    assert fast_metrics.keys() == slow_metrics.keys()
-    for key, value in slow_metrics.items():
-        assert fast_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert_closed_form_matches_autograd(obj, d["student"], monkeypatch, **kw)
 
 
 def test_several_dense_terms_share_one_closed_form_tile(monkeypatch):
@@ -484,15 +480,7 @@ def test_several_dense_terms_share_one_closed_form_tile(monkeypatch):
         chunk_size=4,
     )
     kw = dict(tokens=d["tokens"], mask=d["mask"], teacher=d["teacher"], old_logprobs=d["old_logprobs"])
-    fast_loss, fast_grad = _loss_and_grad(obj, d["student"], **kw)
-    fast_metrics = obj(student=d["student"], **kw).metrics.means()
-    monkeypatch.setattr(Term, "closed_form", property(lambda self: False))
-    slow_loss, slow_grad = _loss_and_grad(obj, d["student"], **kw)
-    slow_metrics = obj(student=d["student"], **kw).metrics.means()
-    torch.testing.assert_close(fast_loss, slow_loss)
-    torch.testing.assert_close(fast_grad, slow_grad)
-    for key, value in slow_metrics.items():
-        assert fast_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert_closed_form_matches_autograd(obj, d["student"], monkeypatch, **kw)
 
 
 @pytest.mark.parametrize("direction", ["fkl", "rkl"])
