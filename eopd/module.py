@@ -387,11 +387,7 @@ class DistillModule(L.LightningModule):
         if not self.teacher_sharded:
             with torch.no_grad():
                 return fn(self.teacher)
-        call = self._teacher_call
-        with torch.no_grad():
-            out = call(_gather_layers_for(fn) if gathered else fn)
-        call.reshard()
-        return out
+        return _call_without_grad(self._teacher_call, fn, gathered)
 
     def student_state_dict(self) -> dict[str, Tensor]:
         """The student's full weights; under FSDP gathered from every rank's shards (call it on every rank)."""
@@ -416,10 +412,7 @@ class DistillModule(L.LightningModule):
         call = self._student_call
         if not gathered and torch.is_grad_enabled():
             return call(fn)  # the backward reshards the root unit
-        with torch.no_grad():
-            out = call(_gather_layers_for(fn) if gathered else fn)
-        call.reshard()  # the root keeps its weights gathered after a forward, expecting a backward
-        return out
+        return _call_without_grad(call, fn, gathered)
 
     def on_fit_start(self) -> None:
         self.student.train()  # from_pretrained returns models in eval mode
@@ -790,10 +783,7 @@ class DistillModule(L.LightningModule):
         log.warning("skipped the update at %s: %s (%d in a row)", where, values, self.nonfinite_in_a_row)
 
     def _any_rank(self, flag: bool) -> bool:
-        if not self._distributed:
-            return flag
-        total = self.trainer.strategy.reduce(torch.tensor(float(flag), device=self.device), reduce_op="sum")
-        return bool(total > 0)
+        return self._reduce(float(flag), "sum") > 0
 
     @property
     def _distributed(self) -> bool:
@@ -908,6 +898,14 @@ class _ModelCall(torch.nn.Module):
 
     def forward(self, fn):
         return fn(self.model)
+
+
+def _call_without_grad(call: _ModelCall, fn, gathered: bool):
+    """`fn` inside the sharded root unit `call` without gradients (every layer gathered once if `gathered`)."""
+    with torch.no_grad():
+        out = call(_gather_layers_for(fn) if gathered else fn)
+    call.reshard()  # the root keeps its weights gathered after a forward, expecting a backward
+    return out
 
 
 def _gather_layers_for(fn):

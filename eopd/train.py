@@ -633,7 +633,7 @@ def _millions(model) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def _log_prompt_example(p: Plan, student_tokenizer, teacher_tokenizer, pair_spec=None) -> None:
+def _log_prompt_example(p: Plan, student_tokenizer, teacher_tokenizer, pair_spec) -> None:
     """The start-up self-test: one prompt through both formats, and what the teacher scores."""
     import torch
 
@@ -642,8 +642,6 @@ def _log_prompt_example(p: Plan, student_tokenizer, teacher_tokenizer, pair_spec
     text = p.records["train"][0]["prompt"]
     log.info("student prompt format: %r", p.student_format.render(student_tokenizer, text))
     log.info("teacher prompt format: %r", p.teacher_format.render(teacher_tokenizer, text))
-    if pair_spec is None:
-        return
     teacher_end = pair_spec.teacher_eos_ids[0]
     if p.teacher_format.template == "chat":
         # The teacher's end token must be the one that closes an assistant turn in its own template.
@@ -712,7 +710,7 @@ def _wandb_api_key_present() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def _callbacks(cfg: DictConfig, run_dir: Path, steps_per_rollout: int = 1) -> list:
+def _callbacks(cfg: DictConfig, run_dir: Path, steps_per_rollout: int) -> list:
     import warnings
 
     from lightning.pytorch.callbacks import ModelCheckpoint

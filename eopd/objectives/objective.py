@@ -414,6 +414,10 @@ class Objective:
                 )
             flat_token_logp = flat_tokens.new_zeros(flat_tokens.shape, dtype=torch.float32)
 
+        def teacher_log_probs(start: int, end: int) -> Tensor:
+            logits = source_tile(flat_teacher, start, end)
+            return torch.log_softmax(logits if self.temperature == 1.0 else logits / self.temperature, -1)
+
         def tile_loss(student_logits: Tensor, start: int, end: int) -> Tensor:
             logp = torch.log_softmax(student_logits / self.temperature, dim=-1)  # (n, V)
             tile = _Tile(
@@ -427,9 +431,7 @@ class Objective:
                 flat_token_logp[start:end] = token_logp.detach()
             tile.old_logprobs = token_logp.detach() if flat_old is None else flat_old[start:end]
             if flat_teacher is not None:
-                tile.teacher_logp = torch.log_softmax(
-                    source_tile(flat_teacher, start, end) / self.temperature, -1
-                )
+                tile.teacher_logp = teacher_log_probs(start, end)
             total = logp.new_zeros(())
             for i, term in enumerate(self.terms):
                 values = term.spec.fn(logp, tile, term.options)
@@ -447,11 +449,7 @@ class Objective:
                 teacher_logp=None,
             )
             if flat_teacher is not None:
-                teacher_logits = source_tile(flat_teacher, start, end)
-                if self.temperature != 1.0:
-                    teacher_logits = teacher_logits / self.temperature
-                tile.teacher_logp = torch.log_softmax(teacher_logits, -1)
-                del teacher_logits
+                tile.teacher_logp = teacher_log_probs(start, end)
                 tile.teacher_p = tile.teacher_logp.exp()
             return self._closed_form_tile(
                 student_logits,
