@@ -236,6 +236,22 @@ def test_ranks_share_each_epochs_permutation_and_draw_disjoint_batches(monkeypat
 # ---- preemption of a real training process -----------------------------------------------------------------
 
 
+def signal_after_first_rollout_step(process: subprocess.Popen, run_dir: Path, number) -> str:
+    """Send `number` to a training process once its first rollout step is logged; return its output."""
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "samples.jsonl").exists():  # written at the end of the first rollout step
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "no training step within 180 s"
+            time.sleep(0.2)
+        process.send_signal(number)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return output
+
+
 def test_sigterm_to_a_training_process_saves_exits_cleanly_and_resumes_exactly(tmp_path, caplog):
     run_dir = tmp_path / "run"
     common = ["optimizer.schedule=constant", "eval.every_n_rollout_steps=0", "log.samples_every=1"]
@@ -247,17 +263,7 @@ def test_sigterm_to_a_training_process_saves_exits_cleanly_and_resumes_exactly(t
         stderr=subprocess.STDOUT,
         text=True,
     )
-    try:
-        deadline = time.monotonic() + 180
-        while not (run_dir / "samples.jsonl").exists():  # written at the end of the first rollout step
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "no training step within 180 s"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    output = signal_after_first_rollout_step(process, run_dir, signal.SIGTERM)
 
     assert process.returncode == 0, output
     assert "Traceback" not in output
@@ -325,17 +331,7 @@ def test_under_slurm_a_preempted_run_hands_over_to_lightnings_requeue(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    try:
-        deadline = time.monotonic() + 180
-        while not (run_dir / "samples.jsonl").exists():
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "no training step within 180 s"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGUSR1)
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    output = signal_after_first_rollout_step(process, run_dir, signal.SIGUSR1)
 
     assert process.returncode == 0, output
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
