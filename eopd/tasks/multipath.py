@@ -16,6 +16,15 @@ n - k terms left, with entropy ln(n - k) nats (ln 3 = 1.10 and above pass the pa
 default sizes of 5 to 7 terms about 16% of response tokens are branch points, close to the 18.5% the
 paper measured for its math teacher (`ideal_high_entropy_fraction`).
 
+The fork variant (`before`): a problem may also require one term to come before another, e.g.
+`add mod 10, 7 before 3: 3 5 2 7 1`. Then a path is valid only if 7 is added before 3, so at a fork where
+3 is still unused before 7, taking 3 is a dead end: `3+5=8+...` can no longer be completed validly, while
+`5+7=2+3=5+2=7+1=8#8` is valid. The prompt's own order is a valid path for half of the problems; a model
+that always adds the terms in the order shown (one branch) fails the other half on every sample, while
+one that spreads over the valid branches as the teacher does solves all of them within a few samples.
+This is the variant the default pair and `make train` use (conf/data/embedded.yaml): forks whose choice
+decides correctness. See `fork_statistics` and docs/task.md.
+
 Tokens here are characters, as in `eopd.tasks.tokenizer`, plus one end-of-response token.
 """
 
@@ -25,6 +34,7 @@ import itertools
 import math
 import random
 import re
+from functools import lru_cache
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -45,11 +55,14 @@ class Problem:
         id: unique within its split, e.g. "test-00042".
         terms: the residues, distinct, each in [0, modulus), at least two.
         modulus: at most 10, so every term and total is one digit (one token).
+        before: (first, second): two of the terms, `first` to be added before `second` (the fork
+            variant), or None for the plain task.
     """
 
     id: str
     terms: tuple[int, ...]
     modulus: int = MODULUS
+    before: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if not 2 <= self.modulus <= 10:
@@ -60,11 +73,15 @@ class Problem:
             raise ValueError(f"terms must be distinct, got {self.terms}")
         if not all(isinstance(term, int) and 0 <= term < self.modulus for term in self.terms):
             raise ValueError(f"terms must be integers in [0, {self.modulus}), got {self.terms}")
+        if self.before is not None:
+            if len(self.before) != 2 or self.before[0] == self.before[1] or not set(self.before) <= set(self.terms):
+                raise ValueError(f"before must be two different terms of {self.terms}, got {self.before!r}")
 
     @property
     def prompt(self) -> str:
-        """The user message, e.g. `add mod 10: 3 5 2 7 1`."""
-        return f"add mod {self.modulus}: " + " ".join(map(str, self.terms))
+        """The user message, e.g. `add mod 10: 3 5 2 7 1`, or `add mod 10, 7 before 3: 3 5 2 7 1`."""
+        rule = "" if self.before is None else f", {self.before[0]} before {self.before[1]}"
+        return f"add mod {self.modulus}{rule}: " + " ".join(map(str, self.terms))
 
     @property
     def answer(self) -> str:
@@ -78,8 +95,41 @@ class Problem:
 
     @property
     def num_paths(self) -> int:
-        """Number of valid solution paths: one per order of the terms."""
-        return math.factorial(len(self.terms))
+        """Number of valid solution paths: every order of the terms, or half of them with `before`."""
+        return _completions(frozenset(self.terms), self.before)
+
+    def is_valid_order(self, order: Sequence[int]) -> bool:
+        """Whether adding the terms in `order` is a valid path: a permutation that respects `before`."""
+        if sorted(order) != sorted(self.terms):
+            return False
+        return self.before is None or list(order).index(self.before[0]) < list(order).index(self.before[1])
+
+
+def _completions(remaining: frozenset[int], before: tuple[int, int] | None) -> int:
+    """Valid orders of the `remaining` terms: all of them, or half when both terms of `before` remain."""
+    count = math.factorial(len(remaining))
+    return count // 2 if before is not None and set(before) <= remaining else count
+
+
+def next_term_distribution(problem: Problem, prefix: Sequence[int]) -> dict[int, float]:
+    """The reference sampler's distribution of the next term after the terms in `prefix`.
+
+    The reference sampler is uniform over valid paths, so a term's probability is its share of the valid
+    completions: with no `before` that is uniform over the unused terms; with one, the second term has
+    probability 0 while the first is unused (a dead end), and the first is twice as likely as each other
+    term (taking it opens every order of the rest, taking another keeps half of them).
+    """
+    return _next_terms(frozenset(problem.terms) - set(prefix), problem.before)
+
+
+def _next_terms(remaining: frozenset[int], before: tuple[int, int] | None) -> dict[int, float]:
+    weights = {}
+    for term in sorted(remaining):
+        if before is not None and term == before[1] and before[0] in remaining:
+            continue  # a dead end: the first term of `before` could no longer come first
+        weights[term] = _completions(remaining - {term}, before)
+    norm = sum(weights.values())
+    return {term: weight / norm for term, weight in weights.items()}
 
 
 def solution_text(problem: Problem, order: Sequence[int]) -> str:
@@ -99,15 +149,16 @@ def solution_text(problem: Problem, order: Sequence[int]) -> str:
 
 
 def valid_paths(problem: Problem) -> Iterator[tuple[int, ...]]:
-    """Every valid solution path (an order of the terms); n! of them, so only for small problems."""
-    return itertools.permutations(problem.terms)
+    """Every valid solution path (an order of the terms); up to n! of them, so only for small problems."""
+    return (order for order in itertools.permutations(problem.terms) if problem.is_valid_order(order))
 
 
 def reference_solution(problem: Problem, rng: random.Random) -> str:
     """Sample a reference solution uniformly over the valid paths.
 
-    The order is `rng.sample(terms, n)`, a uniformly random permutation; since the terms are distinct,
-    different orders give different texts, so the text is uniform over the n! solution texts.
+    The order is `rng.sample(terms, n)`, a uniformly random permutation, redrawn until it is valid (with
+    `before` set, half the draws are); since the terms are distinct, different orders give different
+    texts, so the text is uniform over the valid solution texts.
 
     Args:
         problem: the problem to solve.
@@ -116,7 +167,19 @@ def reference_solution(problem: Problem, rng: random.Random) -> str:
     Returns:
         The solution text, without any end token.
     """
-    return solution_text(problem, rng.sample(problem.terms, len(problem.terms)))
+    while True:
+        order = rng.sample(problem.terms, len(problem.terms))
+        if problem.is_valid_order(order):
+            return solution_text(problem, order)
+
+
+def canonical_solution(problem: Problem) -> str:
+    """The one-branch solution: the terms added in the order the prompt shows them, `before` ignored.
+
+    What a student that learnt a single path per problem writes. With `before` set it is invalid whenever
+    the prompt shows the second term before the first (half of the problems).
+    """
+    return solution_text(problem, problem.terms)
 
 
 def _strip_response(response: str) -> str:
@@ -130,7 +193,8 @@ def solution_path(problem: Problem, response: str) -> tuple[int, ...] | None:
     """Which valid path a correct response took: its order of the terms, or None if it is not a valid solution.
 
     A response is valid when it has the solution format, uses every term exactly once, every running total
-    is right, and the answer after `#` equals the last total and the problem's answer. Text after an end
+    is right, the order respects the problem's `before`, and the answer after `#` equals the last total
+    and the problem's answer. Text after an end
     token (`<|im_end|>` or `<|endoftext|>`) and surrounding whitespace are ignored. Never raises on
     malformed text.
 
@@ -150,6 +214,8 @@ def solution_path(problem: Problem, response: str) -> tuple[int, ...] | None:
         if written_total != total:
             return None
     if int(match.group(3)) != total:
+        return None
+    if not problem.is_valid_order(order):
         return None
     return order
 
@@ -175,51 +241,103 @@ def grade(problem: Problem, response: str, *, check_steps: bool = True) -> bool:
     return text.rsplit(ANSWER_MARK, 1)[1].strip() == problem.answer
 
 
-def ideal_token_entropies(problem: Problem) -> list[float]:
-    """Entropy (nats) of the true next-token distribution at every response token, under the reference sampler.
+def ideal_token_entropies(problem: Problem, order: Sequence[int] | None = None) -> list[float]:
+    """Entropy (nats) of the true next-token distribution at every token of one solution, under the reference sampler.
 
-    The reference sampler draws a uniform order of the terms, so at the token that writes the k-th term
-    (k = 0, 1, ...) the n - k unused terms are equally likely: entropy ln(n - k). Every other token is
-    determined by the tokens before it: entropy 0. The positions do not depend on which path is taken.
+    The reference sampler is uniform over the valid paths (`reference_solution`). At the token that writes
+    the k-th term the next term follows `next_term_distribution`: with no `before` it is uniform over the
+    n - k unused terms, entropy ln(n - k); with `before` it depends on the path so far. Every other token
+    (operators, totals, the answer, the end token) is determined by the tokens before it: entropy 0.
     `tests/tasks/test_multipath.py` checks this against the conditional distribution computed by brute
-    force from all n! solution texts.
+    force from all valid solution texts.
+
+    Args:
+        problem: the problem.
+        order: the path whose tokens to score; None takes the prompt's order, which must then be valid.
+            Without `before` the entropies do not depend on the path.
 
     Returns:
         One entropy per response token: each character of the solution, then the end token (whose
         entropy is 0: after the answer digit the response always ends). Length 4n for n terms.
+
+    Raises:
+        ValueError: if `order` is not a valid path.
     """
-    n = len(problem.terms)
+    order = tuple(problem.terms if order is None else order)
+    if not problem.is_valid_order(order):
+        raise ValueError(f"{order} is not a valid path of {problem.prompt!r}")
+    n = len(order)
     # Layout: t0 + t1 = s + t2 = s ... + t(n-1) = s # a <end>; terms sit at 0, 2, 6, 10, ...
     length = 1 + 4 * (n - 1) + 2 + 1
     entropies = [0.0] * length
     term_positions = [0, *(2 + 4 * step for step in range(n - 1))]
     for k, position in enumerate(term_positions):
-        entropies[position] = math.log(n - k)
+        entropies[position] = _entropy(next_term_distribution(problem, order[:k]).values())
     return entropies
+
+
+def _entropy(probs: Iterable[float]) -> float:
+    """Entropy in nats; exactly ln(m) for m equal probabilities, so a gate at tau = ln(m) counts them."""
+    probs = list(probs)
+    if max(probs) - min(probs) < 1e-12:
+        return math.log(len(probs))
+    return -sum(p * math.log(p) for p in probs)
+
+
+def _expected_high_forks(problem: Problem, tau: float) -> float:
+    """Expected number of branch points with entropy >= tau on a path drawn by the reference sampler."""
+
+    @lru_cache(maxsize=None)
+    def expected(remaining: frozenset[int]) -> float:
+        if not remaining:
+            return 0.0
+        # The next-term distribution depends on the path so far only through the terms left.
+        probs = _next_terms(remaining, problem.before)
+        value = float(_entropy(probs.values()) >= tau)
+        return value + sum(p * expected(remaining - {term}) for term, p in probs.items())
+
+    return expected(frozenset(problem.terms))
 
 
 def ideal_high_entropy_fraction(problems: Iterable[Problem], tau: float = 0.8) -> float:
     """Fraction of response tokens whose ideal next-token entropy is at least `tau`, over `problems`.
 
-    What a teacher that had learnt the task perfectly would show at tau. Token-weighted (total high-entropy
-    tokens over total tokens, the way a batch is counted), and exact: each problem's reference solutions all
-    have the same length and the same entropy at each position. The end token counts as a response token.
+    What a teacher that had learnt the task perfectly would show at tau on its own samples. Token-weighted
+    (total high-entropy tokens over total tokens, the way a batch is counted), and exact: every solution
+    of a problem has the same length (4n tokens, the end token included), and the expected count of
+    high-entropy branch points is summed over the reference sampler's paths exactly.
 
     Returns:
-        The fraction in [0, 1]; 0.163 for the default splits at tau = 0.8 (5, 6, 7 terms give 3/20, 4/24,
-        5/28).
+        The fraction in [0, 1]; 0.163 for the plain task's default splits at tau = 0.8 (5, 6, 7 terms
+        give 3/20, 4/24, 5/28).
 
     Raises:
         ValueError: if `problems` is empty.
     """
-    high = total = 0
+    high = 0.0
+    total = 0
     for problem in problems:
-        entropies = ideal_token_entropies(problem)
-        high += sum(entropy >= tau for entropy in entropies)
-        total += len(entropies)
+        high += _expected_high_forks(problem, tau)
+        total += 4 * len(problem.terms)
     if total == 0:
         raise ValueError("ideal_high_entropy_fraction needs at least one problem")
     return high / total
+
+
+def fork_statistics(problems: Sequence[Problem]) -> dict[str, float]:
+    """How much the forks matter on `problems`: what one branch and what the teacher's spread can solve.
+
+    Returns:
+        one_branch_solved: fraction of problems whose prompt order is a valid path (a perfect model that
+            always adds in the order shown solves exactly these, on every sample, and no other).
+        paths_mean: mean number of valid paths per problem.
+    """
+    if not problems:
+        raise ValueError("fork_statistics needs at least one problem")
+    return {
+        "one_branch_solved": sum(p.is_valid_order(p.terms) for p in problems) / len(problems),
+        "paths_mean": sum(p.num_paths for p in problems) / len(problems),
+    }
 
 
 def _cycle_contents(pool: Sequence[tuple[int, ...]], count: int, split: str) -> list[tuple[int, ...]]:
@@ -244,6 +362,7 @@ def make_splits(
     *,
     sizes: Sequence[int] = DEFAULT_SIZES,
     modulus: int = MODULUS,
+    before: bool = False,
 ) -> dict[str, list[Problem]]:
     """Generate train, validation and test problems, disjoint by content (the set of terms).
 
@@ -262,6 +381,8 @@ def make_splits(
         n_train, n_val, n_test: problems per split (zero allowed).
         sizes: numbers of terms a problem may have, each in [2, modulus].
         modulus: at most 10.
+        before: give every problem a precedence between two of its terms (the fork variant), an ordered
+            pair drawn uniformly from a stream of its own, so the terms are those of `before=False`.
 
     Returns:
         {"train": [...], "val": [...], "test": [...]} with ids like "val-00003".
@@ -295,6 +416,7 @@ def make_splits(
     for split in SPLITS:
         # A string seed per split keeps each split's draws independent of the other splits' sizes.
         rng = random.Random(f"{seed}/{split}")
+        rule_rng = random.Random(f"{seed}/{split}/before")  # its own stream: the terms match before=False
         seen_prompts: set[tuple[int, ...]] = set()
         problems = []
         for index, content in enumerate(_cycle_contents(pools[split], counts[split], split)):
@@ -302,6 +424,7 @@ def make_splits(
             while terms in seen_prompts:
                 terms = tuple(rng.sample(content, len(content)))
             seen_prompts.add(terms)
-            problems.append(Problem(id=f"{split}-{index:05d}", terms=terms, modulus=modulus))
+            rule = tuple(rule_rng.sample(terms, 2)) if before else None
+            problems.append(Problem(id=f"{split}-{index:05d}", terms=terms, modulus=modulus, before=rule))
         splits[split] = problems
     return splits

@@ -7,12 +7,16 @@ from collections import Counter, defaultdict
 
 import pytest
 
+from eopd.metrics import pass_at_k_curve
 from eopd.tasks.multipath import (
     Problem,
+    canonical_solution,
+    fork_statistics,
     grade,
     ideal_high_entropy_fraction,
     ideal_token_entropies,
     make_splits,
+    next_term_distribution,
     reference_solution,
     solution_path,
     solution_text,
@@ -199,6 +203,90 @@ def test_ideal_token_entropies_match_the_reference_distribution(terms):
     for text, entropies in _brute_force_entropies(problem).items():
         assert len(ideal) == len(text) + 1
         assert ideal == pytest.approx(entropies, abs=1e-12), text
+
+
+@pytest.mark.parametrize(("terms", "before"), [((9, 0, 4), (4, 9)), ((1, 2, 3, 4), (3, 1)), ((8, 3, 0, 6, 5), (8, 5))])
+def test_ideal_token_entropies_with_a_precedence_match_brute_force(terms, before):
+    problem = Problem(id="p", terms=terms, before=before)
+    brute = _brute_force_entropies(problem)
+    assert len(brute) == problem.num_paths == math.factorial(len(terms)) // 2
+    for text, entropies in brute.items():
+        assert ideal_token_entropies(problem, solution_path(problem, text)) == pytest.approx(entropies, abs=1e-12)
+    # The expected high-entropy fraction is the mean over the (equally likely) valid paths.
+    for tau in (0.5, 0.8, 1.2):
+        mean_high = sum(sum(h >= tau for h in e) for e in brute.values()) / len(brute)
+        assert ideal_high_entropy_fraction([problem], tau) == pytest.approx(mean_high / (4 * len(terms)))
+
+
+def test_a_precedence_makes_some_branches_dead_ends():
+    problem = Problem(id="p", terms=(3, 5, 2, 7, 1), before=(7, 3))
+    assert problem.prompt == "add mod 10, 7 before 3: 3 5 2 7 1"
+    assert grade(problem, "5+7=2+3=5+2=7+1=8#8")
+    assert not grade(problem, "3+5=8+2=0+7=7+1=8#8")  # 3 comes before 7: the prompt's own order
+    assert grade(problem, "3+5=8+2=0+7=7+1=8#8", check_steps=False)  # answer-only grading ignores the path
+    assert not problem.is_valid_order(problem.terms)
+    assert problem.num_paths == sum(o.index(7) < o.index(3) for o in itertools.permutations(problem.terms)) == 60
+    # Taking 3 while 7 is unused is a dead end; 7 opens every order of the rest, so it is twice as likely.
+    first = next_term_distribution(problem, ())
+    assert 3 not in first and first[7] == pytest.approx(2 * first[5]) and sum(first.values()) == pytest.approx(1)
+    assert next_term_distribution(problem, (7,)) == pytest.approx({t: 0.25 for t in (1, 2, 3, 5)})
+    for bad in [(3, 3), (3, 9), (3,)]:
+        with pytest.raises(ValueError, match="before"):
+            Problem(id="p", terms=(3, 5, 2), before=bad)
+
+
+def test_fork_splits_keep_the_plain_terms_and_draw_each_precedence_direction_equally(splits):
+    forks = make_splits(seed=0, n_train=2000, n_val=100, n_test=100, before=True)
+    for name in ("train", "val", "test"):
+        assert [p.terms for p in forks[name]] == [p.terms for p in splits[name]]
+        assert all(p.before is not None and set(p.before) <= set(p.terms) for p in forks[name])
+    assert 0.45 <= fork_statistics(forks["train"])["one_branch_solved"] <= 0.55
+
+
+def _oracle_pass_at_8(problems, choose, seed=0):
+    """Pass@8 of a sampler with perfect arithmetic whose branch choices come from `choose(problem, prefix, rng)`."""
+    rng = random.Random(seed)
+    correct = []
+    for problem in problems:
+        row = []
+        for _ in range(8):
+            order: list[int] = []
+            while len(order) < len(problem.terms):
+                order.append(choose(problem, tuple(order), rng))
+            row.append(grade(problem, solution_text(problem, order)))
+        correct.append(row)
+    return pass_at_k_curve(correct)[8]
+
+
+def test_a_sampler_that_always_takes_one_branch_solves_fewer_test_problems_in_8_samples_than_the_teachers_spread():
+    # The default task, as conf/data/embedded.yaml configures it for training and the final evaluation.
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from eopd.data import load_records
+
+    data = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[2] / "conf" / "data" / "embedded.yaml"))
+    test = [record["problem"] for record in load_records(data)["test"]]
+    assert len(test) == 128 and all(problem.before is not None for problem in test)
+
+    def one_branch(problem, prefix, rng):  # the prompt's order: the canonical path
+        return problem.terms[len(prefix)]
+
+    def teachers_spread(problem, prefix, rng):  # the reference (teacher's) distribution at every fork
+        distribution = next_term_distribution(problem, prefix)
+        return rng.choices(list(distribution), weights=list(distribution.values()))[0]
+
+    def blind_spread(problem, prefix, rng):  # uniform over unused terms, the precedence ignored
+        return rng.choice([t for t in problem.terms if t not in prefix])
+
+    one = _oracle_pass_at_8(test, one_branch)
+    assert one == fork_statistics(test)["one_branch_solved"]
+    assert 0.4 <= one <= 0.7
+    assert all(grade(p, canonical_solution(p)) == p.is_valid_order(p.terms) for p in test)
+    assert _oracle_pass_at_8(test, teachers_spread) == 1.0
+    # Spreading over the branches helps even without knowing which ones are dead ends.
+    assert _oracle_pass_at_8(test, blind_spread) >= one + 0.3
 
 
 def test_ideal_high_entropy_fraction_is_near_the_papers_teacher(splits):
