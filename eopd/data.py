@@ -202,9 +202,16 @@ def load_records(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Prompt records per split ("train", "val", "test") from a data config (conf/data/*.yaml)."""
     source = data.get("source")
     if source == "embedded":
-        from eopd.tasks.multipath import make_splits
+        from eopd.tasks.multipath import DEFAULT_SIZES, make_splits
 
-        splits = make_splits(data["seed"], data["n_train"], data["n_val"], data["n_test"])
+        splits = make_splits(
+            data["seed"],
+            data["n_train"],
+            data["n_val"],
+            data["n_test"],
+            sizes=tuple(data.get("sizes", DEFAULT_SIZES)),
+            before=bool(data.get("before", False)),
+        )
         return {
             name: [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "problem": p} for p in problems]
             for name, problems in splits.items()

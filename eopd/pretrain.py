@@ -1,19 +1,30 @@
-"""Builds the embedded default pair: a teacher trained to high accuracy, a student trained only briefly.
+"""Builds the embedded default pair: a teacher that has learnt every fork, a student collapsed onto one path.
 
-    python -m eopd.pretrain                        # build (or reuse) outputs/pairs/embedded
-    python -m eopd.pretrain build.teacher.steps=600 # a different recipe: a new fingerprint, a rebuild
+    python -m eopd.pretrain                                  # build (or reuse) outputs/pairs/embedded
+    python -m eopd.pretrain pair.build.teacher.max_steps=4000 # a different recipe: a new fingerprint, a rebuild
 
-Both models are trained supervised on reference solutions of the embedded multi-path task, sampled
-uniformly over the valid solution paths, so a well-trained teacher is uncertain exactly at the branch
-points. The teacher is a chat model: it sees the chat template and ends with <|im_end|>. The student is a
-"base" model: it sees a plain prompt and ends with <|endoftext|>, and is trained for a few steps only, so
-that it starts partly competent, as a base model does. Both are saved in Hugging Face format with their
-tokenizers; a fingerprint of the recipe decides when they must be rebuilt. `eopd.train` calls
-`ensure_pair` itself, so `python -m eopd.train pair=embedded` builds the pair on first use.
+Both models are trained supervised on the fork variant of the embedded task (`eopd.tasks.multipath`,
+`before`): adding digits in an order that puts one named term before another. The teacher sees
+reference solutions drawn uniformly over the valid paths, so a well-trained teacher is uncertain exactly
+at the forks and avoids their dead ends. The student sees mostly one canonical path per problem, the
+order the prompt shows, and that path ignores the precedence: it starts collapsed at the forks and fails,
+on every sample, the problems whose prompt order is a dead end, as a base model that learnt one way of
+solving a problem does. The teacher is a chat model (chat template, `<|im_end|>`); the student a
+"base" model (plain prompt, `<|endoftext|>`).
+
+Each model trains until its validation metrics enter a target band (`Target`), checked every
+`eval_every` steps, not for a fixed number of steps: tiny models on a CPU learn the task's arithmetic
+after a plateau whose length depends on the seed and on the floating-point kernels, so a fixed step count
+gives different models on different machines, while a band gives the same kind of model on all. If
+`max_steps` comes first, the snapshot closest to the band is kept and the build says what it reached.
+Both are saved in Hugging Face format with their tokenizers; pair.json records the recipe, its
+fingerprint and what each model reached. `eopd.train` calls `ensure_pair` itself, so
+`python -m eopd.train pair=embedded` builds the pair on first use.
 """
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -30,39 +41,106 @@ import torch.nn.functional as F
 
 from eopd.data import PromptFormat
 from eopd.models import build_causal_lm
-from eopd.tasks.multipath import make_splits, reference_solution
+from eopd.tasks.multipath import (
+    canonical_solution,
+    fork_statistics,
+    ideal_high_entropy_fraction,
+    make_splits,
+    reference_solution,
+)
 from eopd.tasks.tokenizer import END_OF_TEXT, IM_END, build_tokenizer
 
 log = logging.getLogger("eopd.pretrain")
 
 # Bump when the training code changes in a way that changes the models a recipe produces.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Target:
+    """The validation band a model's build stops in (metrics of `eopd.evaluate` on the validation split).
+
+    Attributes:
+        min_avg, max_avg: Avg@n (n = `PairRecipe.eval_samples`) must lie in [min_avg, max_avg].
+        max_pass: Pass@n must be at most this (a student with headroom left for distillation).
+        max_high_frac_gap: |high-entropy token fraction on the model's own samples - the task's ideal|
+            must be at most this (a teacher uncertain at the forks, as the task is); None: not checked.
+    """
+
+    min_avg: float = 0.0
+    max_avg: float = 1.0
+    max_pass: float = 1.0
+    max_high_frac_gap: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_avg <= self.max_avg <= 1:
+            raise ValueError(f"target needs 0 <= min_avg <= max_avg <= 1, got {self.min_avg}, {self.max_avg}")
+        if not 0 < self.max_pass <= 1:
+            raise ValueError(f"target.max_pass={self.max_pass} must lie in (0, 1]")
+
+    def distance(self, avg: float, pass_at_n: float, high_frac_gap: float) -> float:
+        """How far the metrics are from the band: 0 inside it, else the sum of the shortfalls."""
+        gap = 0.0 if self.max_high_frac_gap is None else max(0.0, high_frac_gap - self.max_high_frac_gap)
+        return max(0.0, self.min_avg - avg) + max(0.0, avg - self.max_avg) + max(0.0, pass_at_n - self.max_pass) + gap
 
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    """Architecture and supervised training of one model of the pair."""
+    """Architecture and supervised training of one model of the pair.
 
-    hidden_size: int = 128
-    num_layers: int = 4
+    Attributes:
+        hidden_size, num_layers, num_heads: the Qwen3-style architecture.
+        max_steps: the cap on optimizer steps; the cosine learning-rate schedule spans it.
+        batch_size, lr, warmup_steps: AdamW (weight decay 0.01, betas 0.9/0.98), linear warm-up.
+        seed: weight initialisation and the order of training problems.
+        canonical_fraction: fraction of training solutions that take the canonical path (the prompt's
+            order, the precedence ignored); the rest are reference solutions, uniform over valid paths.
+        eval_every: validate every this many steps.
+        target: the band the build stops in.
+    """
+
+    hidden_size: int = 96
+    num_layers: int = 2
     num_heads: int = 4
-    steps: int = 400
-    batch_size: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 20
+    max_steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 50
     seed: int = 0
+    canonical_fraction: float = 0.0
+    eval_every: int = 250
+    target: Target = field(default_factory=Target)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "max_steps", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"build.{name}={value!r} must be a positive integer")
+        if not 0 <= self.canonical_fraction <= 1:
+            raise ValueError(f"build.canonical_fraction={self.canonical_fraction} must lie in [0, 1]")
 
 
 @dataclass(frozen=True)
 class PairRecipe:
-    """Everything that determines the embedded pair; its fingerprint names the build."""
+    """Everything that determines the embedded pair; its fingerprint names the build.
+
+    The task split parameters (`task_seed`, `n_train`, `n_val`, `n_test`, `before`, `sizes`) are those of
+    conf/data/embedded.yaml, so the build validates on the data's validation split and never sees a
+    test problem.
+    """
 
     task_seed: int = 0
     n_train: int = 2000
+    n_val: int = 64
+    n_test: int = 128
+    before: bool = True
+    sizes: tuple[int, ...] = (4, 5, 6)
     teacher: ModelRecipe = field(default_factory=ModelRecipe)
-    student: ModelRecipe = field(default_factory=lambda: ModelRecipe(hidden_size=64, num_layers=2, steps=60))
+    student: ModelRecipe = field(default_factory=lambda: ModelRecipe(hidden_size=64, canonical_fraction=0.9))
     teacher_format: PromptFormat = field(default_factory=lambda: PromptFormat(template="chat"))
     student_format: PromptFormat = field(default_factory=lambda: PromptFormat(prefix="Q: ", suffix="\nA: "))
+    eval_samples: int = 4
+    tau: float = 0.8
     threads: int = 2
 
     @classmethod
@@ -71,10 +149,16 @@ class PairRecipe:
     ) -> PairRecipe:
         """A recipe from plain config values (the `build` node of conf/pair/embedded.yaml)."""
         fields = dict(fields)
+
+        def model(values: dict) -> ModelRecipe:
+            values = dict(values)
+            target = Target(**values.pop("target", {}))
+            return ModelRecipe(**values, target=target)
+
         return cls(
             **{k: v for k, v in fields.items() if k not in ("teacher", "student")},
-            teacher=ModelRecipe(**fields.get("teacher", {})),
-            student=ModelRecipe(**fields.get("student", {})),
+            teacher=model(fields.get("teacher", {})),
+            student=model(fields.get("student", {})),
             teacher_format=teacher_format,
             student_format=student_format,
         )
@@ -82,6 +166,11 @@ class PairRecipe:
     def fingerprint(self) -> str:
         payload = json.dumps({"version": RECIPE_VERSION, **asdict(self)}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def splits(self) -> dict:
+        return make_splits(
+            self.task_seed, self.n_train, self.n_val, self.n_test, sizes=tuple(self.sizes), before=self.before
+        )
 
 
 def ensure_pair(recipe: PairRecipe, directory: Path | str) -> Path:
@@ -117,12 +206,15 @@ def build_pair(recipe: PairRecipe, directory: Path | str) -> dict:
     directory = Path(directory)
     torch.set_num_threads(recipe.threads)
     start = time.perf_counter()
-    problems = make_splits(recipe.task_seed, recipe.n_train, 0, 0)["train"]
+    splits = recipe.splits()
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     report: dict = {
         "fingerprint": recipe.fingerprint(),
         "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
+        "ideal_high_entropy_frac": ideal_high_entropy_fraction(splits["val"], recipe.tau),
+        "one_branch_solved": fork_statistics(splits["val"])["one_branch_solved"],
+        "machine": {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
     }
     for role, model_recipe, prompt_format, eos in (
         ("teacher", recipe.teacher, recipe.teacher_format, IM_END),
@@ -138,20 +230,19 @@ def build_pair(recipe: PairRecipe, directory: Path | str) -> dict:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+        validator = _Validator(recipe, splits["val"], tokenizer, prompt_format, report["ideal_high_entropy_frac"])
         t0 = time.perf_counter()
-        final_loss = train_supervised(model, tokenizer, problems, prompt_format, model_recipe)
-        seconds = time.perf_counter() - t0
+        reached = train_supervised(model, tokenizer, splits["train"], prompt_format, model_recipe, validator)
+        reached["train_seconds"] = round(time.perf_counter() - t0, 1)
         log.info(
-            "%s: %.2fM params, %d steps in %.0fs, final loss %.3f",
+            "%s: %.2fM params; %s",
             role,
             sum(p.numel() for p in model.parameters()) / 1e6,
-            model_recipe.steps,
-            seconds,
-            final_loss,
+            describe_reached(role, reached, model_recipe),
         )
         model.save_pretrained(staging / role)
         tokenizer.save_pretrained(staging / role)
-        report[role] = {"train_seconds": round(seconds, 1), "final_loss": final_loss}
+        report[role] = reached
     report["build_seconds"] = round(time.perf_counter() - start, 1)
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
@@ -159,18 +250,73 @@ def build_pair(recipe: PairRecipe, directory: Path | str) -> dict:
     return report
 
 
-def train_supervised(model, tokenizer, problems, prompt_format: PromptFormat, recipe: ModelRecipe) -> float:
-    """AdamW on the response tokens of reference solutions (prompt tokens carry no loss); returns the last loss."""
+def describe_reached(role: str, reached: dict, recipe: ModelRecipe) -> str:
+    """One line on where a model's build stopped and whether it met its target band."""
+    n = reached["eval_samples"]
+    metrics = (
+        f"avg@{n} {reached['avg']:.3f}, pass@{n} {reached['pass']:.3f}, "
+        f"high-entropy tokens {reached['high_frac']:.1%} (ideal {reached['ideal_high_frac']:.1%})"
+    )
+    if reached["target_met"]:
+        return f"target met at step {reached['step']} of at most {recipe.max_steps}: {metrics}"
+    return (
+        f"WARNING: the {role} did not reach its target {asdict(recipe.target)} within {recipe.max_steps} "
+        f"steps; kept the closest snapshot, step {reached['step']}: {metrics}"
+    )
+
+
+class _Validator:
+    """Samples a model on the validation split and measures what its `Target` checks."""
+
+    def __init__(self, recipe: PairRecipe, problems, tokenizer, prompt_format: PromptFormat, ideal: float):
+        from eopd.evaluate import EmbeddedGrader, EvalSpec, ModelSide
+
+        self.records = [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "problem": p} for p in problems]
+        self.spec = EvalSpec(n_samples=recipe.eval_samples, max_new_tokens=48, tau=recipe.tau, batch_size=64)
+        self.grader = EmbeddedGrader()
+        self.side = lambda model: ModelSide(model, tokenizer, prompt_format, (tokenizer.eos_token_id,))
+        self.vocab_size = len(tokenizer)
+        self.ideal = ideal
+
+    def __call__(self, model) -> dict:
+        from eopd.evaluate import evaluate
+
+        n = self.spec.n_samples
+        metrics = evaluate(self.side(model), self.records, self.grader, self.spec, vocab_size=self.vocab_size)
+        return {
+            "avg": metrics[f"avg@{n}"],
+            "pass": metrics[f"pass@{n}"],
+            "high_frac": metrics["entropy/student_high_frac"],
+            "ideal_high_frac": self.ideal,
+            "paths_distinct": metrics["paths/distinct"],
+            "eval_samples": n,
+        }
+
+
+def train_supervised(model, tokenizer, problems, prompt_format: PromptFormat, recipe: ModelRecipe, validate) -> dict:
+    """AdamW on the response tokens of training solutions until validation enters `recipe.target`.
+
+    Prompt tokens carry no loss. Every `recipe.eval_every` steps (and at `max_steps`) `validate(model)`
+    measures the model; the first snapshot inside the band ends training, and if none is, the snapshot
+    closest to it is loaded back.
+
+    Returns:
+        What the kept snapshot reached: its step, loss, validation metrics and `target_met`.
+    """
     rng = random.Random(recipe.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    model.train()
-    loss_value = float("nan")
-    for step in range(recipe.steps):
-        warmup = min(1.0, (step + 1) / max(recipe.warmup_steps, 1))
+    best: dict | None = None
+    best_state = None
+    losses: list[float] = []
+    for step in range(1, recipe.max_steps + 1):
+        model.train()
+        warmup = min(1.0, step / max(recipe.warmup_steps, 1))
         for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * warmup * 0.5 * (1 + math.cos(math.pi * step / recipe.steps))
+            group["lr"] = recipe.lr * warmup * 0.5 * (1 + math.cos(math.pi * (step - 1) / recipe.max_steps))
         batch = [rng.choice(problems) for _ in range(recipe.batch_size)]
-        input_ids, attention_mask, labels = supervised_batch(tokenizer, batch, prompt_format, rng)
+        input_ids, attention_mask, labels = supervised_batch(
+            tokenizer, batch, prompt_format, rng, canonical_fraction=recipe.canonical_fraction
+        )
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, L-1, V)
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
@@ -179,19 +325,50 @@ def train_supervised(model, tokenizer, problems, prompt_format: PromptFormat, re
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        loss_value = float(loss.detach())
-        if (step + 1) % 250 == 0 or step + 1 == recipe.steps:
-            log.info("  step %d/%d  loss %.3f", step + 1, recipe.steps, loss_value)
+        losses.append(float(loss.detach()))
+        if step % recipe.eval_every and step != recipe.max_steps:
+            continue
+        model.eval()
+        reached = validate(model)
+        distance = recipe.target.distance(
+            reached["avg"], reached["pass"], abs(reached["high_frac"] - reached["ideal_high_frac"])
+        )
+        reached.update(step=step, loss=sum(losses[-50:]) / len(losses[-50:]), target_met=distance == 0)
+        log.info(
+            "  step %d/%d  loss %.3f  val avg %.3f pass %.3f high-entropy %.1f%%%s",
+            step,
+            recipe.max_steps,
+            reached["loss"],
+            reached["avg"],
+            reached["pass"],
+            100 * reached["high_frac"],
+            "  (in the target band)" if distance == 0 else "",
+        )
+        if best is None or distance < best["distance"]:
+            best = {**reached, "distance": distance}
+            best_state = copy.deepcopy(model.state_dict())
+        if distance == 0:
+            break
+    assert best is not None and best_state is not None
+    model.load_state_dict(best_state)
     model.eval()
-    return loss_value
+    return best
 
 
-def supervised_batch(tokenizer, problems, prompt_format: PromptFormat, rng: random.Random):
-    """Right-padded (prompt + reference solution + end token) ids, mask, and labels (-100 on prompt and pad)."""
+def supervised_batch(
+    tokenizer, problems, prompt_format: PromptFormat, rng: random.Random, *, canonical_fraction: float = 0.0
+):
+    """Right-padded (prompt + solution + end token) ids, mask, and labels (-100 on prompt and pad).
+
+    Each solution is the canonical one (prompt order) with probability `canonical_fraction`, else a
+    reference solution (uniform over the valid paths).
+    """
     rows, labels = [], []
     for problem in problems:
         prompt = prompt_format.encode(tokenizer, problem.prompt)
-        response = tokenizer.encode(reference_solution(problem, rng), add_special_tokens=False)
+        canonical = canonical_fraction > 0 and rng.random() < canonical_fraction
+        text = canonical_solution(problem) if canonical else reference_solution(problem, rng)
+        response = tokenizer.encode(text, add_special_tokens=False)
         response.append(tokenizer.eos_token_id)
         rows.append(prompt + response)
         labels.append([-100] * len(prompt) + response)
@@ -203,48 +380,29 @@ def supervised_batch(tokenizer, problems, prompt_format: PromptFormat, rng: rand
     return input_ids, attention_mask, label_ids
 
 
-def report_pair(
-    directory: Path | str,
-    recipe: PairRecipe,
-    *,
-    n_problems: int = 128,
-    n_samples: int = 4,
-    max_new_tokens: int = 48,
-    tau: float = 0.8,
-    seed: int = 0,
-) -> dict:
-    """Accuracy of both models on validation problems, and the teacher's high-entropy token fraction.
-
-    The fraction is measured on the teacher's own samples at temperature 1 (the paper's teacher had
-    18.5% of tokens at or above 0.8 nats); the task's ideal value is printed next to it.
-    """
-    from eopd.evaluate import EmbeddedGrader, EvalSpec, ModelSide, evaluate
-    from eopd.models import ModelSource, load_model
-    from eopd.tasks.multipath import ideal_high_entropy_fraction
-
+def describe_pair(directory: Path | str) -> str:
+    """What the build in `directory` reached (from its pair.json), a few lines for a terminal."""
     directory = Path(directory)
-    problems = make_splits(recipe.task_seed, recipe.n_train, n_problems, 0)["val"]
-    records = [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "problem": p} for p in problems]
-    spec = EvalSpec(n_samples=n_samples, max_new_tokens=max_new_tokens, tau=tau, seed=seed)
-    results = {}
-    for role, prompt_format, eos in (
-        ("teacher", recipe.teacher_format, IM_END),
-        ("student", recipe.student_format, END_OF_TEXT),
-    ):
-        tokenizer = build_tokenizer(eos_token=eos)
-        model = load_model(ModelSource(path=str(directory / role)), vocab_size=len(tokenizer))
-        side = ModelSide(model, tokenizer, prompt_format, (tokenizer.eos_token_id,))
-        results[role] = evaluate(side, records, EmbeddedGrader(), spec, vocab_size=len(tokenizer))
-    results["ideal_high_entropy_frac"] = ideal_high_entropy_fraction(problems, tau)
-    manifest = directory / "pair.json"
-    data = json.loads(manifest.read_text())
-    data["report"] = results
-    manifest.write_text(json.dumps(data, indent=2))
-    return results
+    manifest = json.loads((directory / "pair.json").read_text())
+    recipe = manifest["recipe"]
+    lines = [f"embedded pair in {directory} (fingerprint {manifest['fingerprint']}, built in {manifest['build_seconds']:.0f} s)"]
+    for role in ("teacher", "student"):
+        r = manifest[role]
+        n = r["eval_samples"]
+        met = "target met" if r["target_met"] else "TARGET NOT MET (closest snapshot kept)"
+        lines.append(
+            f"  {role:<8} step {r['step']:>5}  val avg@{n} {r['avg']:.3f}  pass@{n} {r['pass']:.3f}  "
+            f"tokens with entropy >= {recipe['tau']}: {r['high_frac']:.1%}  {met}"
+        )
+    lines.append(
+        f"  task's ideal high-entropy fraction {manifest['ideal_high_entropy_frac']:.1%}; "
+        f"prompt order valid on {manifest['one_branch_solved']:.1%} of validation problems"
+    )
+    return "\n".join(lines)
 
 
 def main() -> None:
-    """`python -m eopd.pretrain [pair.build.teacher.steps=...]`: build or reuse the pair, then report it."""
+    """`python -m eopd.pretrain [pair.build.teacher.max_steps=...]`: build or reuse the pair, then say what it reached."""
     import hydra
     from omegaconf import OmegaConf
 
@@ -259,15 +417,7 @@ def main() -> None:
             teacher_format=PromptFormat(**OmegaConf.to_container(cfg.pair.teacher_format, resolve=True)),
         )
         directory = ensure_pair(recipe, Path(cfg.pair.build_dir))
-        r = report_pair(directory, recipe, **OmegaConf.to_container(cfg.report, resolve=True))
-        n = cfg.report.n_samples
-        print(f"\nembedded pair in {directory} (fingerprint {recipe.fingerprint()})")
-        for role in ("teacher", "student"):
-            print(
-                f"  {role:<8} avg@{n} {r[role][f'avg@{n}']:.3f}  pass@{n} {r[role][f'pass@{n}']:.3f}  "
-                f"tokens with entropy >= {cfg.report.tau}: {r[role]['entropy/student_high_frac']:.1%}"
-            )
-        print(f"  task's ideal high-entropy fraction: {r['ideal_high_entropy_frac']:.1%}\n")
+        print(f"\n{describe_pair(directory)}\n")
 
     _main()
 

@@ -261,9 +261,11 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
 
     pair = cfg.pair
     if p.recipe is not None:
-        from eopd.pretrain import ensure_pair
+        from eopd.pretrain import describe_pair, ensure_pair
 
         ensure_pair(p.recipe, Path(pair.build_dir))
+        if primary:
+            print(f"\n{describe_pair(pair.build_dir)}\n", flush=True)
     student_tokenizer = load_tokenizer(p.student_source, eos_token=pair.student_eos)
     teacher_tokenizer = load_tokenizer(p.teacher_source, eos_token=pair.teacher_eos)
     vocab_size = _build("pair", lambda: _shared_vocabulary(pair.name, student_tokenizer, teacher_tokenizer))
