@@ -32,7 +32,7 @@ train: $(VENV)/.installed ## distil on the embedded default (builds the pair on 
 	$(PY) -m eopd.train $(ARGS)
 
 DEMO_DIR ?= outputs/sweeps/demo/latest
-demo: $(VENV)/.installed ## the paper's comparison on the embedded default (opd, eopd, fkl, jsd x 3 seeds), report in docs/demo
+demo: $(VENV)/.installed ## the paper's comparison on the embedded default (opd, eopd, fkl, jsd x 5 seeds), report in docs/demo
 	$(PY) -m eopd.pretrain
 	rm -rf $(DEMO_DIR)
 	OMP_NUM_THREADS=1 $(PY) -m eopd.train sweep=demo hydra/launcher=parallel hydra.sweep.dir=$(DEMO_DIR) $(ARGS)

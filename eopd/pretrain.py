@@ -81,7 +81,12 @@ class Target:
     def distance(self, avg: float, pass_at_n: float, high_frac_gap: float) -> float:
         """How far the metrics are from the band: 0 inside it, else the sum of the shortfalls."""
         gap = 0.0 if self.max_high_frac_gap is None else max(0.0, high_frac_gap - self.max_high_frac_gap)
-        return max(0.0, self.min_avg - avg) + max(0.0, avg - self.max_avg) + max(0.0, pass_at_n - self.max_pass) + gap
+        return (
+            max(0.0, self.min_avg - avg)
+            + max(0.0, avg - self.max_avg)
+            + max(0.0, pass_at_n - self.max_pass)
+            + gap
+        )
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ class PairRecipe:
     before: bool = True
     sizes: tuple[int, ...] = (4, 5, 6)
     teacher: ModelRecipe = field(default_factory=ModelRecipe)
-    student: ModelRecipe = field(default_factory=lambda: ModelRecipe(hidden_size=64, canonical_fraction=0.9))
+    student: ModelRecipe = field(default_factory=lambda: ModelRecipe(canonical_fraction=0.9))
     teacher_format: PromptFormat = field(default_factory=lambda: PromptFormat(template="chat"))
     student_format: PromptFormat = field(default_factory=lambda: PromptFormat(prefix="Q: ", suffix="\nA: "))
     eval_samples: int = 4
@@ -230,7 +235,9 @@ def build_pair(recipe: PairRecipe, directory: Path | str) -> dict:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        validator = _Validator(recipe, splits["val"], tokenizer, prompt_format, report["ideal_high_entropy_frac"])
+        validator = _Validator(
+            recipe, splits["val"], tokenizer, prompt_format, report["ideal_high_entropy_frac"]
+        )
         t0 = time.perf_counter()
         reached = train_supervised(model, tokenizer, splits["train"], prompt_format, model_recipe, validator)
         reached["train_seconds"] = round(time.perf_counter() - t0, 1)
@@ -293,7 +300,9 @@ class _Validator:
         }
 
 
-def train_supervised(model, tokenizer, problems, prompt_format: PromptFormat, recipe: ModelRecipe, validate) -> dict:
+def train_supervised(
+    model, tokenizer, problems, prompt_format: PromptFormat, recipe: ModelRecipe, validate
+) -> dict:
     """AdamW on the response tokens of training solutions until validation enters `recipe.target`.
 
     Prompt tokens carry no loss. Every `recipe.eval_every` steps (and at `max_steps`) `validate(model)`
@@ -385,7 +394,9 @@ def describe_pair(directory: Path | str) -> str:
     directory = Path(directory)
     manifest = json.loads((directory / "pair.json").read_text())
     recipe = manifest["recipe"]
-    lines = [f"embedded pair in {directory} (fingerprint {manifest['fingerprint']}, built in {manifest['build_seconds']:.0f} s)"]
+    lines = [
+        f"embedded pair in {directory} (fingerprint {manifest['fingerprint']}, built in {manifest['build_seconds']:.0f} s)"
+    ]
     for role in ("teacher", "student"):
         r = manifest[role]
         n = r["eval_samples"]

@@ -34,9 +34,9 @@ import itertools
 import math
 import random
 import re
-from functools import lru_cache
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 MODULUS = 10
 DEFAULT_SIZES = (5, 6, 7)
@@ -73,9 +73,9 @@ class Problem:
             raise ValueError(f"terms must be distinct, got {self.terms}")
         if not all(isinstance(term, int) and 0 <= term < self.modulus for term in self.terms):
             raise ValueError(f"terms must be integers in [0, {self.modulus}), got {self.terms}")
-        if self.before is not None:
-            if len(self.before) != 2 or self.before[0] == self.before[1] or not set(self.before) <= set(self.terms):
-                raise ValueError(f"before must be two different terms of {self.terms}, got {self.before!r}")
+        rule = self.before
+        if rule is not None and (len(rule) != 2 or rule[0] == rule[1] or not set(rule) <= set(self.terms)):
+            raise ValueError(f"before must be two different terms of {self.terms}, got {rule!r}")
 
     @property
     def prompt(self) -> str:
@@ -287,7 +287,7 @@ def _entropy(probs: Iterable[float]) -> float:
 def _expected_high_forks(problem: Problem, tau: float) -> float:
     """Expected number of branch points with entropy >= tau on a path drawn by the reference sampler."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def expected(remaining: frozenset[int]) -> float:
         if not remaining:
             return 0.0
