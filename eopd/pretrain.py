@@ -218,7 +218,7 @@ def report_pair(
     The fraction is measured on the teacher's own samples at temperature 1 (the paper's teacher had
     18.5% of tokens at or above 0.8 nats); the task's ideal value is printed next to it.
     """
-    from eopd.evaluate import EmbeddedGrader, EvalSpec, ModelSide, evaluate
+    from eopd.evaluation import EmbeddedGrader, EvalSpec, ModelSide, evaluate
     from eopd.models import ModelSource, load_model
     from eopd.tasks.multipath import ideal_high_entropy_fraction
 

@@ -16,23 +16,19 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import eopd.train
-from eopd.compare import (
+from eopd.compare import curve_band, curve_bin_steps, format_cell, main, table_metrics
+from eopd.comparison import (
     Interval,
     RunRecord,
     compare,
     config_value,
-    curve_band,
-    curve_bin_steps,
     find_runs,
-    format_cell,
     is_wandb_path,
-    main,
     mean_interval,
     paired_difference,
     read_run,
     record_from_wandb_run,
     t_quantile,
-    table_metrics,
     variant_label,
 )
 

@@ -4,9 +4,11 @@ import lightning as L
 import pytest
 import torch
 
-from eopd.models import build_causal_lm, output_weight
-from eopd.module import DistillModule, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
+from eopd.models import build_causal_lm
+from eopd.module import DistillModule
 from eopd.objectives import preset
+from eopd.scoring import output_weight
+from eopd.specs import OptimSpec, PairSpec, RolloutSpec, UpdateSpec
 
 V, PAD, EOS, TEACHER_EOS = 40, 0, 1, 2
 
@@ -211,8 +213,8 @@ def test_the_teacher_scores_the_student_end_token_as_its_own():
     stats = module.score_teacher(rollout, batch).stats
     ended = (rollout.responses == EOS) & rollout.response_mask
     assert ended.any()
-    from eopd.models import response_logits
-    from eopd.rollout import with_prompts
+    from eopd.batch import with_prompts
+    from eopd.scoring import response_logits
 
     copy = with_prompts(rollout, [row["teacher_prompt_ids"] for row in batch], pad_token_id=PAD)
     logp = torch.log_softmax(response_logits(module.teacher, copy)[..., :V].float(), -1)

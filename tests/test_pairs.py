@@ -20,12 +20,14 @@ from transformers import AutoModelForCausalLM
 
 import eopd.data
 import eopd.models
+import eopd.scoring
 import eopd.train
+from eopd.batch import RolloutBatch, pad_prompts
 from eopd.data import PromptDataset
 from eopd.models import ModelSource, load_model, load_tokenizer, prepare_student
-from eopd.module import DistillModule, PairSpec
+from eopd.module import DistillModule
 from eopd.objectives import preset
-from eopd.rollout import RolloutBatch, pad_prompts
+from eopd.specs import PairSpec
 from eopd.tasks.hub_formats import save_tiny_model
 from eopd.tasks.math_data import PAPER_SUFFIX
 from eopd.train import ConfigError, plan
@@ -369,7 +371,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(qwen3_dirs):
 
     grads = []
     for model in (plain, checkpointed):
-        hidden = eopd.models.final_hidden_states(model, ids, torch.ones_like(ids))
+        hidden = eopd.scoring.final_hidden_states(model, ids, torch.ones_like(ids))
         hidden.square().sum().backward()
         grads.append(model.get_input_embeddings().weight.grad)
 

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from eopd.models import build_causal_lm, final_hidden_states, output_weight, response_logits
-from eopd.rollout import RolloutBatch, _draw, pad_prompts, sample
+from eopd.batch import RolloutBatch, pad_prompts
+from eopd.models import build_causal_lm
+from eopd.rollout import _draw, sample
+from eopd.scoring import final_hidden_states, output_weight, response_logits
 
 PAD = 0
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]  # different lengths: left padding is exercised
