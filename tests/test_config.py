@@ -93,6 +93,22 @@ def test_every_preset_has_an_objective_option():
 
 
 @pytest.mark.parametrize("name", options("objective"))
+def test_objective_option_overlays_the_shared_base_and_states_only_its_name(name):
+    base = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "objective" / "base" / "paper.yaml"))
+    own = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "objective" / f"{name}.yaml"))
+    own.pop("defaults")
+    assert own == {"name": name}, f"conf/objective/{name}.yaml restates what the base already says"
+
+    composed = OmegaConf.to_container(compose_train([f"objective={name}"]).objective)
+    assert composed == {**base, "name": name}
+
+
+def test_the_evaluation_high_entropy_split_is_the_training_diagnostics_one():
+    cfg = compose_train(["objective.diagnostic_tau=1.1"])
+    assert cfg.eval.tau == cfg.objective.diagnostic_tau == 1.1
+
+
+@pytest.mark.parametrize("name", options("objective"))
 def test_objective_option_builds_the_preset_of_its_name(name, tmp_path):
     objective = plan(compose_train([f"objective={name}"]), tmp_path / "run").objective
 
