@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 import eopd.module
 import eopd.train
@@ -52,11 +53,7 @@ TINY = [
     "eval.final.enabled=false",
 ]
 UNTIMED = ("time/", "perf/")  # wall-clock columns: the only ones allowed to differ
-
-
-def compose_train(overrides) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*TINY, *overrides])
+compose_train = partial(conftest.compose_train, base=TINY)
 
 
 def read_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -426,9 +423,8 @@ def test_resume_auto_picks_the_newest_unfinished_run_with_a_checkpoint(tmp_path)
 
 def test_resume_auto_on_the_command_line_continues_in_the_run_directory(tmp_path):
     def hydra_run_dir() -> Path:
-        overrides = [*TINY, "resume=auto", f"output_root={tmp_path}"]
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return Path(compose("train", overrides=overrides, return_hydra_config=True).hydra.run.dir)
+        cfg = compose_train(["resume=auto", f"output_root={tmp_path}"], hydra_node=True)
+        return Path(cfg.hydra.run.dir)
 
     base = tmp_path / "runs" / compose_train([]).run_name
     assert hydra_run_dir().parent == base  # nothing to resume yet: a new run directory

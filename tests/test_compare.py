@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_train
 
 import eopd.train
 from eopd.compare import curve_band, curve_bin_steps, format_cell, main, table_metrics
@@ -201,10 +201,9 @@ TINY = [
 def sweep_dir(tmp_path_factory) -> Path:
     """A sweep-like folder of four finished tiny runs (about 25 s on two cores)."""
     root = tmp_path_factory.mktemp("sweep")
-    with initialize_config_dir(config_dir=eopd.train.CONF_DIR, version_base="1.3"):
-        for job, (objective, seed) in enumerate((o, s) for o in OBJECTIVES for s in SEEDS):
-            cfg = compose("train", overrides=[*TINY, f"objective={objective}", f"seed={seed}"])
-            eopd.train.run(cfg, root / f"{job}_{objective}-s{seed}")
+    for job, (objective, seed) in enumerate((o, s) for o in OBJECTIVES for s in SEEDS):
+        cfg = compose_train([f"objective={objective}", f"seed={seed}"], base=TINY)
+        eopd.train.run(cfg, root / f"{job}_{objective}-s{seed}")
     return root
 
 

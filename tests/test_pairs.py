@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
@@ -33,6 +34,7 @@ from eopd.tasks.math_data import PAPER_SUFFIX
 from eopd.train import ConfigError, plan
 
 CONF_DIR = Path(eopd.train.CONF_DIR)
+compose_train = partial(conftest.compose_train, default_pair=None)  # these tests choose their pairs
 REAL_PAIRS = sorted(
     p.stem for p in (CONF_DIR / "pair").glob("*.yaml") if p.stem not in ("embedded", "tiny_random")
 )
@@ -83,11 +85,6 @@ def llama_dirs(tmp_path_factory):
         "teacher": save_tiny_model(root / "teacher", "llama", eos_token="<|eot_id|>", hidden_size=64, seed=2),
         "student": save_tiny_model(root / "student", "llama", eos_token="<|eot_id|>", seed=1),
     }
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def local(pair: str, dirs: dict[str, Path], *overrides: str):
