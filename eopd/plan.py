@@ -64,6 +64,7 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             f"config {', '.join(repr(key) for key in missing)}: required and not set (??? in its config "
             f"file); give it on the command line, e.g. {missing[0]}=<value>"
         )
+    _check_types(cfg)
     _check_positive(cfg, "rollout_steps")
     objective = build("objective", lambda: instantiate(cfg.objective))
     rollout_fields = plain(cfg.rollout)
@@ -172,11 +173,13 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         )
     _check_writable(run_dir)
     resume = cfg.get("resume")
-    if resume not in (None, "auto") and not Path(str(resume)).expanduser().is_file():
-        raise ConfigError(
-            f"config 'resume'={resume!r}: no checkpoint file there; use resume=auto (the newest checkpoint "
-            "in the run directory) or the path of a .ckpt file"
-        )
+    if resume not in (None, "auto"):
+        from eopd.checkpointing import resume_file
+
+        try:
+            resume_file(resume)  # present and readable, before a model loads or the run claims a directory
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     return Plan(
         objective=objective,
         rollout=rollout,
@@ -248,6 +251,60 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# Integer keys that no dataclass owns (those that one does are checked against its fields).
+_INTEGER_KEYS = (
+    "seed", "data.seed", "data.n_train", "data.n_val", "data.n_test", "data.limit",
+    "eval.every_n_rollout_steps", "eval.n_problems", "eval.final.n_problems",
+    "callbacks.checkpoint_every_n_steps",
+)  # fmt: skip
+
+
+def _check_types(cfg: DictConfig) -> None:
+    """A value of the wrong type for a numeric key (`seed=abc`) is a `ConfigError` naming the key.
+
+    Keys that build an object are checked against its fields' types (the dataclass, or the function
+    `_target_` names); the others are listed in `_INTEGER_KEYS`.
+    """
+    import typing
+
+    from hydra.utils import get_object
+
+    from eopd.benchmarks import BenchmarkProtocol
+    from eopd.evaluation import EvalSpec
+    from eopd.models import ModelSource
+    from eopd.specs import LogSpec, OptimSpec, RolloutSpec, UpdateSpec
+
+    for key in _INTEGER_KEYS:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ConfigError(f"config '{key}'={value!r} must be an integer")
+    owners: dict[str, Any] = {
+        "rollout": RolloutSpec,
+        "update": UpdateSpec,
+        "optimizer": OptimSpec,
+        "log": LogSpec,
+        "eval": EvalSpec,
+        "eval.final": EvalSpec,
+        "eval.benchmark_protocol": BenchmarkProtocol,
+        "pair.student": ModelSource,
+        "pair.teacher": ModelSource,
+    }
+    target = OmegaConf.select(cfg, "objective._target_", default=None)
+    if target is not None:
+        owners["objective"] = build("objective._target_", lambda: get_object(target))
+    for key, owner in owners.items():
+        node = OmegaConf.select(cfg, key, default=None)
+        if node is None:
+            continue
+        hints = typing.get_type_hints(owner)
+        for name, value in plain(node).items():
+            allowed = typing.get_args(hints.get(name)) or (hints.get(name),)
+            numeric = any(t in (int, float) for t in allowed) and str not in allowed
+            if numeric and isinstance(value, str):
+                kind = "an integer" if float not in allowed else "a number"
+                raise ConfigError(f"config '{key}.{name}'={value!r} must be {kind}")
 
 
 def _check_positive(cfg: DictConfig, key: str) -> None:

@@ -45,6 +45,8 @@ def loggers(cfg: DictConfig, run_dir: Path) -> list:
                 config=OmegaConf.to_container(cfg, resolve=True),
             )
         )
+        # Lightning passes anonymous=None to wandb.init, which wandb >= 0.19 warns has no effect.
+        loggers[-1]._wandb_init.pop("anonymous", None)
     return loggers
 
 
@@ -55,7 +57,17 @@ def _wandb_api_key_present() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def report_table(table, spec, final, run_dir: Path) -> None:
+# Where each row of the final table goes in a wandb run's summary (the trained student's as in finished.json).
+SUMMARY_PREFIXES = {"student after": "test", "student before": "test/before", "teacher": "test/teacher"}
+
+
+def report_table(table, spec, final, run_dir: Path, loggers: list = ()) -> None:
+    """Print the final test table, write it to eval.json and, for wandb, into the run summary and a Table.
+
+    In the summary the trained student's metrics are `test/<metric>` (as in finished.json), the others
+    `test/before/<metric>` and `test/teacher/<metric>`, so that runs can be grouped and compared on them
+    in the wandb UI; the Table `test/final` holds the printed table.
+    """
     from eopd.evaluation import format_table
 
     n = spec.n_samples
@@ -76,6 +88,17 @@ def report_table(table, spec, final, run_dir: Path) -> None:
     )
     print(f"\n{header}\n{text}\n", flush=True)
     (run_dir / "eval.json").write_text(json.dumps(table, indent=2))
+    for logger in loggers:
+        if type(logger).__name__ != "WandbLogger":
+            continue
+        summary = {
+            f"{SUMMARY_PREFIXES.get(model, 'test/' + model)}/{key}": value
+            for model, metrics in table.items()
+            for key, value in metrics.items()
+        }
+        logger.experiment.summary.update(summary)
+        rows = [[model, *(metrics.get(key) for key in keys)] for model, metrics in table.items()]
+        logger.log_table("test/final", columns=["model", *keys], data=rows)
 
 
 def report_benchmarks(runs, protocol, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
@@ -104,3 +127,40 @@ def report_benchmarks(runs, protocol, cfg: DictConfig, run_dir: Path) -> dict[st
     path.write_text(json.dumps(saved, indent=2))
     row = table.get("student after") or {}
     return {f"bench/{key}": value for key, value in row.items()}
+
+
+def progress_bar(rollout_steps: int):
+    """Lightning's progress bar, counting the run's rollout steps ("rollout step 4/600") instead of epochs.
+
+    One Lightning epoch is one pass over the prompts, and the run is bounded by steps, not epochs, so
+    Lightning's own bar would read "Epoch 4/-2". Rich when it is installed (as Lightning chooses), else tqdm.
+    """
+    import importlib.util
+
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    class RichRolloutBar(RichProgressBar):
+        @property
+        def total_train_batches(self) -> int:
+            return rollout_steps
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            return "rollout step"
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self._update(self.train_progress_bar_id, pl_module.rollout_step)
+
+    class TQDMRolloutBar(TQDMProgressBar):
+        @property
+        def total_train_batches(self) -> int:
+            return rollout_steps
+
+        def on_train_epoch_start(self, trainer, *args) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            self.train_progress_bar.set_description("rollout step")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, pl_module.rollout_step - 1)
+
+    return RichRolloutBar() if importlib.util.find_spec("rich") else TQDMRolloutBar()

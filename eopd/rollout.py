@@ -45,9 +45,14 @@ def _draw(
 
 
 def _forward_keywords(model: PreTrainedModel) -> tuple[str, bool]:
-    """The model's name for the KV cache argument and whether it accepts `logits_to_keep`."""
-    parameters = inspect.signature(model.forward).parameters
-    # transformers 5 renamed `past_key_values` to `cache`; the old name still works there but warns.
+    """The model's name for the KV cache argument and whether it accepts `logits_to_keep`.
+
+    A wrapper that forwards `**kwargs` (a peft `PeftModel` around a LoRA student) is asked about the model
+    it wraps: its own signature names neither argument.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(inner.forward).parameters
+    # transformers 5 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40).
     cache_keyword = "cache" if "cache" in parameters else "past_key_values"
     return cache_keyword, "logits_to_keep" in parameters
 

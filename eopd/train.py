@@ -60,7 +60,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     from eopd.module import DistillModule, NonFiniteTraining
     from eopd.pairs import assemble_pair, show_pair
     from eopd.reports import loggers as make_loggers
-    from eopd.reports import report_benchmarks, report_table
+    from eopd.reports import progress_bar, report_benchmarks, report_table
 
     p = plan(cfg, run_dir)  # every check that needs no model
     if cfg.get("resume") == "auto" and checkpointing.is_finished(p.run_dir):
@@ -196,6 +196,8 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     if p.benchmarks and "before" in p.benchmark_protocol.models:
         bench_runs["student before"] = _evaluate_benchmarks(p, student_side, vocab_size)
     callbacks = [checkpointing.ResumeState(), *_callbacks(cfg, p.run_dir, p.steps_per_rollout)]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(progress_bar(cfg.rollout_steps))
     periodic = PeriodicEvaluation(  # on every rank under FSDP: student and teacher gathered whole
         lambda model: module.on_teacher(
             lambda teacher_model: evaluation(
@@ -266,7 +268,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         table["teacher"] = evaluation(
             p.final_spec, final.split, final.n_problems, teacher_alone, with_teacher=False
         )
-        report_table(table, p.final_spec, final, p.run_dir)
+        report_table(table, p.final_spec, final, p.run_dir, trainer.loggers)
         metrics.update({f"test/{k}": v for k, v in table["student after"].items()})
     if p.benchmarks and trainer.is_global_zero:  # under DDP the other ranks would repeat it
         if "after" in p.benchmark_protocol.models:

@@ -124,6 +124,19 @@ CASES = {
         ["trainer.devices", "'auto'"],
     ),
     "rollout-engine": Case(["rollout.engine=sglang"], ConfigError, ["rollout.engine", "hf, vllm"]),
+    "seed-of-the-wrong-type": Case(["seed=abc"], ConfigError, ["config 'seed'='abc'", "integer"]),
+    "number-of-the-wrong-type": Case(
+        ["rollout.temperature=warm"], ConfigError, ["config 'rollout.temperature'='warm'", "a number"]
+    ),
+    "objective-knob-of-the-wrong-type": Case(
+        ["objective.alpha=one"], ConfigError, ["config 'objective.alpha'='one'", "a number"]
+    ),
+    "resume-from-an-unreadable-checkpoint": Case(
+        ["resume={tmp}/broken.ckpt"],
+        ConfigError,
+        ["broken.ckpt", "unreadable", "resume=auto"],
+        files={"broken.ckpt": "half a checkpoint"},
+    ),
     "batch-larger-than-the-dataset": Case(
         ["data.n_train=8", "data.batch_size=16", "update.mini_batch_size=4"],
         ConfigError,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import random
@@ -555,3 +556,34 @@ def test_cli_exits_3_without_a_traceback_when_updates_stay_nonfinite(tmp_path):
     assert result.returncode == 3, output
     assert "2 updates in a row were not finite, the last at optimizer step 1 (rollout step 1)" in output
     assert "Traceback" not in output
+
+
+# ---- unreadable checkpoints ----------------------------------------------------------------------------
+
+
+def _checkpoint_like(path: Path) -> Path:
+    """A file with a PyTorch checkpoint's layout (a zip archive holding data.pkl), as torch.save writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}}, path)
+    return path
+
+
+def test_resume_auto_skips_an_unreadable_newest_checkpoint_with_a_warning(tmp_path, caplog):
+    older = _checkpoint_like(tmp_path / "checkpoints" / "epoch=0-step=2.ckpt")
+    newest = tmp_path / "checkpoints" / "last.ckpt"
+    newest.write_bytes(older.read_bytes()[:100])  # cut short, as by a full disk or a killed copy
+    os.utime(older, ns=(1, 1))  # older by its time stamp, whatever the file system's resolution
+
+    assert checkpointing.latest_checkpoint(tmp_path) == newest
+    with caplog.at_level(logging.WARNING, logger="eopd.checkpointing"):
+        assert checkpointing.resume_checkpoint("auto", tmp_path) == older
+    assert "last.ckpt" in caplog.text and "unreadable" in caplog.text
+
+
+def test_an_unreadable_checkpoint_file_is_named_with_what_to_do(tmp_path):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.ckpt") as info:
+        checkpointing.resume_checkpoint(str(broken), tmp_path / "run")
+    assert "unreadable" in str(info.value) and "resume=auto" in str(info.value)
+    assert checkpointing.unreadable_reason(_checkpoint_like(tmp_path / "good.ckpt")) is None
