@@ -7,7 +7,7 @@
 
 Each benchmark is read from the hub with `datasets` when reachable, or from a local JSONL or Parquet file
 (`eval.benchmarks.<name>.path=...`), with the same row checks as the training data
-(`eopd.tasks.math_data`). Grading is math-verify on the last `\\boxed{}` (`eopd.evaluate.MathGrader`).
+(`eopd.tasks.math_data`). Grading is math-verify on the last `\\boxed{}` (`eopd.evaluation.MathGrader`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from eopd.evaluation import EvalSpec, MathGrader, evaluate, format_table
 from eopd.tasks.math_data import PAPER_SUFFIX, DataError, MathSource, load_math_records
 
 
@@ -96,9 +97,7 @@ class BenchmarkProtocol:
         self.spec()  # checks the sampling values
 
     def spec(self):
-        """The sampling settings as an `eopd.evaluate.EvalSpec`."""
-        from eopd.evaluate import EvalSpec
-
+        """The sampling settings as an `eopd.evaluation.EvalSpec`."""
         return EvalSpec(
             n_samples=self.n_samples,
             temperature=self.temperature,
@@ -159,16 +158,14 @@ def load_benchmarks(
 def evaluate_benchmarks(
     side, benchmarks: Mapping[str, Sequence[dict[str, Any]]], protocol: BenchmarkProtocol, *, vocab_size: int
 ) -> dict[str, dict[str, float]]:
-    """`eopd.evaluate.evaluate` on every benchmark with the math-verify grader; benchmark -> metrics.
+    """`eopd.evaluation.evaluate` on every benchmark with the math-verify grader; benchmark -> metrics.
 
     Args:
-        side: the model evaluated (`eopd.evaluate.ModelSide`).
+        side: the model evaluated (`eopd.evaluation.ModelSide`).
         benchmarks: benchmark name -> records, as `load_benchmarks` returns them.
         protocol: the sampling settings.
         vocab_size: the vocabulary sampled from (padded output rows excluded).
     """
-    from eopd.evaluate import MathGrader, evaluate
-
     spec = protocol.spec()
     return {
         name: evaluate(side, records, MathGrader(), spec, vocab_size=vocab_size)
@@ -198,8 +195,6 @@ def benchmark_table(
 
 def format_benchmark_table(runs: Mapping[str, Mapping[str, Mapping[str, float]]], n: int) -> str:
     """A plain-text table: one row per benchmark and the mean, Avg@n and Pass@n columns for each model."""
-    from eopd.evaluate import format_table
-
     table = benchmark_table(runs, n)
     names = [*next(iter(runs.values())), "mean"] if runs else []
     keys = [f"{model} {metric}@{n}" for model in runs for metric in ("avg", "pass")]

@@ -119,12 +119,35 @@ class ResumeState(L.Callback):
 # ---- the run directory ------------------------------------------------------------------------------------
 
 
-def latest_checkpoint(run_dir: Path | str) -> Path | None:
-    """The newest complete checkpoint of a run: ModelCheckpoint's files and Lightning's SLURM ones."""
+def checkpoints_newest_first(run_dir: Path | str) -> list[Path]:
+    """The complete checkpoints of a run, newest first: ModelCheckpoint's files and Lightning's SLURM ones."""
     run_dir = Path(run_dir)
     found = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     found = [p for p in found if not p.name.startswith(".") and p.is_file()]  # not a save in progress
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt")) if found else None
+    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+
+
+def latest_checkpoint(run_dir: Path | str) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = checkpoints_newest_first(run_dir)
+    return found[0] if found else None
+
+
+def unreadable_reason(path: Path | str) -> str | None:
+    """Why `path` is not a complete PyTorch checkpoint (a zip archive with its pickle), or None if it is.
+
+    Reads the archive's directory only, not the tensors: cheap even for a checkpoint of many GB.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f"not a complete PyTorch checkpoint ({error})"
+    if not any(name.endswith("data.pkl") for name in names):
+        return "not a PyTorch checkpoint (no data.pkl in the archive)"
+    return None
 
 
 def is_finished(run_dir: Path | str) -> bool:
@@ -170,12 +193,31 @@ def resume_checkpoint(resume: str | None, run_dir: Path | str) -> Path | None:
             )
         return None
     if resume == "auto":
-        return None if is_finished(run_dir) else latest_checkpoint(run_dir)
+        if is_finished(run_dir):
+            return None
+        for candidate in checkpoints_newest_first(run_dir):
+            reason = unreadable_reason(candidate)
+            if reason is None:
+                return candidate
+            log.warning("resume=auto: skipping the unreadable checkpoint %s: %s", candidate, reason)
+        return None
+    return resume_file(resume)
+
+
+def resume_file(resume: str) -> Path:
+    """The checkpoint file `resume=<path>` names; ValueError naming it when it is missing or unreadable."""
     path = Path(str(resume)).expanduser()
     if not path.is_file():
         raise ValueError(
-            f"resume={resume!r}: no checkpoint file there; use resume=auto (the newest checkpoint in the run "
-            "directory) or the path of a .ckpt file"
+            f"config 'resume'={resume!r}: no checkpoint file there; use resume=auto (the newest checkpoint "
+            "in the run directory) or the path of a .ckpt file"
+        )
+    reason = unreadable_reason(path)
+    if reason is not None:
+        raise ValueError(
+            f"config 'resume'={resume!r}: the checkpoint file {path} is unreadable: {reason}. It may be a "
+            "partial copy or a damaged file: give another .ckpt file, or use resume=auto, which takes the "
+            "newest readable checkpoint of the run"
         )
     return path
 

@@ -1,307 +1,18 @@
-"""Sampling evaluation: Avg@k, unbiased Pass@k, maj@k, distinct correct paths, entropies, forward KL.
+"""The evaluation CLI: sample a saved model on a data split or on benchmarks, print and save the metrics.
 
     python -m eopd.evaluate checkpoint=outputs/runs/eopd-s0/<time>/student         # embedded test split
     python -m eopd.evaluate checkpoint=<dir> teacher=outputs/pairs/embedded/teacher eval.n_samples=8
     python -m eopd.evaluate checkpoint=outputs/pairs/embedded/teacher format.template=chat eos="<|im_end|>"
     python -m eopd.evaluate checkpoint=<dir> format.prefix="" format.suffix="" +benchmarks.math500={}
+    python -m eopd.evaluate checkpoint=<run dir>/student pair=qwen3_8b_to_qwen3_1.7b_base
 
-For every problem, n responses are sampled at the evaluation's temperature and top-p; each is graded.
-Metrics (keys as logged during training under `val/`):
-    avg@n             mean correctness over all samples (Avg@k with k = n)
-    pass@k            unbiased Pass@k for every k <= n, averaged over problems
-    maj@n             majority vote over the n answers is correct
-    paths/distinct    distinct correct solution paths per problem (tasks that define paths)
-    entropy/student   the student's token entropy on its own samples; entropy/student_high_frac: >= tau
-    entropy/teacher_high_frac, div/fkl_high_entropy: the teacher on the same samples (when given)
+The metrics are those of `eopd.evaluation.evaluate` (see its module docstring).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
-
-import torch
-from lightning.pytorch.callbacks import Callback
-
 from eopd.data import PromptFormat
-from eopd.metrics import distinct_correct_paths, maj_at_k, pass_at_k_curve
-from eopd.models import output_weight, response_hidden_states, teacher_output_weight
-from eopd.objectives import LinearLogits, forward_kl, per_token_fused, teacher_token_stats
-from eopd.rollout import sample, teacher_hidden_states
-
-log = logging.getLogger("eopd.evaluate")
-
-
-class Grader(Protocol):
-    """Grades one response to one record."""
-
-    def grade(self, record: dict[str, Any], response: str) -> bool: ...
-
-    def answer(self, record: dict[str, Any], response: str) -> Hashable | None: ...
-
-    def answer_is_correct(self, record: dict[str, Any], answer: Hashable | None) -> bool: ...
-
-    def path(self, record: dict[str, Any], response: str) -> Hashable | None: ...
-
-
-class EmbeddedGrader:
-    """The embedded multi-path task: exact grading of every step; the path is the order of the terms."""
-
-    def grade(self, record: dict[str, Any], response: str) -> bool:
-        from eopd.tasks.multipath import grade
-
-        return grade(record["problem"], response)
-
-    def answer(self, record: dict[str, Any], response: str) -> Hashable | None:
-        text = response.split("<|", 1)[0].strip()
-        return text.rsplit("#", 1)[1].strip() if "#" in text else None
-
-    def answer_is_correct(self, record: dict[str, Any], answer: Hashable | None) -> bool:
-        return answer is not None and answer == record["problem"].answer
-
-    def path(self, record: dict[str, Any], response: str) -> Hashable | None:
-        from eopd.tasks.multipath import solution_path
-
-        return solution_path(record["problem"], response)
-
-
-class MathGrader:
-    """`\\boxed{}` answers graded with math-verify; no notion of a path."""
-
-    def grade(self, record: dict[str, Any], response: str) -> bool:
-        from eopd.tasks.math_grader import grade_math
-
-        return grade_math(response, str(record["answer"]))
-
-    def answer(self, record: dict[str, Any], response: str) -> Hashable | None:
-        from eopd.tasks.math_grader import extract_boxed
-
-        return extract_boxed(response)
-
-    def answer_is_correct(self, record: dict[str, Any], answer: Hashable | None) -> bool:
-        from eopd.tasks.math_grader import grade_math
-
-        return answer is not None and grade_math(f"\\boxed{{{answer}}}", str(record["answer"]))
-
-    def path(self, record: dict[str, Any], response: str) -> Hashable | None:
-        return None
-
-
-GRADERS = {"embedded": EmbeddedGrader, "math": MathGrader}
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """How to sample for evaluation (the paper: 8 samples, temperature 1.0, top-p 0.8).
-
-    Attributes:
-        n_samples: responses per problem (n of Pass@k, k <= n).
-        temperature, top_p, max_new_tokens: sampling.
-        batch_size: prompts per sampling batch (each repeated n_samples times).
-        seed: sampling seed; the same seed gives the same samples for the same model.
-        tau: the entropy threshold for the high-entropy fractions (nats).
-    """
-
-    n_samples: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    seed: int = 0
-    tau: float = 0.8
-
-    def __post_init__(self) -> None:
-        for name in ("n_samples", "max_new_tokens", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"eval.{name}={value!r} must be a positive integer")
-        if not self.temperature > 0:
-            raise ValueError(f"eval.temperature={self.temperature!r} must be > 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"eval.top_p={self.top_p!r} must lie in (0, 1]")
-
-
-@dataclass
-class ModelSide:
-    """A model with what sampling and scoring need: its tokenizer, prompt format and end tokens."""
-
-    model: Any
-    tokenizer: Any
-    prompt_format: PromptFormat
-    eos_ids: tuple[int, ...]
-
-
-@torch.no_grad()
-def evaluate(
-    student: ModelSide,
-    records: Sequence[dict[str, Any]],
-    grader: Grader,
-    spec: EvalSpec,
-    *,
-    vocab_size: int,
-    teacher: ModelSide | None = None,
-    remap_end_token_ids: tuple[int, int] | None = None,
-) -> dict[str, float]:
-    """Sample `spec.n_samples` responses per record from `student`, grade them, and measure entropies.
-
-    Args:
-        student: the model evaluated.
-        records: prompt records ({"prompt", "answer", ...}); the grader reads what it needs.
-        grader: how to grade a response.
-        spec: sampling settings.
-        vocab_size: the vocabulary shared with the teacher (padded output rows excluded).
-        teacher: when given, scores the same samples: its entropy and the forward KL to it.
-        remap_end_token_ids: (student end id, teacher end id) for the teacher's copy.
-
-    Returns:
-        Metric name -> value (see the module docstring).
-    """
-    if not records:
-        raise ValueError("evaluate needs at least one record")
-    model = student.model
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    pad = student.tokenizer.pad_token_id if student.tokenizer.pad_token_id is not None else student.eos_ids[0]
-    generator = torch.Generator(device=device).manual_seed(spec.seed)
-    correct: list[list[bool]] = []
-    answers: list[list[Hashable | None]] = []
-    answer_flags: list[list[bool]] = []
-    paths: list[list[Hashable | None]] = []
-    entropy_sum = entropy_high = tokens = truncated = 0.0
-    teacher_high = fkl_high_sum = fkl_high_count = 0.0
-    try:
-        for start in range(0, len(records), spec.batch_size):
-            chunk = list(records[start : start + spec.batch_size])
-            rows = [r for r in chunk for _ in range(spec.n_samples)]
-            prompts = [student.prompt_format.encode(student.tokenizer, r["prompt"]) for r in rows]
-            batch = sample(
-                model,
-                prompts,
-                max_new_tokens=spec.max_new_tokens,
-                eos_token_ids=student.eos_ids,
-                pad_token_id=pad,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                generator=generator,
-                vocab_size=vocab_size,
-            )
-            mask = batch.response_mask
-            texts = [
-                student.tokenizer.decode(batch.responses[i][mask[i]].tolist(), skip_special_tokens=True)
-                for i in range(batch.batch_size)
-            ]
-            for index, record in enumerate(chunk):
-                block = range(index * spec.n_samples, (index + 1) * spec.n_samples)
-                correct.append([grader.grade(record, texts[i]) for i in block])
-                answers.append([grader.answer(record, texts[i]) for i in block])
-                # maj@k votes over final answers, so an answer's correctness is the answer's alone (a right
-                # answer after wrong steps counts for the vote, unlike for Avg@k).
-                answer_flags.append([grader.answer_is_correct(record, a) for a in answers[-1]])
-                paths.append(
-                    [grader.path(record, texts[i]) if correct[-1][j] else None for j, i in enumerate(block)]
-                )
-            truncated += float(batch.truncated.float().sum())
-            hidden = response_hidden_states(model, batch)[mask]
-            s_source = LinearLogits(hidden, output_weight(model), vocab_size)
-            s_stats = teacher_token_stats(s_source, batch.responses[mask], k=1, temperature=spec.temperature)
-            entropy_sum += float(s_stats.entropy.sum())
-            entropy_high += float((s_stats.entropy >= spec.tau).sum())
-            tokens += float(mask.sum())
-            if teacher is not None:
-                t_prompts = [teacher.prompt_format.encode(teacher.tokenizer, r["prompt"]) for r in rows]
-                t_hidden = teacher_hidden_states(
-                    teacher.model, batch, t_prompts, pad_token_id=pad, remap_end_token_ids=remap_end_token_ids
-                )[mask]
-                t_weight = teacher_output_weight(teacher.model, remap_end_token_ids)
-                t_source = LinearLogits(t_hidden, t_weight, vocab_size)
-                t_stats = teacher_token_stats(
-                    t_source, batch.responses[mask], k=1, temperature=spec.temperature
-                )
-                high = t_stats.entropy >= spec.tau
-                teacher_high += float(high.sum())
-                fkl = per_token_fused(forward_kl, s_source, t_source, temperature=spec.temperature)
-                fkl_high_sum += float(fkl[high].sum())
-                fkl_high_count += float(high.sum())
-    finally:
-        model.train(was_training)
-
-    n = spec.n_samples
-    results: dict[str, float] = {f"avg@{n}": sum(map(sum, correct)) / (len(correct) * n)}
-    results.update({f"pass@{k}": v for k, v in pass_at_k_curve(correct).items()})
-    results[f"maj@{n}"] = sum(maj_at_k(a, c, n) for a, c in zip(answers, answer_flags, strict=True)) / len(
-        correct
-    )
-    results["paths/distinct"] = sum(distinct_correct_paths(p) for p in paths) / len(paths)
-    results["entropy/student"] = entropy_sum / max(tokens, 1)
-    results["entropy/student_high_frac"] = entropy_high / max(tokens, 1)
-    results["len_mean"] = tokens / (len(correct) * n)
-    results["truncated_frac"] = truncated / (len(correct) * n)
-    if teacher is not None:
-        results["entropy/teacher_high_frac"] = teacher_high / max(tokens, 1)
-        if fkl_high_count:
-            results["div/fkl_high_entropy"] = fkl_high_sum / fkl_high_count
-    return results
-
-
-def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> str:
-    """A plain-text table: one row per model, one column per metric key."""
-    width = max(len(name) for name in rows) + 2
-    widths = [max(len(k), 7) + 2 for k in keys]
-    lines = [" " * width + "".join(f"{k:>{w}}" for k, w in zip(keys, widths, strict=True))]
-    for name, metrics in rows.items():
-        cells = "".join(
-            f"{metrics[k]:>{w}.3f}" if k in metrics else f"{'-':>{w}}"
-            for k, w in zip(keys, widths, strict=True)
-        )
-        lines.append(f"{name:<{width}}{cells}")
-    return "\n".join(lines)
-
-
-class PeriodicEvaluation(Callback):
-    """Runs `evaluate` on a fixed validation subset every N rollout steps and at the end of training.
-
-    Logs every metric under `val/` at the current optimizer step, through the trainer's loggers.
-    """
-
-    def __init__(self, run_evaluation, *, every_n_rollout_steps: int = 0, at_end: bool = True) -> None:
-        super().__init__()
-        self.run_evaluation = run_evaluation  # (student model) -> dict of metrics
-        self.every = every_n_rollout_steps
-        self.at_end = at_end
-        self.history: list[tuple[int, dict[str, float]]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = getattr(pl_module, "rollout_step", 0)
-        due = self.every > 0 and step % self.every == 0
-        if due and not trainer.should_stop and not self._is_last(trainer):
-            self._evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        stopped_early = trainer.max_steps > 0 and trainer.global_step < trainer.max_steps
-        if self.at_end and not stopped_early:  # a preempted run evaluates when it completes, not when stopped
-            self._evaluate(trainer, pl_module)
-
-    def _is_last(self, trainer) -> bool:
-        return self.at_end and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
-
-    def _evaluate(self, trainer, pl_module) -> None:
-        if self.history and self.history[-1][0] == trainer.global_step:
-            return
-        # Under FSDP every rank evaluates with the gathered student (the same prompts and seeds).
-        metrics = pl_module.on_student(self.run_evaluation, gathered=True)
-        self.history.append((trainer.global_step, metrics))
-        logged = {f"val/{k}": v for k, v in metrics.items()}
-        logged["step/rollout"] = float(getattr(pl_module, "rollout_step", 0))
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=trainer.global_step)
-        log.info(
-            "step %d validation: %s",
-            trainer.global_step,
-            ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("avg@", "pass@"))),
-        )
+from eopd.evaluation import GRADERS, EvalSpec, ModelSide, evaluate, format_table
 
 
 def main() -> None:
@@ -313,7 +24,8 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from eopd.data import load_records
-    from eopd.models import ModelSource, check_shared_vocabulary, load_model, load_tokenizer
+    from eopd.models import ModelSource, load_model, load_tokenizer
+    from eopd.pairs import PairKeys, assemble_pair
 
     conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -337,25 +49,34 @@ def main() -> None:
             records = load_records(plain["data"])
             if cfg.split not in records:
                 raise ValueError(f"split={cfg.split!r} is not a data split; allowed: {', '.join(records)}")
-        sides = {}
-        for role, key, fmt, eos in (
-            ("student", "checkpoint", "format", "eos"),
-            ("teacher", "teacher", "teacher_format", "teacher_eos"),
-        ):
-            if plain[key] is None:
-                continue
-            source = ModelSource(path=plain[key])
-            source.check(key)
-            tokenizer = load_tokenizer(source)
-            model = load_model(source, vocab_size=len(tokenizer))
-            eos_id = tokenizer.convert_tokens_to_ids(plain[eos])
-            sides[role] = ModelSide(model, tokenizer, PromptFormat(**plain[fmt]), (eos_id,))
-        vocab = len(sides["student"].tokenizer)
-        remap = None
-        if "teacher" in sides:
-            vocab = check_shared_vocabulary(sides["student"].tokenizer, sides["teacher"].tokenizer)
-            if sides["student"].eos_ids != sides["teacher"].eos_ids:
-                remap = (sides["student"].eos_ids[0], sides["teacher"].eos_ids[0])
+        sources, tokenizers = {}, {}
+        for role, key in (("student", "checkpoint"), ("teacher", "teacher")):
+            if plain[key] is not None:
+                sources[role] = ModelSource(path=plain[key])
+                sources[role].check(key)
+                tokenizers[role] = load_tokenizer(sources[role])
+        pair = assemble_pair(
+            tokenizers["student"],
+            tokenizers.get("teacher"),
+            student_eos=plain["eos"],
+            teacher_eos=plain["teacher_eos"],
+            remap_end_token=plain.get("remap_end_token", True),
+            keys=PairKeys(pair="teacher", student_eos="eos", teacher_eos="teacher_eos"),
+        )
+        vocab, remap = pair.vocab_size, pair.remap_end_token
+        sides = {
+            role: ModelSide(
+                load_model(sources[role], vocab_size=len(tokenizers[role])),
+                tokenizers[role],
+                PromptFormat(**plain[fmt]),
+                eos_ids,
+            )
+            for role, fmt, eos_ids in (
+                ("student", "format", pair.student_eos_ids),
+                ("teacher", "teacher_format", pair.teacher_eos_ids),
+            )
+            if role in sources
+        }
         if benchmarks:
             return _main_benchmarks(cfg, sides["student"], records["benchmarks"], protocol, vocab)
         metrics = evaluate(
@@ -377,7 +98,7 @@ def main() -> None:
 
 
 def with_pair_formats(plain: dict) -> dict:
-    """The evaluate config with `format`, `eos`, `teacher_format` and `teacher_eos` taken from its `pair`.
+    """The evaluate config with the formats, end tokens and end-token remap taken from its `pair`.
 
     `python -m eopd.evaluate checkpoint=<run>/student pair=<the run's pair>` then reads each model's prompts
     as training did; without a pair the four keys are used as given.
@@ -391,6 +112,7 @@ def with_pair_formats(plain: dict) -> dict:
         "eos": pair["student_eos"],
         "teacher_format": pair["teacher_format"],
         "teacher_eos": pair["teacher_eos"],
+        "remap_end_token": pair.get("remap_end_token", True),
     }
 
 

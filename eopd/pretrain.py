@@ -276,7 +276,7 @@ class _Validator:
     """Samples a model on the validation split and measures what its `Target` checks."""
 
     def __init__(self, recipe: PairRecipe, problems, tokenizer, prompt_format: PromptFormat, ideal: float):
-        from eopd.evaluate import EmbeddedGrader, EvalSpec, ModelSide
+        from eopd.evaluation import EmbeddedGrader, EvalSpec, ModelSide
 
         self.records = [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "problem": p} for p in problems]
         self.spec = EvalSpec(n_samples=recipe.eval_samples, max_new_tokens=48, tau=recipe.tau, batch_size=64)
@@ -286,7 +286,7 @@ class _Validator:
         self.ideal = ideal
 
     def __call__(self, model) -> dict:
-        from eopd.evaluate import evaluate
+        from eopd.evaluation import evaluate
 
         n = self.spec.n_samples
         metrics = evaluate(self.side(model), self.records, self.grader, self.spec, vocab_size=self.vocab_size)

@@ -25,10 +25,12 @@ from collections import defaultdict
 import torch
 
 from eopd.data import PromptDataset, PromptFormat
-from eopd.models import DTYPES, build_causal_lm, check_shared_vocabulary
-from eopd.module import DistillModule, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
+from eopd.models import DTYPES, build_causal_lm
+from eopd.module import DistillModule
 from eopd.objectives import preset
+from eopd.pairs import assemble_pair
 from eopd.rollout_engines import VLLMEngine
+from eopd.specs import OptimSpec, RolloutSpec, UpdateSpec
 from eopd.tasks.multipath import make_splits
 from eopd.tasks.tokenizer import IM_END, build_tokenizer
 
@@ -68,7 +70,7 @@ def loaded_pair(student_path: str, teacher_path: str, dtype: torch.dtype):
         AutoTokenizer.from_pretrained(student_path),
         AutoTokenizer.from_pretrained(teacher_path),
     )
-    vocab = check_shared_vocabulary(student_tok, teacher_tok)
+    vocab = len(student_tok)  # assemble_pair checks that the two share it
     student = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype)
     return student, teacher, student_tok, teacher_tok, vocab, f"{student_path} <- {teacher_path}"
@@ -121,19 +123,11 @@ def main() -> None:
         teacher_tokenizer=teacher_tok,
         teacher_format=PromptFormat(template="chat", enable_thinking=False),
     )
-    eos, teacher_eos = student_tok.eos_token_id, teacher_tok.eos_token_id
-    pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else eos
     module = DistillModule(
         student,
         teacher,
         preset(args.objective),
-        pair=PairSpec(
-            vocab_size=vocab,
-            pad_token_id=pad,
-            student_eos_ids=(eos,),
-            teacher_eos_ids=(teacher_eos,),
-            remap_end_token=(eos, teacher_eos) if eos != teacher_eos else None,
-        ),
+        pair=assemble_pair(student_tok, teacher_tok),  # the tokenizers' own end tokens, remapped
         rollout=RolloutSpec(max_new_tokens=args.max_new_tokens, engine=args.engine),
         update=UpdateSpec(mini_batch_size=args.mini_batch_size),
         optim=OptimSpec(lr=1e-4),

@@ -13,10 +13,44 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+# ---- the training config, composed as the command line would ------------------------------------------------
+
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_train(
+    overrides: Sequence[str] = (),
+    *,
+    base: Sequence[str] = (),
+    default_pair: str | None = "tiny_random",
+    hydra_node: bool = False,
+):
+    """The training config as `python -m eopd.train <base> <overrides>` composes it, without running it.
+
+    Args:
+        overrides: the test's own overrides.
+        base: a test module's common overrides (its tiny-run settings), placed before `overrides`.
+        default_pair: chosen when no override names a pair (`tiny_random` loads nothing; the embedded
+            default would build its pair); None leaves the config's own choice (an experiment's).
+        hydra_node: keep the `hydra` node (launcher, sweeper, run directory).
+    """
+    from hydra import compose, initialize_config_dir
+
+    import eopd.train  # noqa: F401 - registers the resolvers the config uses (eopd.optimizer_steps, ...)
+
+    overrides = [*base, *overrides]
+    if default_pair is not None and not any(o.startswith("pair=") for o in overrides):
+        overrides.insert(0, f"pair={default_pair}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=hydra_node)
+
+
 # ---- local math data: the training prompts and the six benchmarks, written in their hub field layouts ------
 
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 

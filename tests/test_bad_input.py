@@ -8,10 +8,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 import eopd.models
@@ -26,11 +27,7 @@ REPO = CONF_DIR.parent
 TINY = ["logger=csv", "data.batch_size=4", "update.mini_batch_size=2", "rollout.max_new_tokens=8"]
 
 
-def compose_train(overrides: list[str]):
-    if not any(o.startswith("pair=") for o in overrides):
-        overrides = ["pair=tiny_random", *overrides]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*TINY, *overrides])
+compose_train = partial(conftest.compose_train, base=TINY)
 
 
 @dataclass
@@ -94,7 +91,51 @@ CASES = {
     "mini-batch-does-not-divide-the-batch": Case(
         ["data.batch_size=6", "update.mini_batch_size=4"],
         ConfigError,
-        ["update.mini_batch_size=4", "make data.batch_size a multiple"],
+        ["update.mini_batch_size=4", "data.batch_size", "make data.batch_size a multiple"],
+    ),
+    "micro-batch-does-not-divide-mini-batch": Case(
+        ["update.mini_batch_size=8", "update.micro_batch_size=3", "data.batch_size=8"],
+        ConfigError,
+        ["update.micro_batch_size=3", "update.mini_batch_size=8"],
+    ),
+    "eps_low-zero": Case(["objective.eps_low=0"], ConfigError, ["objective", "eps_low=0"]),
+    "top_p": Case(["rollout.top_p=1.5"], ConfigError, ["rollout.top_p=1.5", "(0, 1]"]),
+    "source": Case(["rollout.source=bogus"], ConfigError, ["rollout.source", "student, teacher, mix"]),
+    "zero-rollout-steps": Case(["rollout_steps=0"], ConfigError, ["rollout_steps"]),
+    "uncached-hub-id-offline": Case(
+        ["pair.teacher.path=eopd-tests/not-a-cached-model"],
+        ConfigError,
+        ["pair.teacher.path", "HF_HUB_OFFLINE"],
+    ),
+    "lr-schedule": Case(
+        ["optimizer.schedule=linearr"], ConfigError, ["optimizer.schedule", "cosine, constant"]
+    ),
+    "deepspeed": Case(
+        ["+trainer.strategy=deepspeed"], ConfigError, ["trainer.strategy", "deepspeed", "trainer=fsdp"]
+    ),
+    "lightning-fsdp1": Case(
+        ["+trainer.strategy=fsdp_cpu_offload"],
+        ConfigError,
+        ["trainer.strategy", "fsdp_cpu_offload", "trainer=fsdp"],
+    ),
+    "fsdp-devices": Case(
+        ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=auto"],
+        ConfigError,
+        ["trainer.devices", "'auto'"],
+    ),
+    "rollout-engine": Case(["rollout.engine=sglang"], ConfigError, ["rollout.engine", "hf, vllm"]),
+    "seed-of-the-wrong-type": Case(["seed=abc"], ConfigError, ["config 'seed'='abc'", "integer"]),
+    "number-of-the-wrong-type": Case(
+        ["rollout.temperature=warm"], ConfigError, ["config 'rollout.temperature'='warm'", "a number"]
+    ),
+    "objective-knob-of-the-wrong-type": Case(
+        ["objective.alpha=one"], ConfigError, ["config 'objective.alpha'='one'", "a number"]
+    ),
+    "resume-from-an-unreadable-checkpoint": Case(
+        ["resume={tmp}/broken.ckpt"],
+        ConfigError,
+        ["broken.ckpt", "unreadable", "resume=auto"],
+        files={"broken.ckpt": "half a checkpoint"},
     ),
     "batch-larger-than-the-dataset": Case(
         ["data.n_train=8", "data.batch_size=16", "update.mini_batch_size=4"],

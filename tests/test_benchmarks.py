@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from eopd import evaluate as evaluate_module
+from eopd import evaluation as evaluate_module
+from eopd.batch import RolloutBatch
 from eopd.benchmarks import (
     BENCHMARKS,
     PAPER_PER_BENCHMARK,
@@ -19,9 +20,8 @@ from eopd.benchmarks import (
     paper_comparison,
 )
 from eopd.data import PromptFormat
-from eopd.evaluate import ModelSide
+from eopd.evaluation import ModelSide
 from eopd.models import build_causal_lm
-from eopd.rollout import RolloutBatch
 from eopd.tasks.math_data import PAPER_SUFFIX, DataError
 from eopd.tasks.tokenizer import build_tokenizer
 from tests.conftest import write_jsonl

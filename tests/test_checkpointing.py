@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import random
@@ -11,13 +12,14 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 import eopd.module
 import eopd.train
@@ -52,11 +54,7 @@ TINY = [
     "eval.final.enabled=false",
 ]
 UNTIMED = ("time/", "perf/")  # wall-clock columns: the only ones allowed to differ
-
-
-def compose_train(overrides) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*TINY, *overrides])
+compose_train = partial(conftest.compose_train, base=TINY)
 
 
 def read_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -426,9 +424,8 @@ def test_resume_auto_picks_the_newest_unfinished_run_with_a_checkpoint(tmp_path)
 
 def test_resume_auto_on_the_command_line_continues_in_the_run_directory(tmp_path):
     def hydra_run_dir() -> Path:
-        overrides = [*TINY, "resume=auto", f"output_root={tmp_path}"]
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return Path(compose("train", overrides=overrides, return_hydra_config=True).hydra.run.dir)
+        cfg = compose_train(["resume=auto", f"output_root={tmp_path}"], hydra_node=True)
+        return Path(cfg.hydra.run.dir)
 
     base = tmp_path / "runs" / compose_train([]).run_name
     assert hydra_run_dir().parent == base  # nothing to resume yet: a new run directory
@@ -559,3 +556,34 @@ def test_cli_exits_3_without_a_traceback_when_updates_stay_nonfinite(tmp_path):
     assert result.returncode == 3, output
     assert "2 updates in a row were not finite, the last at optimizer step 1 (rollout step 1)" in output
     assert "Traceback" not in output
+
+
+# ---- unreadable checkpoints ----------------------------------------------------------------------------
+
+
+def _checkpoint_like(path: Path) -> Path:
+    """A file with a PyTorch checkpoint's layout (a zip archive holding data.pkl), as torch.save writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}}, path)
+    return path
+
+
+def test_resume_auto_skips_an_unreadable_newest_checkpoint_with_a_warning(tmp_path, caplog):
+    older = _checkpoint_like(tmp_path / "checkpoints" / "epoch=0-step=2.ckpt")
+    newest = tmp_path / "checkpoints" / "last.ckpt"
+    newest.write_bytes(older.read_bytes()[:100])  # cut short, as by a full disk or a killed copy
+    os.utime(older, ns=(1, 1))  # older by its time stamp, whatever the file system's resolution
+
+    assert checkpointing.latest_checkpoint(tmp_path) == newest
+    with caplog.at_level(logging.WARNING, logger="eopd.checkpointing"):
+        assert checkpointing.resume_checkpoint("auto", tmp_path) == older
+    assert "last.ckpt" in caplog.text and "unreadable" in caplog.text
+
+
+def test_an_unreadable_checkpoint_file_is_named_with_what_to_do(tmp_path):
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="broken.ckpt") as info:
+        checkpointing.resume_checkpoint(str(broken), tmp_path / "run")
+    assert "unreadable" in str(info.value) and "resume=auto" in str(info.value)
+    assert checkpointing.unreadable_reason(_checkpoint_like(tmp_path / "good.ckpt")) is None

@@ -13,26 +13,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_train
 
 import eopd.train
-from eopd.compare import (
+from eopd.compare import curve_band, curve_bin_steps, format_cell, main, table_metrics
+from eopd.comparison import (
     Interval,
     RunRecord,
     compare,
     config_value,
-    curve_band,
-    curve_bin_steps,
     find_runs,
-    format_cell,
     is_wandb_path,
-    main,
     mean_interval,
     paired_difference,
     read_run,
     record_from_wandb_run,
     t_quantile,
-    table_metrics,
     variant_label,
 )
 
@@ -205,10 +201,9 @@ TINY = [
 def sweep_dir(tmp_path_factory) -> Path:
     """A sweep-like folder of four finished tiny runs (about 25 s on two cores)."""
     root = tmp_path_factory.mktemp("sweep")
-    with initialize_config_dir(config_dir=eopd.train.CONF_DIR, version_base="1.3"):
-        for job, (objective, seed) in enumerate((o, s) for o in OBJECTIVES for s in SEEDS):
-            cfg = compose("train", overrides=[*TINY, f"objective={objective}", f"seed={seed}"])
-            eopd.train.run(cfg, root / f"{job}_{objective}-s{seed}")
+    for job, (objective, seed) in enumerate((o, s) for o in OBJECTIVES for s in SEEDS):
+        cfg = compose_train([f"objective={objective}", f"seed={seed}"], base=TINY)
+        eopd.train.run(cfg, root / f"{job}_{objective}-s{seed}")
     return root
 
 

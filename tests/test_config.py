@@ -6,18 +6,18 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_train
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import eopd.models
+import eopd.plan
 import eopd.train
 from eopd.objectives import PRESETS, Objective
 from eopd.rollout_engines import vllm_available
@@ -31,14 +31,6 @@ GROUPS = sorted(d.name for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def compose_train(overrides: Sequence[str] = (), *, hydra_node: bool = False) -> DictConfig:
-    overrides = list(overrides)
-    if not any(o.startswith("pair=") for o in overrides):
-        overrides.insert(0, "pair=tiny_random")  # loads nothing; the embedded default would build its pair
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=hydra_node)
 
 
 # ---- every option composes ----------------------------------------------------------------------------
@@ -89,6 +81,22 @@ def local_math_files(cfg: DictConfig, math_files: dict) -> list[str]:
 
 def test_every_preset_has_an_objective_option():
     assert set(options("objective")) == set(PRESETS)
+
+
+@pytest.mark.parametrize("name", options("objective"))
+def test_objective_option_overlays_the_shared_base_and_states_only_its_name(name):
+    base = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "objective" / "base" / "paper.yaml"))
+    own = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "objective" / f"{name}.yaml"))
+    own.pop("defaults")
+    assert own == {"name": name}, f"conf/objective/{name}.yaml restates what the base already says"
+
+    composed = OmegaConf.to_container(compose_train([f"objective={name}"]).objective)
+    assert composed == {**base, "name": name}
+
+
+def test_the_evaluation_high_entropy_split_is_the_training_diagnostics_one():
+    cfg = compose_train(["objective.diagnostic_tau=1.1"])
+    assert cfg.eval.tau == cfg.objective.diagnostic_tau == 1.1
 
 
 @pytest.mark.parametrize("name", options("objective"))
@@ -293,14 +301,14 @@ def test_trainer_fsdp_shards_the_student_over_every_process(monkeypatch):
 
     monkeypatch.setenv("EOPD_NODES", "2")
     monkeypatch.setenv("EOPD_GPUS_PER_NODE", "4")
-    arguments = eopd.train._trainer_arguments(compose_train(["trainer=fsdp"]).trainer)
+    arguments = eopd.plan.trainer_arguments(compose_train(["trainer=fsdp"]).trainer)
 
     strategy = arguments["strategy"]
     assert isinstance(strategy, ModelParallelStrategy)
     # One data-parallel dimension over all 8 processes: DistillModule.configure_model shards over it.
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (8, 1)
     assert (arguments["devices"], arguments["num_nodes"]) == (4, 2)
-    assert eopd.train._trainer_arguments(compose_train(["trainer=ddp"]).trainer)["strategy"] == "ddp"
+    assert eopd.plan.trainer_arguments(compose_train(["trainer=ddp"]).trainer)["strategy"] == "ddp"
 
 
 def test_off_policy_kd_selects_the_teacher_rollout_unless_the_command_line_says_otherwise():
@@ -318,93 +326,6 @@ def test_unknown_objective_lists_the_available_options():
     assert "objective" in message
     assert "Available options" in message
     assert "eopd" in message.split("Available options", 1)[1]
-
-
-CONFIG_ERRORS = [
-    pytest.param(["objective.tau=-1"], ConfigError, ["objective", "tau=-1"], id="negative-tau"),
-    pytest.param(["objective.eps_low=0"], ConfigError, ["objective", "eps_low=0"], id="eps_low-zero"),
-    pytest.param(["rollout.top_p=1.5"], ConfigError, ["rollout.top_p=1.5", "(0, 1]"], id="top_p"),
-    pytest.param(
-        ["rollout.source=bogus"], ConfigError, ["rollout.source", "student, teacher, mix"], id="source"
-    ),
-    pytest.param(
-        ["data.batch_size=16", "update.mini_batch_size=3"],
-        ConfigError,
-        ["update.mini_batch_size=3", "data.batch_size"],
-        id="mini-batch-does-not-divide-batch",
-    ),
-    pytest.param(
-        ["update.mini_batch_size=8", "update.micro_batch_size=3"],
-        ConfigError,
-        ["update.micro_batch_size=3", "update.mini_batch_size=8"],
-        id="micro-batch-does-not-divide-mini-batch",
-    ),
-    pytest.param(["rollout_steps=0"], ConfigError, ["rollout_steps"], id="zero-rollout-steps"),
-    pytest.param(
-        ["pair.student.path={tmp}/no_such_model"],
-        ValueError,
-        ["pair.student.path", "no_such_model", "config.json"],
-        id="missing-student-directory",
-    ),
-    pytest.param(
-        ["pair.teacher.path=eopd-tests/not-a-cached-model"],
-        ValueError,
-        ["pair.teacher.path", "HF_HUB_OFFLINE"],
-        id="uncached-hub-id-offline",
-    ),
-    pytest.param(
-        ["optimizer.schedule=linearr"],
-        ConfigError,
-        ["optimizer.schedule", "cosine, constant"],
-        id="lr-schedule",
-    ),
-    pytest.param(
-        ["data.n_train=8", "data.batch_size=16"],
-        ValueError,
-        ["'data.batch_size'=16", "8 training prompts"],
-        id="batch-larger-than-training-set",
-    ),
-    pytest.param(
-        ["+trainer.strategy=deepspeed"],
-        ConfigError,
-        ["trainer.strategy", "deepspeed", "trainer=fsdp"],
-        id="deepspeed",
-    ),
-    pytest.param(
-        ["+trainer.strategy=fsdp_cpu_offload"],
-        ConfigError,
-        ["trainer.strategy", "fsdp_cpu_offload", "trainer=fsdp"],
-        id="lightning-fsdp1",
-    ),
-    pytest.param(
-        ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=auto"],
-        ConfigError,
-        ["trainer.devices", "'auto'"],
-        id="fsdp-devices",
-    ),
-    pytest.param(
-        ["rollout.engine=sglang"],
-        ConfigError,
-        ["rollout.engine", "hf, vllm"],
-        id="rollout-engine",
-    ),
-]
-
-
-@pytest.mark.parametrize(("overrides", "error", "names"), CONFIG_ERRORS)
-def test_config_error_is_reported_before_any_model_loads(
-    overrides, error, names, tmp_path, monkeypatch, no_model_loads
-):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = compose_train([o.format(tmp=tmp_path) for o in overrides])
-    run_dir = tmp_path / "run"
-
-    with pytest.raises(error) as info:
-        eopd.train.run(cfg, run_dir)
-
-    for name in names:
-        assert name in str(info.value)
-    assert not run_dir.exists(), "a failed config check left a run directory behind"
 
 
 def test_unwritable_output_root_is_reported_before_any_model_loads(tmp_path, no_model_loads):

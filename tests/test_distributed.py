@@ -19,10 +19,12 @@ import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from eopd.batch import RolloutBatch
 from eopd.models import build_causal_lm
-from eopd.module import DistillModule, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
+from eopd.module import DistillModule
 from eopd.objectives import NoGate, Objective, QuantileGate, RandomGate, Term
-from eopd.rollout import RolloutBatch, sample
+from eopd.rollout import sample
+from eopd.specs import OptimSpec, PairSpec, RolloutSpec, UpdateSpec
 
 V, PAD, EOS = 40, 0, 1
 WORLD, ROWS_PER_RANK = 2, 4

@@ -6,20 +6,17 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from eopd import models
-from eopd.models import (
-    VocabularyMismatchError,
-    build_causal_lm,
-    check_shared_vocabulary,
+from eopd import scoring
+from eopd.batch import RolloutBatch
+from eopd.models import VocabularyMismatchError, build_causal_lm, check_shared_vocabulary, vocab_size_of
+from eopd.scoring import (
     final_hidden_states,
     output_weight,
     position_ids_from_mask,
     remap_end_token,
     response_hidden_states,
     response_logits,
-    vocab_size_of,
 )
-from eopd.rollout import RolloutBatch
 
 TINY = dict(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -202,7 +199,7 @@ def test_fallback_without_decoder_attribute_matches(model, monkeypatch):
     mask = torch.tensor([[0, 1, 1, 1, 1]])
     with torch.no_grad():
         expected = final_hidden_states(model, input_ids, mask)
-        monkeypatch.setattr(models, "_decoder_of", lambda model: None)
+        monkeypatch.setattr(scoring, "decoder_of", lambda model: None)
         fallback = final_hidden_states(model, input_ids, mask)
     torch.testing.assert_close(fallback[:, 1:], expected[:, 1:])
 

@@ -4,9 +4,11 @@ import lightning as L
 import pytest
 import torch
 
-from eopd.models import build_causal_lm, output_weight
-from eopd.module import DistillModule, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
-from eopd.objectives import preset
+from eopd.models import build_causal_lm
+from eopd.module import DistillModule
+from eopd.objectives import LinearLogits, preset
+from eopd.scoring import output_weight, response_hidden_states
+from eopd.specs import OptimSpec, PairSpec, RolloutSpec, UpdateSpec
 
 V, PAD, EOS, TEACHER_EOS = 40, 0, 1, 2
 
@@ -89,11 +91,47 @@ def test_one_rollout_step_trains_the_student_and_leaves_the_teacher_alone(tmp_pa
     assert checkpoint["eopd"]["rollout_step"] == 1
 
 
+def objective_on(module, rollout, teacher, old) -> float:
+    """The module's objective on a whole rollout batch at the student's current weights."""
+    with torch.no_grad():
+        hidden = response_hidden_states(module.student, rollout)
+        full = LinearLogits(teacher.hidden, module._teacher_weight(), V)
+        return float(
+            module.objective(
+                student=LinearLogits(hidden, output_weight(module.student), V),
+                tokens=rollout.responses,
+                mask=rollout.response_mask,
+                teacher_stats=teacher.stats,
+                teacher=full if module.objective.needs_teacher_logits else None,
+                old_logprobs=old,
+                gate_weights=teacher.gates,
+            ).loss
+        )
+
+
 @pytest.mark.parametrize("objective", ["opd", "fkl", "jsd"])
 def test_other_objectives_train(tmp_path, objective):
     module = make_module(objective)
     trainer = fit(module, tmp_path)
     assert torch.isfinite(torch.tensor(float(trainer.lightning_module.last_logs["train/loss"])))
+    term = module.objective.terms[0].name
+    assert trainer.lightning_module.last_logs[f"loss/{term}"] == pytest.approx(
+        trainer.lightning_module.last_logs["train/loss"]
+    )  # one term: the loss is that term, logged under its name
+
+    # The update lowers the objective it optimises, on the rollout batch it was given.
+    module = make_module(objective)
+    optim = module.configure_optimizers()
+    module.optimizers = lambda: optim["optimizer"]
+    module.lr_schedulers = lambda: optim["lr_scheduler"]["scheduler"]
+    module.manual_backward = lambda loss: loss.backward()
+    batch = prompts(8)
+    rollout, _ = module.make_rollout(batch)
+    teacher = module.score_teacher(rollout, batch)
+    old, _ = module.score_old_policy(rollout, teacher)
+    before = objective_on(module, rollout, teacher, old)
+    module.update(rollout, teacher, old)
+    assert objective_on(module, rollout, teacher, old) < before
 
 
 def test_off_policy_and_mixed_rollouts(tmp_path):
@@ -211,8 +249,8 @@ def test_the_teacher_scores_the_student_end_token_as_its_own():
     stats = module.score_teacher(rollout, batch).stats
     ended = (rollout.responses == EOS) & rollout.response_mask
     assert ended.any()
-    from eopd.models import response_logits
-    from eopd.rollout import with_prompts
+    from eopd.batch import with_prompts
+    from eopd.scoring import response_logits
 
     copy = with_prompts(rollout, [row["teacher_prompt_ids"] for row in batch], pad_token_id=PAD)
     logp = torch.log_softmax(response_logits(module.teacher, copy)[..., :V].float(), -1)
@@ -221,3 +259,40 @@ def test_the_teacher_scores_the_student_end_token_as_its_own():
     )
     top1 = stats.topk_indices[..., 0][ended]  # the teacher's favourite there, in the student's ids
     assert not (top1 == TEACHER_EOS).any() or (logp[..., TEACHER_EOS][ended] < logp[..., EOS][ended]).all()
+    # Everywhere, the top-k is the teacher's in the student's ids: the two end tokens' columns swapped.
+    swapped = logp.clone()
+    swapped[..., [EOS, TEACHER_EOS]] = logp[..., [TEACHER_EOS, EOS]]
+    mask = rollout.response_mask
+    expected = swapped.gather(-1, stats.topk_indices)[mask]
+    torch.testing.assert_close(stats.topk_logprobs[mask], expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(stats.topk_indices[mask], swapped.topk(stats.k, dim=-1).indices[mask])
+
+
+def test_a_teacher_end_id_written_mid_response_is_read_as_the_teachers_end_and_scored_by_the_swapped_row():
+    """docs/pairs-and-memory.md: the remap translates the student's end id only; a teacher end id the
+    student writes stays in the teacher's copy (the teacher reads its own end of turn there) and its
+    log-prob is read from the swapped row, the teacher's log-prob of the student's end token."""
+    from eopd.batch import RolloutBatch, with_prompts
+    from eopd.scoring import remap_end_token, response_logits
+
+    module = make_module()
+    batch = prompts(1)
+    response = [7, TEACHER_EOS, 9, 11, EOS]  # the teacher's end id in the middle, the student's at the end
+    prompt = batch[0]["prompt_ids"]
+    rollout = RolloutBatch(
+        input_ids=torch.tensor([prompt + response]),
+        attention_mask=torch.ones(1, len(prompt) + len(response), dtype=torch.long),
+        response_mask=torch.ones(1, len(response), dtype=torch.bool),
+        prompt_length=len(prompt),
+        truncated=torch.tensor([False]),
+    )
+    stats = module.score_teacher(rollout, batch).stats
+
+    copy = with_prompts(rollout, [batch[0]["teacher_prompt_ids"]], pad_token_id=PAD)
+    ids = remap_end_token(copy.input_ids, copy.response_mask, from_id=EOS, to_id=TEACHER_EOS)
+    assert ids[0, -len(response) :].tolist() == [7, TEACHER_EOS, 9, 11, TEACHER_EOS]  # what the teacher reads
+    logp = torch.log_softmax(response_logits(module.teacher, copy, input_ids=ids)[..., :V].float(), -1)[0]
+    got = stats.token_logprobs[0]
+    torch.testing.assert_close(got[1], logp[1, EOS], rtol=1e-4, atol=1e-4)  # mid-response: the swapped row
+    torch.testing.assert_close(got[4], logp[4, TEACHER_EOS], rtol=1e-4, atol=1e-4)  # the end: its own end
+    torch.testing.assert_close(got[[0, 2, 3]], logp[[0, 2, 3], [7, 9, 11]], rtol=1e-4, atol=1e-4)

@@ -10,27 +10,31 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 import eopd.data
 import eopd.models
+import eopd.scoring
 import eopd.train
+from eopd.batch import RolloutBatch, pad_prompts
 from eopd.data import PromptDataset
 from eopd.models import ModelSource, load_model, load_tokenizer, prepare_student
-from eopd.module import DistillModule, PairSpec
+from eopd.module import DistillModule
 from eopd.objectives import preset
-from eopd.rollout import RolloutBatch, pad_prompts
+from eopd.specs import PairSpec
 from eopd.tasks.hub_formats import save_tiny_model
 from eopd.tasks.math_data import PAPER_SUFFIX
 from eopd.train import ConfigError, plan
 
 CONF_DIR = Path(eopd.train.CONF_DIR)
+compose_train = partial(conftest.compose_train, default_pair=None)  # these tests choose their pairs
 REAL_PAIRS = sorted(
     p.stem for p in (CONF_DIR / "pair").glob("*.yaml") if p.stem not in ("embedded", "tiny_random")
 )
@@ -81,11 +85,6 @@ def llama_dirs(tmp_path_factory):
         "teacher": save_tiny_model(root / "teacher", "llama", eos_token="<|eot_id|>", hidden_size=64, seed=2),
         "student": save_tiny_model(root / "student", "llama", eos_token="<|eot_id|>", seed=1),
     }
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def local(pair: str, dirs: dict[str, Path], *overrides: str):
@@ -369,7 +368,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(qwen3_dirs):
 
     grads = []
     for model in (plain, checkpointed):
-        hidden = eopd.models.final_hidden_states(model, ids, torch.ones_like(ids))
+        hidden = eopd.scoring.final_hidden_states(model, ids, torch.ones_like(ids))
         hidden.square().sum().backward()
         grads.append(model.get_input_embeddings().weight.grad)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 import eopd.models
 import eopd.train
@@ -17,12 +17,8 @@ from eopd.train import ConfigError, plan
 from tests.conftest import write_jsonl
 
 CONF_DIR = Path(eopd.train.CONF_DIR)
+compose_train = partial(conftest.compose_train, default_pair=None)  # these tests choose their pairs
 STUDENTS = {"0.6b": "math_train", "1.7b": "math_train", "4b": "dapo_math_14k"}
-
-
-def compose_train(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def local(math_files, *, data_fields: bool = True) -> list[str]:

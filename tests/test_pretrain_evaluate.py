@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eopd import pretrain
 from eopd.data import PromptFormat
-from eopd.evaluate import EmbeddedGrader, EvalSpec, ModelSide, evaluate, format_table
+from eopd.evaluation import EmbeddedGrader, EvalSpec, ModelSide, evaluate, format_table
 from eopd.models import build_causal_lm
 from eopd.pretrain import ModelRecipe, PairRecipe, Target, ensure_pair, train_supervised
 from eopd.tasks.multipath import make_splits
@@ -200,6 +200,7 @@ def test_evaluate_with_a_pair_reads_prompts_and_end_tokens_as_training_did(pair)
 
     assert (got["format"], got["eos"]) == (train["student_format"], train["student_eos"])
     assert (got["teacher_format"], got["teacher_eos"]) == (train["teacher_format"], train["teacher_eos"])
+    assert got["remap_end_token"] == train["remap_end_token"]
     assert got["format"] != plain["format"], "the pair changed nothing: the test would pass without it"
 
 

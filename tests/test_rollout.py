@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from eopd.models import build_causal_lm, final_hidden_states, output_weight, response_logits
-from eopd.rollout import RolloutBatch, _draw, pad_prompts, sample
+from eopd.batch import RolloutBatch, pad_prompts
+from eopd.models import build_causal_lm
+from eopd.rollout import _draw, _forward_keywords, sample
+from eopd.scoring import final_hidden_states, output_weight, response_logits
 
 PAD = 0
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]  # different lengths: left padding is exercised
@@ -142,6 +144,18 @@ def test_seeded_generator_reproduces_the_rollout(model):
     assert torch.equal(first.input_ids, again.input_ids)
     assert torch.equal(first.sampler_logprobs, again.sampler_logprobs)
     assert not torch.equal(first.input_ids, other.input_ids)
+
+
+def test_a_lora_student_gets_the_kv_cache_under_its_current_name():
+    # peft's wrapper forwards **kwargs; asked about its own signature, the sampler would fall back to
+    # `past_key_values`, which transformers deprecates (removed in 5.40).
+    peft = pytest.importorskip("peft")
+    model = build_causal_lm(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, seed=0)
+    plain = sample(model, [[1, 2, 3]], max_new_tokens=4, eos_token_ids=[0], pad_token_id=0, temperature=0)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert _forward_keywords(lora) == ("cache", True)
+    greedy = sample(lora, [[1, 2, 3]], max_new_tokens=4, eos_token_ids=[0], pad_token_id=0, temperature=0)
+    assert torch.equal(greedy.input_ids, plain.input_ids)  # LoRA's B starts at zero: the same model
 
 
 def test_tiny_top_p_decodes_greedily(model):

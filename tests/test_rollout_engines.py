@@ -6,10 +6,10 @@ import lightning as L
 import pytest
 import torch
 
-from eopd.models import build_causal_lm, response_logits
-from eopd.module import DistillModule, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
+from eopd.batch import RolloutBatch
+from eopd.models import build_causal_lm
+from eopd.module import DistillModule
 from eopd.objectives import preset
-from eopd.rollout import RolloutBatch
 from eopd.rollout_engines import (
     HFEngine,
     RolloutEngine,
@@ -18,6 +18,8 @@ from eopd.rollout_engines import (
     rollout_from_responses,
     vllm_available,
 )
+from eopd.scoring import response_logits
+from eopd.specs import OptimSpec, PairSpec, RolloutSpec, UpdateSpec
 
 V, PAD, EOS = 40, 0, 1
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [14], [20, 21]]

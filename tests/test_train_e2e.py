@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from conftest import compose_train
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eopd.train
@@ -41,11 +41,6 @@ REQUIRED_COLUMNS = [
     "perf/tokens_per_s",
     "train/lr",
 ]
-
-
-def compose_train(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

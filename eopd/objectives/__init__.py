@@ -18,22 +18,13 @@ from eopd.objectives.divergences import (
     total_variation,
 )
 from eopd.objectives.fused import LinearLogits, per_token_fused, tiled_loss
-from eopd.objectives.gates import Gate, HardGate, NoGate, QuantileGate, RandomGate, SoftGate
-from eopd.objectives.objective import PRESETS, TERM_KINDS, Objective, ObjectiveOutput, Term, preset
+from eopd.objectives.gates import PAPER_TAU, Gate, HardGate, NoGate, QuantileGate, RandomGate, SoftGate
+from eopd.objectives.objective import Objective, ObjectiveOutput
 from eopd.objectives.policy_gradient import PPOTerm, ppo_clipped_reverse_kl
+from eopd.objectives.presets import PRESETS, preset
 from eopd.objectives.reduction import Metrics, masked_mean, token_mean
 from eopd.objectives.teacher_stats import TeacherStats, teacher_token_stats
-
-DIVERGENCES = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "generalized_jsd": generalized_jsd,
-    "skew_forward_kl": skew_forward_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "total_variation": total_variation,
-    "topk_forward_kl": topk_forward_kl,
-}
-"""Every full-vocabulary divergence by name: f(student_logits, teacher_logits, **options) -> per-token."""
+from eopd.objectives.terms import DIVERGENCES, TERM_KINDS, Term
 
 __all__ = [
     "DIVERGENCES",
@@ -44,6 +35,7 @@ __all__ = [
     "LinearLogits",
     "Metrics",
     "NoGate",
+    "PAPER_TAU",
     "Objective",
     "ObjectiveOutput",
     "PPOTerm",

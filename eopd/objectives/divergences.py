@@ -146,7 +146,7 @@ def topk_forward_kl(
 
     Shapes: (..., V), (..., V) -> (...).
     """
-    _check_top_k(k, teacher_logits.shape[-1])
+    check_top_k(k, teacher_logits.shape[-1])
     check_same_vocab(student_logits, teacher_logits)
     logp_t_full = log_probs(teacher_logits, temperature)
     teacher_topk_logp, indices = logp_t_full.topk(k, dim=-1)
@@ -306,8 +306,9 @@ def _check_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"{name}={value!r} must lie in [0, 1]")
 
 
-def _check_top_k(k: int, vocab_size: int) -> None:
-    if not isinstance(k, int) or k < 1:
+def check_top_k(k: int, vocab_size: int | None = None) -> None:
+    """The one check of a top-k: a positive integer, at most the vocabulary size when that is known."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"top_k={k!r} must be a positive integer (the paper uses 16)")
-    if k > vocab_size:
+    if vocab_size is not None and k > vocab_size:
         raise ValueError(f"top_k={k} exceeds the vocabulary size {vocab_size}; use top_k <= {vocab_size}")

@@ -19,6 +19,10 @@ from torch import Tensor
 
 from eopd.schedules import Schedule, as_schedule, schedule_range
 
+PAPER_TAU = 0.8
+"""The paper's entropy threshold in nats (PAPER.md section 2, step 4): the default tau of the hard and soft
+gates and of the high/low-entropy split in every diagnostic (`Objective.diagnostic_tau`, `EvalSpec.tau`)."""
+
 
 @dataclass(frozen=True)
 class NoGate:
@@ -32,7 +36,7 @@ class NoGate:
 class HardGate:
     """1[H_t >= tau], the paper's gate (tau = 0.8 nats). `tau` may follow a schedule; +inf never opens."""
 
-    tau: float | Schedule = 0.8
+    tau: float | Schedule = PAPER_TAU
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", as_schedule(self.tau))
@@ -49,7 +53,7 @@ class HardGate:
 class SoftGate:
     """sigmoid((H_t - tau) / width): a smooth version of `HardGate` (width -> 0 recovers it)."""
 
-    tau: float | Schedule = 0.8
+    tau: float | Schedule = PAPER_TAU
     width: float = 0.1
 
     def __post_init__(self) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from eopd.objectives.divergences import _check_temperature, _check_top_k
+from eopd.objectives.divergences import _check_temperature, check_top_k
 from eopd.objectives.fused import LogitSource, source_len, source_tile
 
 
@@ -95,7 +95,7 @@ def teacher_token_stats(
                 f"teacher hidden shape {tuple(teacher.hidden.shape)} does not match tokens shape {tuple(lead)}"
             )
         flat = type(teacher)(teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight, vocab)
-    _check_top_k(k, vocab)
+    check_top_k(k, vocab)
     flat_tokens = tokens.reshape(-1)
     n = source_len(flat)
     device = flat_tokens.device

@@ -1,0 +1,96 @@
+"""The diagnostics logged with every loss, whatever the objective trains: divergences, entropies, gates, PPO.
+
+Detached, as weighted sums in a `Metrics`; the same keys for every objective so that variants compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from eopd.objectives import divergences as D
+from eopd.objectives.gates import NoGate
+from eopd.objectives.reduction import Metrics
+from eopd.objectives.teacher_stats import TeacherStats
+from eopd.objectives.terms import Term, Tile, dot
+
+
+def first_gate(terms: Sequence[Term]) -> int | None:
+    """The index of the first gated term: its gate defines `gate/fraction` and the gated diagnostics."""
+    for i, term in enumerate(terms):
+        if not isinstance(term.gate, NoGate):
+            return i
+    return None
+
+
+def teacher_metrics(
+    metrics: Metrics, stats: TeacherStats, gates: Tensor, terms: Sequence[Term], diagnostic_tau: float
+) -> None:
+    """The teacher's side: its entropy, the high-entropy fraction, top-k mass and the gates' fractions."""
+    high = (stats.entropy >= diagnostic_tau).float()
+    metrics.add("entropy/teacher", stats.entropy)
+    metrics.add("entropy/teacher_high_frac", high)
+    metrics.add("teacher/topk_mass", stats.topk_mass)
+    first = first_gate(terms)
+    metrics.add("gate/fraction", gates[first] if first is not None else torch.zeros_like(stats.entropy))
+    for i, term in enumerate(terms):
+        if not isinstance(term.gate, NoGate):
+            metrics.add(f"gate/{term.name}_fraction", gates[i])
+
+
+def student_metrics(
+    metrics: Metrics,
+    logp: Tensor,
+    token_logp: Tensor,
+    tile: Tile,
+    gates: Tensor,
+    student_entropy: Tensor | None = None,
+    student_p: Tensor | None = None,
+    *,
+    terms: Sequence[Term],
+    diagnostic_tau: float,
+) -> None:
+    """The student's side on one tile: entropy, divergences to the teacher (split by the teacher's entropy
+    at `diagnostic_tau` and by the first gate), PPO ratio statistics; exact full-vocabulary KLs when the
+    tile holds the teacher's log-probs."""
+    stats = tile.stats
+    high = (stats.entropy >= diagnostic_tau).float()
+    if student_entropy is None:
+        student_entropy = -(logp.exp() * logp).sum(-1)
+    metrics.add("entropy/student", student_entropy)
+    metrics.add("entropy/student_high_frac", (student_entropy >= diagnostic_tau).float())
+    metrics.add("div/k1", token_logp - stats.token_logprobs)
+    fkl_topk = D.topk_forward_kl_given_log_probs(logp, stats.topk_logprobs, stats.topk_indices, tail="renorm")
+    metrics.add("div/fkl_topk", fkl_topk)
+    metrics.add("div/fkl_topk_high_entropy", fkl_topk, high)
+    metrics.add("div/fkl_topk_low_entropy", fkl_topk, 1.0 - high)
+    first = first_gate(terms)
+    if first is not None:
+        metrics.add("div/fkl_topk_gated", fkl_topk, gates[first])
+        metrics.add("div/fkl_topk_ungated", fkl_topk, 1.0 - gates[first])
+    log_ratio = token_logp - tile.old_logprobs
+    ratio = log_ratio.exp()
+    metrics.add("ppo/approx_kl", torch.expm1(log_ratio) - log_ratio)  # k3 of KL(old || current)
+    metrics.add("ppo/ratio", ratio)
+    for term in terms:
+        if term.kind == "ppo_rkl":
+            lo, hi = 1.0 - term.options["eps_low"], 1.0 + term.options["eps_high"]
+            advantage = stats.token_logprobs - tile.old_logprobs
+            clipped = ((ratio > hi) & (advantage > 0)) | ((ratio < lo) & (advantage < 0))
+            metrics.add("ppo/clip_fraction", clipped.float())
+            break
+    if tile.teacher_logp is not None:
+        p_t = tile.teacher_p if tile.teacher_p is not None else tile.teacher_logp.exp()
+        p_s = student_p if student_p is not None else logp.exp()
+        fkl = dot(p_t, tile.teacher_logp) - dot(p_t, logp)
+        rkl = dot(p_s, logp) - dot(p_s, tile.teacher_logp)
+        metrics.add("div/fkl", fkl)
+        metrics.add("div/rkl", rkl)
+        metrics.add("div/fkl_high_entropy", fkl, high)
+        metrics.add("div/fkl_low_entropy", fkl, 1.0 - high)
+        metrics.add("div/rkl_high_entropy", rkl, high)
+        if first is not None:
+            metrics.add("div/fkl_gated", fkl, gates[first])
+            metrics.add("div/fkl_ungated", fkl, 1.0 - gates[first])

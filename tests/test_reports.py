@@ -1,0 +1,59 @@
+"""What a run reports besides checkpoints: the final table (printed, eval.json, wandb), loggers, progress."""
+
+import json
+from types import SimpleNamespace
+
+from conftest import compose_train
+
+from eopd import reports
+from eopd.evaluation import EvalSpec
+
+
+class WandbLogger:
+    """Stands in for Lightning's WandbLogger (reports look for the class name): a summary and tables."""
+
+    def __init__(self) -> None:
+        self.experiment = SimpleNamespace(summary={})
+        self.tables: dict = {}
+
+    def log_table(self, key, columns, data) -> None:
+        self.tables[key] = (columns, data)
+
+
+def test_the_final_table_reaches_eval_json_and_the_wandb_summary(tmp_path, capsys):
+    table = {
+        "student before": {"avg@8": 0.4, "pass@8": 0.9},
+        "student after": {"avg@8": 0.5, "pass@8": 1.0},
+        "teacher": {"avg@8": 0.9, "pass@8": 1.0},
+    }
+    logger = WandbLogger()
+    final = SimpleNamespace(n_problems=4, split="test")
+
+    reports.report_table(table, EvalSpec(n_samples=8), final, tmp_path, [logger])
+
+    assert json.loads((tmp_path / "eval.json").read_text()) == table
+    summary = logger.experiment.summary
+    assert (summary["test/avg@8"], summary["test/pass@8"]) == (0.5, 1.0)  # as in finished.json
+    assert summary["test/before/avg@8"] == 0.4 and summary["test/teacher/avg@8"] == 0.9
+    columns, rows = logger.tables["test/final"]
+    assert columns[:2] == ["model", "avg@8"]
+    assert [row[:2] for row in rows] == [["student before", 0.4], ["student after", 0.5], ["teacher", 0.9]]
+    assert "student after" in capsys.readouterr().out
+
+
+def test_the_wandb_logger_is_made_without_the_anonymous_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: offline
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+    loggers = reports.loggers(compose_train(["logger=wandb"]), tmp_path)
+
+    assert [type(logger).__name__ for logger in loggers] == ["CSVLogger", "WandbLogger"]
+    # wandb warns "The anonymous setting has no effect" whenever the key is passed, even as None.
+    assert "anonymous" not in loggers[1]._wandb_init
+
+
+def test_the_progress_bar_counts_rollout_steps_not_epochs():
+    bar = reports.progress_bar(600)
+    assert bar.total_train_batches == 600
+    if hasattr(bar, "_get_train_description"):  # the Rich bar (tqdm's is set when an epoch starts)
+        assert bar._get_train_description(4) == "rollout step"  # Lightning's own: "Epoch 4/-2"
