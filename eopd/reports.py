@@ -1,4 +1,4 @@
-"""What a run writes and prints besides checkpoints: its loggers, the final test table, the benchmark table."""
+"""What a run shows and writes besides checkpoints: loggers, progress bar, final test and benchmark tables."""
 
 from __future__ import annotations
 

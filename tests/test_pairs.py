@@ -445,7 +445,9 @@ def test_qwen3_format_pair_trains_in_bf16_and_is_graded_with_math_verify(
     # The start-up self-test showed both formats and what the teacher scores.
     logged = caplog.text
     assert "teacher prompt format" in logged and "<think>\\n\\n</think>\\n\\n" in logged
-    assert "\\\\boxed{2}.<|im_end|>" in logged  # the student's <|endoftext|>, remapped
+    # A response in the task's own format (MathGrader.example_response: the first record's answer, 4),
+    # ending with the student's <|endoftext|>, remapped.
+    assert "The answer is $\\\\boxed{4}$.<|im_end|>" in logged
 
 
 def test_lora_run_saves_the_adapter_and_a_merged_model(qwen3_dirs, tmp_path, math_records):
