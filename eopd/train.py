@@ -97,7 +97,6 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     rollout_fields = _plain(cfg.rollout)
     engine_options = rollout_fields.pop("engine_options", None) or {}
     rollout = _build("rollout", lambda: RolloutSpec(**rollout_fields))
-    _check_engine(rollout.engine, engine_options)
     update = _build("update", lambda: UpdateSpec(**_plain(cfg["update"])))
     optim = _build("optimizer", lambda: OptimSpec(**_plain(cfg.optimizer)))
     log_spec = _build("log", lambda: LogSpec(**_plain(cfg.log)))
@@ -164,6 +163,7 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         raise ConfigError(
             "config 'pair.teacher.shard'=true and pair.teacher.device_map both place the teacher; keep one"
         )
+    engine_options = _check_engine(rollout.engine, engine_options, cfg.trainer, sources["student"])
     eval_spec = _build("eval", lambda: _eval_spec(cfg.eval, cfg.eval))
     final_spec = _build("eval.final", lambda: _eval_spec(cfg.eval, cfg.eval.final))
     for key in ("grader",):
@@ -315,11 +315,21 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
 
     engine = None
     if p.rollout.engine != "hf":  # vLLM loads its copy of the student from disk, then gets pushed weights
-        from eopd.rollout_engines import make_engine
+        from dataclasses import replace
 
-        engine_dir = p.run_dir / "engine_student"
-        student.save_pretrained(engine_dir)
-        engine = make_engine(p.rollout.engine, model_path=str(engine_dir), **p.engine_options)
+        from eopd.rollout_engines import make_engine, save_engine_copy
+
+        options = p.engine_options
+        if options.max_model_len is None:  # room for the longest prompt and response, no more
+            options = replace(options, max_model_len=cfg.data.max_prompt_tokens + p.rollout.max_new_tokens)
+        engine_dir = save_engine_copy(student, p.run_dir / "engine_student", vocab_size)
+        engine = make_engine(
+            p.rollout.engine,
+            model_path=str(engine_dir),
+            vocab_size=vocab_size,
+            options=options,
+            seed=cfg.seed,
+        )
     module = DistillModule(
         student,
         teacher,
@@ -529,19 +539,69 @@ def _report_table(table, spec, final, run_dir: Path) -> None:
     (run_dir / "eval.json").write_text(json.dumps(table, indent=2))
 
 
-def _check_engine(engine: str, options: dict[str, Any]) -> None:
-    from eopd.rollout_engines import vllm_available
+def _check_engine(engine: str, options: dict[str, Any], trainer: DictConfig, student) -> Any:
+    """What the rollout engine needs, checked before any model loads; returns the vLLM options (or None).
 
-    if engine == "hf" and options:
-        raise ConfigError(f"config 'rollout.engine_options'={options} is for rollout.engine=vllm; drop it")
-    if engine == "vllm":
-        if not vllm_available():
+    The vLLM engine runs in the training process on the first GPU and takes the student's full weights by
+    their checkpoint names (`eopd.rollout_engines.VLLMEngine`), so it refuses what it cannot serve: a LoRA
+    student and more than one training process. Those refusals come before the install check, so the
+    message names the real obstacle.
+    """
+    from eopd.rollout_engines import VLLMOptions, vllm_available
+
+    if engine == "hf":
+        if options:
             raise ConfigError(
-                "config 'rollout.engine'='vllm' needs the optional extra: pip install -e '.[vllm]' "
-                "(GPU only); or use rollout.engine=hf"
+                f"config 'rollout.engine_options'={options} is for rollout.engine=vllm; drop it"
             )
-        if not _cuda_available():
-            raise ConfigError("config 'rollout.engine'='vllm' needs a CUDA device; use rollout.engine=hf")
+        return None
+    vllm_options = _build("rollout.engine_options", lambda: VLLMOptions(**options))
+    if student.lora is not None:
+        raise ConfigError(
+            f"config 'pair.student.lora'={_plain_lora(student.lora)} cannot train with rollout.engine=vllm: "
+            "the engine pushes the student's full weights by their checkpoint names after every update, and "
+            "a LoRA student's are the adapter's (its saved directory holds the adapter alone); set "
+            "pair.student.lora=null or use rollout.engine=hf"
+        )
+    processes, described = _training_processes(trainer)
+    if processes > 1:
+        raise ConfigError(
+            f"config {described} starts {processes} training processes, but rollout.engine=vllm runs one engine "
+            "inside the training process on the first GPU (every rank's engine would land on cuda:0); use "
+            "trainer=gpu (one GPU) with rollout.engine=vllm, or rollout.engine=hf with several GPUs"
+        )
+    if not vllm_available():
+        raise ConfigError(
+            "config 'rollout.engine'='vllm' needs the optional extra: pip install -e '.[vllm]' "
+            "(GPU only; docs/vllm.md); or use rollout.engine=hf"
+        )
+    if not _cuda_available():
+        raise ConfigError("config 'rollout.engine'='vllm' needs a CUDA device; use rollout.engine=hf")
+    return vllm_options
+
+
+def _plain_lora(lora) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(lora).items() if k in ("r", "alpha")}
+
+
+def _training_processes(trainer: DictConfig) -> tuple[int, str]:
+    """How many processes the trainer config starts (devices x num_nodes), and the keys that say so."""
+    devices = trainer.get("devices", 1)
+    nodes = trainer.get("num_nodes", 1) or 1
+    if devices in (-1, "-1", "auto"):
+        per_node = max(_cuda_device_count(), 1) if str(trainer.get("accelerator", "cpu")) != "cpu" else 1
+    elif isinstance(devices, int):
+        per_node = devices
+    elif isinstance(devices, str):
+        per_node = len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    else:  # a list of device indices
+        per_node = len(devices)
+    described = f"'trainer.devices'={devices!r}"
+    if nodes != 1:
+        described += f" x 'trainer.num_nodes'={nodes!r}"
+    return per_node * int(nodes), described
 
 
 def _evaluate_benchmarks(p: Plan, side, vocab_size: int) -> dict[str, dict[str, float]]:
@@ -584,6 +644,12 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _check_positive(cfg: DictConfig, key: str) -> None:
