@@ -352,9 +352,9 @@ class VLLMEngine:
     - The engine runs in this process (`llm_arguments`): vLLM's core, its one worker and its model live
       next to the trainer, so `sync_weights` calls the vLLM model's own `load_weights` on the trainer's
       tensors through `LLM.apply_model`. With vLLM's default multiprocessing the model would be in a
-      child process, where a function cannot be sent (0.32+ refuses to serialise one) and the trainer's
-      GPU tensors could not be read. vLLM's weight-transfer API (0.32+) is built for a trainer in
-      another process (NCCL, CUDA IPC); in one process it would only add a copy.
+      child process, where a function cannot be sent (vLLM refuses to serialise one) and the trainer's
+      GPU tensors could not be read. vLLM's weight-transfer API is built for a trainer in another
+      process (NCCL, CUDA IPC); in one process it would only add a copy.
     - After every push the prefix cache is reset, so no prompt block computed with the old weights is
       reused; a reset that fails (requests still running) is an error.
     - The copy vLLM loads has exactly the shared vocabulary (`save_engine_copy`); pushes cut the padded
@@ -363,7 +363,8 @@ class VLLMEngine:
     - With `options.sleep`, the engine sleeps after each generation, wakes its weights for the push and
       its KV cache for the next generation.
     - The first `generate` pushes the model's weights before sampling, so a run resumed from a
-      checkpoint samples from the restored weights, not from the copy saved at start.
+      checkpoint samples from the restored weights, not from the copy saved at start; so does a
+      `generate` after a level-2 sleep without a push in between, since vLLM discarded its weights.
 
     Refused: a LoRA (peft) student, whose names are not the checkpoint's, and more than one process
     (`torch.distributed` world size > 1), since every process's engine would take the first GPU.
@@ -431,7 +432,8 @@ class VLLMEngine:
         """Sample with vLLM; the batch lands on the training model's device. `generator` is not used."""
         if vocab_size is not None and vocab_size != self.vocab_size:
             raise ValueError(f"vocab_size={vocab_size}, but the engine's copy has {self.vocab_size} rows")
-        if not self._pushed:  # the copy on disk may be older than the model (a resumed run)
+        weights_discarded = self.options.sleep_level == 2 and "weights" in self._asleep
+        if not self._pushed or weights_discarded:  # the copy on disk may be older (a resumed run)
             self.sync_weights(model)
         self._wake(("weights", "kv_cache"))
         arguments = sampling_arguments(

@@ -348,26 +348,29 @@ class FakeLLM:
     def generate(self, requests, params, use_tqdm=False):
         assert not self.asleep, "vLLM does not schedule requests while any of its memory is asleep"
         self.calls.append("generate")
+        # One batch for all requests (the stand-in draws from one stream; vLLM seeds each request).
+        first = params[0]
+        assert all(vars(p) == {**vars(first), "seed": p.seed} for p in params)
+        stops = list(first.stop_token_ids) + ([] if first.ignore_eos else self.config_eos)
+        batch = sample(
+            self.model,
+            [request["prompt_token_ids"] for request in requests],
+            max_new_tokens=first.max_tokens,
+            eos_token_ids=stops,
+            pad_token_id=PAD,
+            temperature=first.temperature,
+            top_p=first.top_p,
+            generator=torch.Generator().manual_seed(first.seed),
+        )
         outputs = []
-        for request, p in zip(requests, params, strict=True):
-            stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.config_eos)
-            batch = sample(
-                self.model,
-                [request["prompt_token_ids"]],
-                max_new_tokens=p.max_tokens,
-                eos_token_ids=stops,
-                pad_token_id=PAD,
-                temperature=p.temperature,
-                top_p=p.top_p,
-                generator=torch.Generator().manual_seed(p.seed),
-            )
-            mask = batch.response_mask[0]
-            ids = batch.responses[0][mask].tolist()
+        for row in range(batch.batch_size):
+            mask = batch.response_mask[row]
+            ids = batch.responses[row][mask].tolist()
             logprobs = [
                 {t: types.SimpleNamespace(logprob=lp)}
-                for t, lp in zip(ids, batch.sampler_logprobs[0][mask].tolist(), strict=True)
+                for t, lp in zip(ids, batch.sampler_logprobs[row][mask].tolist(), strict=True)
             ]
-            finish = "length" if bool(batch.truncated[0]) else "stop"
+            finish = "length" if bool(batch.truncated[row]) else "stop"
             completion = types.SimpleNamespace(token_ids=ids, logprobs=logprobs, finish_reason=finish)
             outputs.append(types.SimpleNamespace(outputs=[completion]))
         return outputs
@@ -452,6 +455,22 @@ def test_vllm_engine_samples_the_trained_weights_and_sleeps_around_each_push(fak
     ]
 
 
+def test_vllm_engine_pushes_before_sampling_when_level_2_sleep_discarded_its_weights(fake_vllm, tmp_path):
+    model = tiny_model(rows=V + 8)
+    engine = VLLMEngine(save_engine_copy(model, tmp_path, V), vocab_size=V, options={"sleep_level": 2})
+    kwargs = dict(max_new_tokens=4, eos_token_ids=(EOS,), pad_token_id=PAD, seed=0)
+    engine.generate(model, PROMPTS, **kwargs)
+    engine.generate(model, PROMPTS, **kwargs)  # no sync_weights in between: vLLM holds no weights now
+    assert engine.llm.calls[4:] == [
+        "wake_up(['weights'])",
+        "apply_model",
+        "reset_prefix_cache",
+        "wake_up(['kv_cache'])",
+        "generate",
+        "sleep(2)",
+    ]
+
+
 def test_vllm_engine_without_sleep_pushes_and_resets_only(fake_vllm, tmp_path):
     model = tiny_model(rows=V + 8)
     engine = VLLMEngine(save_engine_copy(model, tmp_path, V), vocab_size=V, options=VLLMOptions(sleep=False))
@@ -511,6 +530,39 @@ def test_vllm_engine_refuses_a_lora_student(fake_vllm, tmp_path):
     with pytest.raises(ValueError, match="LoRA .* use rollout.engine=hf"):
         engine.sync_weights(student)
     assert "apply_model" not in engine.llm.calls
+
+
+def run_sync_check(capsys, monkeypatch, *args) -> tuple[int, str]:
+    """scripts/check_vllm_sync.py on the CPU, against the stand-in for vllm."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "check_vllm_sync.py"
+    spec = importlib.util.spec_from_file_location("check_vllm_sync", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "vllm_available", lambda: True)
+    small = ["--vocab", "256", "--hidden-size", "32", "--prompts", "4", "--max-new-tokens", "8"]
+    argv = ["check_vllm_sync.py", "--device", "cpu", *small, *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    code = script.main()
+    return code, capsys.readouterr().out
+
+
+def test_the_gpu_sync_check_passes_a_working_push_and_fails_a_lost_one(fake_vllm, capsys, monkeypatch):
+    code, out = run_sync_check(capsys, monkeypatch)
+    assert code == 0, out
+    for line in ("in sync", "stale (no push)", "pushed", "pushed, again", "OK"):
+        assert line in out
+
+    push = VLLMEngine.sync_weights
+
+    def first_push_only(self, model):  # later pushes never reach vLLM's copy
+        if not self._pushed:
+            push(self, model)
+
+    monkeypatch.setattr(VLLMEngine, "sync_weights", first_push_only)
+    code, out = run_sync_check(capsys, monkeypatch)
+    assert code == 1 and "FAILED" in out
 
 
 # ---- vLLM on a GPU (make test-gpu) ---------------------------------------------------------------------
