@@ -596,6 +596,8 @@ def vllm_engine_and_model(tmp_path_factory):
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a CUDA device")
     model = gpu_model()
+    # End ids vLLM would add from generation_config.json unless the engine stops it: rows would end early.
+    model.generation_config.eos_token_id = [EOS, *range(2, 66)]
     copy = save_engine_copy(model, tmp_path_factory.mktemp("student"), GPU_VOCAB)
     options = VLLMOptions(dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True, max_model_len=256)
     engine = VLLMEngine(copy, vocab_size=GPU_VOCAB, options=options)
