@@ -319,7 +319,11 @@ def save_engine_copy(model: torch.nn.Module, directory: Path | str, vocab_size: 
         `directory`.
     """
     directory = Path(directory)
-    weights = {name: tensor.cpu().clone() for name, tensor in engine_weights(model, vocab_size)}
+    full = model.state_dict()
+    weights = {  # the cut rows in their own storage; the rest as they are (no second copy of the model)
+        name: tensor.cpu() if tensor.shape == full[name].shape else tensor.cpu().clone()
+        for name, tensor in engine_weights(model, vocab_size)
+    }
     model.save_pretrained(directory, state_dict=weights)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
