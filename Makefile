@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv train demo test test-all test-gpu lint format bench clean
+.PHONY: help venv venv-gpu train demo test test-all test-gpu lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed ## create .venv with the CPU build of torch and the package in editable mode
+
+# GPU machines only: the CUDA build of torch comes with vLLM (its pinned torch, the one pyproject.toml pins),
+# so the CPU build must not be there first: a +cpu torch satisfies the pin and would be kept.
+venv-gpu: ## on a GPU machine: .venv with vLLM and the CUDA build of torch (docs/vllm.md), for make test-gpu
+	@if [ -x $(PY) ] && $(PY) -c "import sys, torch; sys.exit(0 if '+cpu' in torch.__version__ else 1)" 2>/dev/null; then \
+	  echo "$(VENV) holds the CPU build of torch: rm -rf $(VENV) first, or give another VENV=..."; exit 1; fi
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip 2>/dev/null || true
+	$(VENV)/bin/pip install -q -e '.[dev,vllm]'
+	touch $(VENV)/.installed
 
 train: $(VENV)/.installed ## distil on the embedded default (builds the pair on first use) and print the evaluation table
 	$(PY) -m eopd.train $(ARGS)

@@ -70,7 +70,6 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     rollout_fields = plain(cfg.rollout)
     engine_options = rollout_fields.pop("engine_options", None) or {}
     rollout = build("rollout", lambda: RolloutSpec(**rollout_fields))
-    _check_engine(rollout.engine, engine_options)
     update = build("update", lambda: UpdateSpec(**plain(cfg["update"])))
     optim = build("optimizer", lambda: OptimSpec(**plain(cfg.optimizer)))
     log_spec = build("log", lambda: LogSpec(**plain(cfg.log)))
@@ -135,6 +134,7 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         raise ConfigError(
             "config 'pair.teacher.shard'=true and pair.teacher.device_map both place the teacher; keep one"
         )
+    engine_options = _check_engine(rollout.engine, engine_options, cfg.trainer, sources["student"])
     eval_spec = build("eval", lambda: _eval_spec(cfg.eval, cfg.eval))
     final_spec = build("eval.final", lambda: _eval_spec(cfg.eval, cfg.eval.final))
     for key in ("grader",):
@@ -232,19 +232,75 @@ def _eval_spec(base, node):
     return EvalSpec(**{k: node.get(k, base.get(k)) for k in keys})
 
 
-def _check_engine(engine: str, options: dict[str, Any]) -> None:
-    from eopd.rollout_engines import vllm_available
+def _check_engine(engine: str, options: dict[str, Any], trainer: DictConfig, student) -> Any:
+    """What the rollout engine needs, checked before any model loads; returns the vLLM options (or None).
 
-    if engine == "hf" and options:
-        raise ConfigError(f"config 'rollout.engine_options'={options} is for rollout.engine=vllm; drop it")
-    if engine == "vllm":
-        if not vllm_available():
+    The vLLM engine runs in the training process on the first GPU and takes the student's full weights by
+    their checkpoint names (`eopd.rollout_engines.VLLMEngine`), so it refuses what it cannot serve: a LoRA
+    student and more than one training process. Those refusals come before the install check, so the
+    message names the real obstacle.
+    """
+    from eopd.rollout_engines import VLLMOptions, vllm_available
+
+    if engine == "hf":
+        if options:
             raise ConfigError(
-                "config 'rollout.engine'='vllm' needs the optional extra: pip install -e '.[vllm]' "
-                "(GPU only); or use rollout.engine=hf"
+                f"config 'rollout.engine_options'={options} is for rollout.engine=vllm; drop it"
             )
-        if not cuda_available():
-            raise ConfigError("config 'rollout.engine'='vllm' needs a CUDA device; use rollout.engine=hf")
+        return None
+    vllm_options = build("rollout.engine_options", lambda: VLLMOptions(**options))
+    if student.lora is not None:
+        raise ConfigError(
+            f"config 'pair.student.lora'={_plain_lora(student.lora)} cannot train with rollout.engine=vllm: "
+            "the engine pushes the student's full weights by their checkpoint names after every update, and "
+            "a LoRA student's are the adapter's (its saved directory holds the adapter alone); set "
+            "pair.student.lora=null or use rollout.engine=hf"
+        )
+    processes, described = _training_processes(trainer)
+    if processes > 1:
+        raise ConfigError(
+            f"config {described} starts {processes} training processes, but rollout.engine=vllm runs one engine "
+            "inside the training process on the first GPU (every rank's engine would land on cuda:0); use "
+            "trainer=gpu (one GPU) with rollout.engine=vllm, or rollout.engine=hf with several GPUs"
+        )
+    if not vllm_available():
+        raise ConfigError(
+            "config 'rollout.engine'='vllm' needs the optional extra: pip install -e '.[vllm]' "
+            "(GPU only; docs/vllm.md); or use rollout.engine=hf"
+        )
+    if not cuda_available():
+        raise ConfigError("config 'rollout.engine'='vllm' needs a CUDA device; use rollout.engine=hf")
+    return vllm_options
+
+
+def _plain_lora(lora) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(lora).items() if k in ("r", "alpha")}
+
+
+def _training_processes(trainer: DictConfig) -> tuple[int, str]:
+    """How many processes the trainer config starts (devices x num_nodes), and the keys that say so."""
+    devices = trainer.get("devices", 1)
+    nodes = trainer.get("num_nodes", 1) or 1
+    if devices in (-1, "-1", "auto"):
+        per_node = max(_cuda_device_count(), 1) if str(trainer.get("accelerator", "cpu")) != "cpu" else 1
+    elif isinstance(devices, int):
+        per_node = devices
+    elif isinstance(devices, str):
+        per_node = len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    else:  # a list of device indices
+        per_node = len(devices)
+    described = f"'trainer.devices'={devices!r}"
+    if nodes != 1:
+        described += f" x 'trainer.num_nodes'={nodes!r}"
+    return per_node * int(nodes), described
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def cuda_available() -> bool:

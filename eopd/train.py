@@ -151,11 +151,21 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
 
     engine = None
     if p.rollout.engine != "hf":  # vLLM loads its copy of the student from disk, then gets pushed weights
-        from eopd.rollout_engines import make_engine
+        from dataclasses import replace
 
-        engine_dir = p.run_dir / "engine_student"
-        student.save_pretrained(engine_dir)
-        engine = make_engine(p.rollout.engine, model_path=str(engine_dir), **p.engine_options)
+        from eopd.rollout_engines import make_engine, save_engine_copy
+
+        options = p.engine_options
+        if options.max_model_len is None:  # room for the longest prompt and response, no more
+            options = replace(options, max_model_len=cfg.data.max_prompt_tokens + p.rollout.max_new_tokens)
+        engine_dir = save_engine_copy(student, p.run_dir / "engine_student", vocab_size)
+        engine = make_engine(
+            p.rollout.engine,
+            model_path=str(engine_dir),
+            vocab_size=vocab_size,
+            options=options,
+            seed=cfg.seed,
+        )
     module = DistillModule(
         student,
         teacher,

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import platform
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -29,7 +31,7 @@ from eopd.models import DTYPES, build_causal_lm
 from eopd.module import DistillModule
 from eopd.objectives import preset
 from eopd.pairs import assemble_pair
-from eopd.rollout_engines import VLLMEngine
+from eopd.rollout_engines import VLLMEngine, VLLMOptions, save_engine_copy
 from eopd.specs import OptimSpec, RolloutSpec, UpdateSpec
 from eopd.tasks.multipath import make_splits
 from eopd.tasks.tokenizer import IM_END, build_tokenizer
@@ -123,6 +125,10 @@ def main() -> None:
         teacher_tokenizer=teacher_tok,
         teacher_format=PromptFormat(template="chat", enable_thinking=False),
     )
+    engine = None
+    if args.engine == "vllm":  # vLLM loads a copy of the student with exactly the shared vocabulary
+        copy = save_engine_copy(student, Path(tempfile.mkdtemp(prefix="eopd_engine_")), vocab)
+        engine = VLLMEngine(copy, vocab_size=vocab, options=VLLMOptions(dtype=dtype_name))
     module = DistillModule(
         student,
         teacher,
@@ -131,7 +137,7 @@ def main() -> None:
         rollout=RolloutSpec(max_new_tokens=args.max_new_tokens, engine=args.engine),
         update=UpdateSpec(mini_batch_size=args.mini_batch_size),
         optim=OptimSpec(lr=1e-4),
-        engine=VLLMEngine(args.student, dtype=dtype_name) if args.engine == "vllm" else None,
+        engine=engine,
     )
     module.to(device)  # the module's device is where rollouts are drawn
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)

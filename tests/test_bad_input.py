@@ -19,6 +19,7 @@ import eopd.models
 import eopd.train
 from eopd import checkpointing
 from eopd.data import PromptDataset, PromptFormat
+from eopd.rollout_engines import vllm_available
 from eopd.tasks.tokenizer import build_tokenizer
 from eopd.train import ConfigError
 
@@ -172,7 +173,34 @@ CASES = {
     "non-finite-limit-negative": Case(
         ["update.max_nonfinite_in_a_row=-1"], ConfigError, ["update.max_nonfinite_in_a_row=-1", ">= 0"]
     ),
+    # The vLLM engine's refusals come before its install check: they hold on any machine.
+    "vllm-with-a-lora-student": Case(
+        ["rollout=vllm", "+pair.student.lora={r: 4}"],
+        ConfigError,
+        ["'pair.student.lora'", "rollout.engine=vllm", "pair.student.lora=null", "rollout.engine=hf"],
+    ),
+    "vllm-with-several-processes": Case(
+        ["rollout=vllm", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+        ConfigError,
+        ["'trainer.devices'=2", "2 training processes", "cuda:0", "trainer=gpu"],
+    ),
+    "vllm-option-out-of-range": Case(
+        ["rollout=vllm", "rollout.engine_options.sleep_level=3"],
+        ConfigError,
+        ["rollout.engine_options.sleep_level=3", "must be 1", "or 2"],
+    ),
+    "vllm-argument-the-engine-sets": Case(
+        ["rollout=vllm", "+rollout.engine_options.llm_kwargs.enable_sleep_mode=false"],
+        ConfigError,
+        ["llm_kwargs sets enable_sleep_mode", "use the fields of rollout.engine_options"],
+    ),
 }
+if not vllm_available():
+    CASES["vllm-without-the-extra"] = Case(
+        ["rollout=vllm"],
+        ConfigError,
+        ["'rollout.engine'='vllm'", "pip install -e '.[vllm]'", "rollout.engine=hf"],
+    )
 
 
 @pytest.fixture
