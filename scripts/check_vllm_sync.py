@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from eopd.models import build_causal_lm, response_logits
-from eopd.rollout import RolloutBatch
+from eopd.batch import RolloutBatch
+from eopd.models import build_causal_lm
 from eopd.rollout_engines import VLLMEngine, VLLMOptions, save_engine_copy, vllm_available
+from eopd.scoring import response_logits
 
 
 def trainer_logprobs(model, batch: RolloutBatch, temperature: float, vocab_size: int) -> torch.Tensor:
