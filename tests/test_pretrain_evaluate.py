@@ -17,7 +17,9 @@ TINY = ModelRecipe(hidden_size=16, num_layers=1, num_heads=2, max_steps=2, batch
 
 
 def tiny_recipe(**kw):
-    return PairRecipe(n_train=50, n_val=4, n_test=4, teacher=kw.pop("teacher", TINY), student=TINY, threads=1, **kw)
+    return PairRecipe(
+        n_train=50, n_val=4, n_test=4, teacher=kw.pop("teacher", TINY), student=TINY, threads=1, **kw
+    )
 
 
 def test_build_saves_loadable_models_and_reuses_by_fingerprint(tmp_path, monkeypatch):
@@ -67,7 +69,14 @@ class Scripted:
     def __call__(self, model):
         avg = self.avgs[min(self.calls, len(self.avgs) - 1)]
         self.calls += 1
-        return {"avg": avg, "pass": avg, "high_frac": 0.0, "ideal_high_frac": 0.0, "paths_distinct": 0.0, "eval_samples": 4}
+        return {
+            "avg": avg,
+            "pass": avg,
+            "high_frac": 0.0,
+            "ideal_high_frac": 0.0,
+            "paths_distinct": 0.0,
+            "eval_samples": 4,
+        }
 
 
 def _train_with(avgs, **recipe_fields):
@@ -228,7 +237,10 @@ def test_the_default_pair_built_with_another_seed_reaches_its_targets(tmp_path):
     teacher, student = manifest["teacher"], manifest["student"]
     assert teacher["target_met"] and student["target_met"], (teacher, student)
     assert teacher["avg"] >= recipe.teacher.target.min_avg
-    assert abs(teacher["high_frac"] - manifest["ideal_high_entropy_frac"]) <= recipe.teacher.target.max_high_frac_gap
+    assert (
+        abs(teacher["high_frac"] - manifest["ideal_high_entropy_frac"])
+        <= recipe.teacher.target.max_high_frac_gap
+    )
     # The student starts collapsed at the forks relative to the teacher, with Pass@k headroom.
     assert student["high_frac"] < teacher["high_frac"] / 2
     assert student["pass"] <= recipe.student.target.max_pass

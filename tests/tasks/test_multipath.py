@@ -205,13 +205,17 @@ def test_ideal_token_entropies_match_the_reference_distribution(terms):
         assert ideal == pytest.approx(entropies, abs=1e-12), text
 
 
-@pytest.mark.parametrize(("terms", "before"), [((9, 0, 4), (4, 9)), ((1, 2, 3, 4), (3, 1)), ((8, 3, 0, 6, 5), (8, 5))])
+@pytest.mark.parametrize(
+    ("terms", "before"), [((9, 0, 4), (4, 9)), ((1, 2, 3, 4), (3, 1)), ((8, 3, 0, 6, 5), (8, 5))]
+)
 def test_ideal_token_entropies_with_a_precedence_match_brute_force(terms, before):
     problem = Problem(id="p", terms=terms, before=before)
     brute = _brute_force_entropies(problem)
     assert len(brute) == problem.num_paths == math.factorial(len(terms)) // 2
     for text, entropies in brute.items():
-        assert ideal_token_entropies(problem, solution_path(problem, text)) == pytest.approx(entropies, abs=1e-12)
+        assert ideal_token_entropies(problem, solution_path(problem, text)) == pytest.approx(
+            entropies, abs=1e-12
+        )
     # The expected high-entropy fraction is the mean over the (equally likely) valid paths.
     for tau in (0.5, 0.8, 1.2):
         mean_high = sum(sum(h >= tau for h in e) for e in brute.values()) / len(brute)
@@ -225,10 +229,14 @@ def test_a_precedence_makes_some_branches_dead_ends():
     assert not grade(problem, "3+5=8+2=0+7=7+1=8#8")  # 3 comes before 7: the prompt's own order
     assert grade(problem, "3+5=8+2=0+7=7+1=8#8", check_steps=False)  # answer-only grading ignores the path
     assert not problem.is_valid_order(problem.terms)
-    assert problem.num_paths == sum(o.index(7) < o.index(3) for o in itertools.permutations(problem.terms)) == 60
+    assert (
+        problem.num_paths == sum(o.index(7) < o.index(3) for o in itertools.permutations(problem.terms)) == 60
+    )
     # Taking 3 while 7 is unused is a dead end; 7 opens every order of the rest, so it is twice as likely.
     first = next_term_distribution(problem, ())
-    assert 3 not in first and first[7] == pytest.approx(2 * first[5]) and sum(first.values()) == pytest.approx(1)
+    assert (
+        3 not in first and first[7] == pytest.approx(2 * first[5]) and sum(first.values()) == pytest.approx(1)
+    )
     assert next_term_distribution(problem, (7,)) == pytest.approx({t: 0.25 for t in (1, 2, 3, 5)})
     for bad in [(3, 3), (3, 9), (3,)]:
         with pytest.raises(ValueError, match="before"):
@@ -266,7 +274,9 @@ def test_a_sampler_that_always_takes_one_branch_solves_fewer_test_problems_in_8_
 
     from eopd.data import load_records
 
-    data = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[2] / "conf" / "data" / "embedded.yaml"))
+    data = OmegaConf.to_container(
+        OmegaConf.load(Path(__file__).parents[2] / "conf" / "data" / "embedded.yaml")
+    )
     test = [record["problem"] for record in load_records(data)["test"]]
     assert len(test) == 128 and all(problem.before is not None for problem in test)
 
