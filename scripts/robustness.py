@@ -59,10 +59,8 @@ class Cell:
 def kernel_choices() -> dict[str, str | None]:
     """Label -> ATEN_CPU_CAPABILITY value (None: the machine's own choice)."""
     native = torch.backends.cpu.get_cpu_capability().lower()
-    return {
-        "native": None,
-        "avx2" if native != "avx2" else "default": "avx2" if native != "avx2" else "default",
-    }
+    other = "avx2" if native != "avx2" else "default"  # never the same kernels as "native"
+    return {"native": None, other: other}
 
 
 def command(cell: Cell, extra: list[str]) -> list[str]:
