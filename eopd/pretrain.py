@@ -43,9 +43,9 @@ from eopd.data import PromptFormat
 from eopd.models import build_causal_lm
 from eopd.tasks.multipath import (
     canonical_solution,
-    fork_statistics,
     ideal_high_entropy_fraction,
     make_splits,
+    one_branch_fraction,
     reference_solution,
 )
 from eopd.tasks.tokenizer import END_OF_TEXT, IM_END, build_tokenizer
@@ -218,7 +218,7 @@ def build_pair(recipe: PairRecipe, directory: Path | str) -> dict:
         "fingerprint": recipe.fingerprint(),
         "recipe": json.loads(json.dumps(asdict(recipe), default=str)),
         "ideal_high_entropy_frac": ideal_high_entropy_fraction(splits["val"], recipe.tau),
-        "one_branch_solved": fork_statistics(splits["val"])["one_branch_solved"],
+        "one_branch_solved": one_branch_fraction(splits["val"]),
         "machine": {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
     }
     for role, model_recipe, prompt_format, eos in (

@@ -23,7 +23,7 @@ The fork variant (`before`): a problem may also require one term to come before 
 that always adds the terms in the order shown (one branch) fails the other half on every sample, while
 one that spreads over the valid branches as the teacher does solves all of them within a few samples.
 This is the variant the default pair and `make train` use (conf/data/embedded.yaml): forks whose choice
-decides correctness. See `fork_statistics` and docs/task.md.
+decides correctness. See `one_branch_fraction` and docs/task.md.
 
 Tokens here are characters, as in `eopd.tasks.tokenizer`, plus one end-of-response token.
 """
@@ -324,20 +324,15 @@ def ideal_high_entropy_fraction(problems: Iterable[Problem], tau: float = 0.8) -
     return high / total
 
 
-def fork_statistics(problems: Sequence[Problem]) -> dict[str, float]:
-    """How much the forks matter on `problems`: what one branch and what the teacher's spread can solve.
+def one_branch_fraction(problems: Sequence[Problem]) -> float:
+    """Fraction of `problems` whose prompt order is a valid path: what one branch can solve.
 
-    Returns:
-        one_branch_solved: fraction of problems whose prompt order is a valid path (a perfect model that
-            always adds in the order shown solves exactly these, on every sample, and no other).
-        paths_mean: mean number of valid paths per problem.
+    A perfect model that always adds the terms in the order shown solves exactly these problems, on every
+    sample, and no other; the teacher's spread solves all of them.
     """
     if not problems:
-        raise ValueError("fork_statistics needs at least one problem")
-    return {
-        "one_branch_solved": sum(p.is_valid_order(p.terms) for p in problems) / len(problems),
-        "paths_mean": sum(p.num_paths for p in problems) / len(problems),
-    }
+        raise ValueError("one_branch_fraction needs at least one problem")
+    return sum(p.is_valid_order(p.terms) for p in problems) / len(problems)
 
 
 def _cycle_contents(pool: Sequence[tuple[int, ...]], count: int, split: str) -> list[tuple[int, ...]]:

@@ -11,12 +11,12 @@ from eopd.metrics import pass_at_k_curve
 from eopd.tasks.multipath import (
     Problem,
     canonical_solution,
-    fork_statistics,
     grade,
     ideal_high_entropy_fraction,
     ideal_token_entropies,
     make_splits,
     next_term_distribution,
+    one_branch_fraction,
     reference_solution,
     solution_path,
     solution_text,
@@ -248,7 +248,7 @@ def test_fork_splits_keep_the_plain_terms_and_draw_each_precedence_direction_equ
     for name in ("train", "val", "test"):
         assert [p.terms for p in forks[name]] == [p.terms for p in splits[name]]
         assert all(p.before is not None and set(p.before) <= set(p.terms) for p in forks[name])
-    assert 0.45 <= fork_statistics(forks["train"])["one_branch_solved"] <= 0.55
+    assert 0.45 <= one_branch_fraction(forks["train"]) <= 0.55
 
 
 def _oracle_pass_at_8(problems, choose, seed=0):
@@ -291,7 +291,7 @@ def test_a_sampler_that_always_takes_one_branch_solves_fewer_test_problems_in_8_
         return rng.choice([t for t in problem.terms if t not in prefix])
 
     one = _oracle_pass_at_8(test, one_branch)
-    assert one == fork_statistics(test)["one_branch_solved"]
+    assert one == one_branch_fraction(test)
     assert 0.4 <= one <= 0.7
     assert all(grade(p, canonical_solution(p)) == p.is_valid_order(p.terms) for p in test)
     assert _oracle_pass_at_8(test, teachers_spread) == 1.0
