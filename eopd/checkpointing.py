@@ -20,15 +20,11 @@ import json
 import logging
 import os
 import random
-import signal
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger("eopd.checkpointing")
 
@@ -42,30 +38,11 @@ class Preempted(Exception):
     """The run saved a checkpoint on a preemption signal and stopped; `resume=auto` continues it."""
 
 
+class NonFiniteTraining(RuntimeError):
+    """Too many updates in a row were not finite; the message names the step and the diagnostics."""
+
+
 # ---- atomic files ---------------------------------------------------------------------------------------
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO, but a checkpoint appears under its name only once fully on disk.
-
-    The file is written next to its destination, flushed to disk, then renamed over it (`os.replace` is
-    atomic on POSIX): a crash mid-save leaves the previous checkpoint intact and a stray `*.tmp` file.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, content: Any) -> None:
@@ -97,23 +74,6 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class ResumeState(L.Callback):
-    """Puts the global RNG states into every checkpoint and restores them on resume.
-
-    It also flushes the loggers with each checkpoint, so that after a crash the metrics on disk reach at
-    least up to the checkpoint a resumed run continues from.
-    """
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng"] = capture_rng()
-        for logger in trainer.loggers:
-            logger.save()
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        if "rng" in checkpoint:
-            restore_rng(checkpoint["rng"])
 
 
 # ---- the run directory ------------------------------------------------------------------------------------
@@ -348,52 +308,9 @@ def _number(key: str, value: str) -> float | int:
     return int(value) if key == "step" else float(value)
 
 
-# ---- preemption -------------------------------------------------------------------------------------------
-
-
-class Preemption(L.Callback):
-    """SIGTERM or SIGUSR1: finish the current training step, then stop with a checkpoint.
-
-    The handler only records the signal; the run stops between steps, where ModelCheckpoint's save at the
-    end of training (save_last) writes `checkpoints/last.ckpt`, so the checkpoint is exact. Under SLURM
-    (Lightning's SLURMEnvironment with auto_requeue, its default there) Lightning's own requeue handler is
-    called at that point too: it saves `hpc_ckpt_N.ckpt` and requeues the job. Without a ModelCheckpoint,
-    this callback writes `checkpoints/last.ckpt` itself. `signal_received` names the signal once one came.
-    """
-
-    def __init__(self) -> None:
-        self.signal_received: str | None = None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # Runs after Lightning's signal connector is set up at fit start, so this handler is the one called;
-        # Lightning's teardown puts back the handlers from before fit.
-        for name in PREEMPTION_SIGNALS:
-            try:
-                signal.signal(getattr(signal, name), self._record)
-            except ValueError:  # not the main thread: leave the signals to whoever owns them
-                return
-
-    def _record(self, number: int, frame) -> None:
-        self.signal_received = signal.Signals(number).name
-        log.warning("%s received: stopping with a checkpoint after the current step", self.signal_received)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.signal_received is None or trainer.should_stop:
-            return
-        trainer.should_stop = True
-        environment = trainer._accelerator_connector.cluster_environment
-        requeue = getattr(trainer._signal_connector, "_slurm_sigusr_handler_fn", None)
-        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and requeue is not None:
-            requeue(getattr(signal, self.signal_received), None)  # saves hpc_ckpt_N.ckpt, requeues the job
-        if not trainer.checkpoint_callbacks:
-            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
-
-
 __all__ = [
-    "AtomicCheckpointIO",
+    "NonFiniteTraining",
     "Preempted",
-    "Preemption",
-    "ResumeState",
     "RunLock",
     "capture_rng",
     "claim_run_dir",

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from eopd.data import PromptFormat
 from eopd.metrics import distinct_correct_paths, maj_at_k, pass_at_k_curve
@@ -270,47 +269,3 @@ def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> str:
         )
         lines.append(f"{name:<{width}}{cells}")
     return "\n".join(lines)
-
-
-class PeriodicEvaluation(Callback):
-    """Runs `evaluate` on a fixed validation subset every N rollout steps and at the end of training.
-
-    Logs every metric under `val/` at the current optimizer step, through the trainer's loggers.
-    """
-
-    def __init__(self, run_evaluation, *, every_n_rollout_steps: int = 0, at_end: bool = True) -> None:
-        super().__init__()
-        self.run_evaluation = run_evaluation  # (student model) -> dict of metrics
-        self.every = every_n_rollout_steps
-        self.at_end = at_end
-        self.history: list[tuple[int, dict[str, float]]] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = getattr(pl_module, "rollout_step", 0)
-        due = self.every > 0 and step % self.every == 0
-        if due and not trainer.should_stop and not self._is_last(trainer):
-            self._evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        stopped_early = trainer.max_steps > 0 and trainer.global_step < trainer.max_steps
-        if self.at_end and not stopped_early:  # a preempted run evaluates when it completes, not when stopped
-            self._evaluate(trainer, pl_module)
-
-    def _is_last(self, trainer) -> bool:
-        return self.at_end and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
-
-    def _evaluate(self, trainer, pl_module) -> None:
-        if self.history and self.history[-1][0] == trainer.global_step:
-            return
-        # Under FSDP every rank evaluates with the gathered student (the same prompts and seeds).
-        metrics = pl_module.on_student(self.run_evaluation, gathered=True)
-        self.history.append((trainer.global_step, metrics))
-        logged = {f"val/{k}": v for k, v in metrics.items()}
-        logged["step/rollout"] = float(getattr(pl_module, "rollout_step", 0))
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=trainer.global_step)
-        log.info(
-            "step %d validation: %s",
-            trainer.global_step,
-            ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("avg@", "pass@"))),
-        )

@@ -10,22 +10,19 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
 
 from eopd.scoring import is_peft, output_weight
 
+if TYPE_CHECKING:  # transformers' modeling code takes seconds to import: only where a model is built or loaded
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# The families `build_causal_lm` builds: transformers config and model class names.
 _FAMILIES = {
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
 }
 
 
@@ -98,7 +95,9 @@ def build_causal_lm(
         if token_id is not None and not 0 <= token_id < vocab_size:
             raise ValueError(f"{name} must lie in [0, vocab_size={vocab_size}), got {token_id}")
 
-    config_class, model_class = _FAMILIES[family]
+    import transformers
+
+    config_class, model_class = (getattr(transformers, name) for name in _FAMILIES[family])
     config = config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

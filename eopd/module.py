@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from eopd.batch import RolloutBatch, with_prompts
+from eopd.checkpointing import NonFiniteTraining
 from eopd.objectives import LinearLogits, Metrics, Objective, TeacherStats, teacher_token_stats
 from eopd.placement import Placement, freeze
 from eopd.rollout import sample
@@ -50,10 +51,6 @@ class _TeacherSide:
     stats: TeacherStats
     hidden: Tensor | None  # (B, R, H_t) kept for full-vocabulary terms and exact diagnostics
     gates: Tensor  # (n_terms, B, R) gate weights, decided once per rollout batch over all ranks
-
-
-class NonFiniteTraining(RuntimeError):
-    """Too many updates in a row were not finite; the message names the step and the diagnostics."""
 
 
 class DistillModule(Placement, L.LightningModule):

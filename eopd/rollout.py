@@ -5,13 +5,16 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
 
 from eopd.batch import RolloutBatch, pad_prompts
 from eopd.scoring import position_ids_from_mask
+
+if TYPE_CHECKING:  # transformers' modeling code takes seconds to import; only types are needed here
+    from transformers import DynamicCache, PreTrainedModel
 
 
 def _draw(
@@ -58,6 +61,8 @@ def _forward_keywords(model: PreTrainedModel) -> tuple[str, bool]:
 
 
 def _new_cache(model: PreTrainedModel) -> DynamicCache:
+    from transformers import DynamicCache
+
     try:
         return DynamicCache(config=model.config)
     except TypeError:  # older transformers: no config argument

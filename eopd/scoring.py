@@ -9,11 +9,15 @@ objective, never full (B, R, V) logits at a real vocabulary). The teacher reads 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from eopd.batch import RolloutBatch, with_prompts
+
+if TYPE_CHECKING:  # transformers' modeling code takes seconds to import; only the type is needed here
+    from transformers import PreTrainedModel
 
 
 def remap_end_token(input_ids: Tensor, response_mask: Tensor, *, from_id: int, to_id: int) -> Tensor:

@@ -51,18 +51,21 @@ OmegaConf.register_new_resolver("eopd.run_dir", _run_dir_for, replace=True)  # h
 
 def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     """Train with a composed config, writing into `run_dir`; returns the final logged metrics."""
+    p = plan(cfg, run_dir)  # every check that needs no model, before Lightning is imported
+
     import lightning as L
 
     from eopd import checkpointing
+    from eopd.callbacks import AtomicCheckpointIO, PeriodicEvaluation, Preemption, ResumeState
+    from eopd.checkpointing import NonFiniteTraining
     from eopd.data import PromptDataset, prompt_loader
-    from eopd.evaluation import GRADERS, ModelSide, PeriodicEvaluation, evaluate
+    from eopd.evaluation import GRADERS, ModelSide, evaluate
     from eopd.models import load_model, load_tokenizer, prepare_student
-    from eopd.module import DistillModule, NonFiniteTraining
+    from eopd.module import DistillModule
     from eopd.pairs import assemble_pair, show_pair
     from eopd.reports import loggers as make_loggers
     from eopd.reports import progress_bar, report_benchmarks, report_table
 
-    p = plan(cfg, run_dir)  # every check that needs no model
     if cfg.get("resume") == "auto" and checkpointing.is_finished(p.run_dir):
         log.info("the run in %s has finished; nothing to resume (its outputs are kept)", p.run_dir)
         return checkpointing.finished_metrics(p.run_dir)
@@ -207,7 +210,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     bench_runs: dict[str, dict[str, dict[str, float]]] = {}
     if p.benchmarks and "before" in p.benchmark_protocol.models:
         bench_runs["student before"] = _evaluate_benchmarks(p, student_side, vocab_size)
-    callbacks = [checkpointing.ResumeState(), *_callbacks(cfg, p.run_dir, p.steps_per_rollout)]
+    callbacks = [ResumeState(), *_callbacks(cfg, p.run_dir, p.steps_per_rollout)]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(progress_bar(cfg.rollout_steps))
     periodic = PeriodicEvaluation(  # on every rank under FSDP: student and teacher gathered whole
@@ -225,7 +228,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         at_end=True,
     )
     callbacks.append(periodic)
-    preemption = checkpointing.Preemption()  # last: an evaluation due at the stopping step still runs
+    preemption = Preemption()  # last: an evaluation due at the stopping step still runs
     callbacks.append(preemption)
     loggers = make_loggers(cfg, p.run_dir)
     if p.resume_from is not None and primary:
@@ -235,7 +238,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         default_root_dir=str(p.run_dir),
         logger=loggers,
         callbacks=callbacks,
-        plugins=[checkpointing.AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # the prompt loader splits each batch over the ranks itself
         **trainer_arguments(cfg.trainer),
     )
@@ -304,8 +307,7 @@ def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the metric a sweeper maximises: the final validation Pass@k (k = n)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from eopd.checkpointing import Preempted
-    from eopd.module import NonFiniteTraining
+    from eopd.checkpointing import NonFiniteTraining, Preempted
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

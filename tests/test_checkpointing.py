@@ -24,8 +24,8 @@ from omegaconf import OmegaConf
 import eopd.module
 import eopd.train
 from eopd import checkpointing
+from eopd.callbacks import AtomicCheckpointIO
 from eopd.checkpointing import (
-    AtomicCheckpointIO,
     Preempted,
     RunLock,
     capture_rng,

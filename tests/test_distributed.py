@@ -193,7 +193,10 @@ def _draw(on_model, max_new_tokens: int, *, seed: int) -> torch.Tensor:
     )
 
 
-def _worker(rank: int, port: int, root: str, strategy_name: str) -> None:
+STRATEGIES = ("ddp", "fsdp", "fsdp_teacher")
+
+
+def _worker(rank: int, port: int, root: str) -> None:
     # LOCAL_RANK set: Lightning joins these processes instead of launching its own.
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -203,7 +206,10 @@ def _worker(rank: int, port: int, root: str, strategy_name: str) -> None:
         LOCAL_RANK=str(rank),
         OMP_NUM_THREADS="1",
     )
-    torch.save(train(WORLD, rank, Path(root), strategy_name), Path(root) / f"rank{rank}.pt")
+    # One pair of processes trains under every strategy in turn (starting processes that import Lightning
+    # is most of this file's time); the process group the first run opens is reused by the next.
+    for name in STRATEGIES:
+        torch.save(train(WORLD, rank, Path(root) / name, name), Path(root) / f"{name}-rank{rank}.pt")
 
 
 def _free_port() -> int:
@@ -217,11 +223,16 @@ def single(tmp_path_factory):
     return train(1, 0, tmp_path_factory.mktemp("single"))
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp", "fsdp_teacher"])
-def runs(request, single, tmp_path_factory):
-    root = tmp_path_factory.mktemp(request.param)
-    mp.spawn(_worker, args=(_free_port(), str(root), request.param), nprocs=WORLD, join=True)
-    ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
+    return root
+
+
+@pytest.fixture(scope="module", params=STRATEGIES)
+def runs(request, single, spawned):
+    ranks = [torch.load(spawned / f"{request.param}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return single, ranks, request.param
 
 
