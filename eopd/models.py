@@ -16,7 +16,9 @@ import torch
 
 from eopd.scoring import is_peft, output_weight
 
-if TYPE_CHECKING:  # transformers' modeling code takes seconds to import: only where a model is built or loaded
+if (
+    TYPE_CHECKING
+):  # transformers' modeling code takes seconds to import: only where a model is built or loaded
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # The families `build_causal_lm` builds: transformers config and model class names.

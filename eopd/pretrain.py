@@ -29,64 +29,27 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from eopd.data import PromptFormat
 from eopd.models import build_causal_lm
+from eopd.supervised import Target, train_supervised
 from eopd.tasks.multipath import (
-    canonical_solution,
     ideal_high_entropy_fraction,
     make_splits,
     one_branch_fraction,
-    reference_solution,
 )
 from eopd.tasks.tokenizer import END_OF_TEXT, IM_END, build_tokenizer
 
 log = logging.getLogger("eopd.pretrain")
 
 # Bump when the training code changes in a way that changes the models a recipe produces.
-RECIPE_VERSION = 2
-
-
-@dataclass(frozen=True)
-class Target:
-    """The validation band a model's build stops in (metrics of `eopd.evaluate` on the validation split).
-
-    Attributes:
-        min_avg, max_avg: Avg@n (n = `PairRecipe.eval_samples`) must lie in [min_avg, max_avg].
-        max_pass: Pass@n must be at most this (a student with headroom left for distillation).
-        max_high_frac_gap: |high-entropy token fraction on the model's own samples - the task's ideal|
-            must be at most this (a teacher uncertain at the forks, as the task is); None: not checked.
-    """
-
-    min_avg: float = 0.0
-    max_avg: float = 1.0
-    max_pass: float = 1.0
-    max_high_frac_gap: float | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_avg <= self.max_avg <= 1:
-            raise ValueError(f"target needs 0 <= min_avg <= max_avg <= 1, got {self.min_avg}, {self.max_avg}")
-        if not 0 < self.max_pass <= 1:
-            raise ValueError(f"target.max_pass={self.max_pass} must lie in (0, 1]")
-
-    def distance(self, avg: float, pass_at_n: float, high_frac_gap: float) -> float:
-        """How far the metrics are from the band: 0 inside it, else the sum of the shortfalls."""
-        gap = 0.0 if self.max_high_frac_gap is None else max(0.0, high_frac_gap - self.max_high_frac_gap)
-        return (
-            max(0.0, self.min_avg - avg)
-            + max(0.0, avg - self.max_avg)
-            + max(0.0, pass_at_n - self.max_pass)
-            + gap
-        )
+RECIPE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -102,6 +65,11 @@ class ModelRecipe:
             order, the precedence ignored); the rest are reference solutions, uniform over valid paths.
         eval_every: validate every this many steps.
         target: the band the build stops in.
+        fork_targets: at the tokens that choose the next term, train on the reference sampler's exact
+            next-term distribution instead of the one term the sampled solution took (the same expected
+            gradient without its sampling noise; the other tokens are determined either way).
+        start: "scratch" (fresh weights from `seed`) or "base": the teacher's first validated snapshot
+            with Avg@n >= `PairRecipe.base_min_avg` (a shared pre-training; the same architecture).
     """
 
     hidden_size: int = 96
@@ -115,6 +83,8 @@ class ModelRecipe:
     canonical_fraction: float = 0.0
     eval_every: int = 250
     target: Target = field(default_factory=Target)
+    fork_targets: bool = False
+    start: str = "scratch"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "max_steps", "batch_size", "eval_every"):
@@ -123,6 +93,11 @@ class ModelRecipe:
                 raise ValueError(f"build.{name}={value!r} must be a positive integer")
         if not 0 <= self.canonical_fraction <= 1:
             raise ValueError(f"build.canonical_fraction={self.canonical_fraction} must lie in [0, 1]")
+        if self.start not in ("scratch", "base"):
+            raise ValueError(f"build.start={self.start!r} must be 'scratch' or 'base'")
+
+    def architecture(self) -> tuple[int, int, int]:
+        return self.hidden_size, self.num_layers, self.num_heads
 
 
 @dataclass(frozen=True)
@@ -131,7 +106,8 @@ class PairRecipe:
 
     The task split parameters (`task_seed`, `n_train`, `n_val`, `n_test`, `before`, `sizes`) are those of
     conf/data/embedded.yaml, so the build validates on the data's validation split and never sees a
-    test problem.
+    test problem. `base_min_avg`: the teacher's first validated snapshot at or above this Avg@n is the
+    shared base a student with `start: base` continues from.
     """
 
     task_seed: int = 0
@@ -147,6 +123,19 @@ class PairRecipe:
     eval_samples: int = 4
     tau: float = 0.8
     threads: int = 2
+    base_min_avg: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.teacher.start != "scratch":
+            raise ValueError(f"build.teacher.start={self.teacher.start!r}: the teacher starts from scratch")
+        if self.student.start == "base" and self.student.architecture() != self.teacher.architecture():
+            raise ValueError(
+                f"build.student.start='base' continues the teacher's weights, so the student needs the "
+                f"teacher's architecture (hidden_size, num_layers, num_heads) {self.teacher.architecture()}, "
+                f"got {self.student.architecture()}; set them equal or use start: scratch"
+            )
+        if not 0 <= self.base_min_avg <= 1:
+            raise ValueError(f"build.base_min_avg={self.base_min_avg} must lie in [0, 1]")
 
     @classmethod
     def from_dict(
@@ -221,6 +210,13 @@ def build_pair(recipe: PairRecipe, directory: Path | str) -> dict:
         "one_branch_solved": one_branch_fraction(splits["val"]),
         "machine": {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
     }
+    teacher_state = None
+    base: dict = {}  # the teacher's first snapshot at base_min_avg, for a student with start: base
+
+    def keep_base(model, reached: dict) -> None:
+        if not base and reached["avg"] >= recipe.base_min_avg:
+            base.update(state=copy.deepcopy(model.state_dict()), step=reached["step"], avg=reached["avg"])
+
     for role, model_recipe, prompt_format, eos in (
         ("teacher", recipe.teacher, recipe.teacher_format, IM_END),
         ("student", recipe.student, recipe.student_format, END_OF_TEXT),
@@ -235,11 +231,37 @@ def build_pair(recipe: PairRecipe, directory: Path | str) -> dict:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+        if model_recipe.start == "base":
+            if not base:  # the teacher never reached base_min_avg: its kept snapshot is the closest there is
+                log.warning(
+                    "the teacher never reached Avg %.2f; the student starts from the teacher",
+                    recipe.base_min_avg,
+                )
+                base.update(
+                    state=copy.deepcopy(teacher_state),
+                    step=report["teacher"]["step"],
+                    avg=report["teacher"]["avg"],
+                )
+            model.load_state_dict(base["state"])
+            report["base"] = {"step": base["step"], "avg": base["avg"]}
+            log.info(
+                "student: starts from the teacher's snapshot at step %d (val avg %.3f)",
+                base["step"],
+                base["avg"],
+            )
         validator = _Validator(
             recipe, splits["val"], tokenizer, prompt_format, report["ideal_high_entropy_frac"]
         )
         t0 = time.perf_counter()
-        reached = train_supervised(model, tokenizer, splits["train"], prompt_format, model_recipe, validator)
+        reached = train_supervised(
+            model,
+            tokenizer,
+            splits["train"],
+            prompt_format,
+            model_recipe,
+            validator,
+            on_validated=keep_base if role == "teacher" else None,
+        )
         reached["train_seconds"] = round(time.perf_counter() - t0, 1)
         log.info(
             "%s: %.2fM params; %s",
@@ -247,6 +269,8 @@ def build_pair(recipe: PairRecipe, directory: Path | str) -> dict:
             sum(p.numel() for p in model.parameters()) / 1e6,
             describe_reached(role, reached, model_recipe),
         )
+        if role == "teacher":
+            teacher_state = model.state_dict()
         model.save_pretrained(staging / role)
         tokenizer.save_pretrained(staging / role)
         report[role] = reached
@@ -298,95 +322,6 @@ class _Validator:
             "paths_distinct": metrics["paths/distinct"],
             "eval_samples": n,
         }
-
-
-def train_supervised(
-    model, tokenizer, problems, prompt_format: PromptFormat, recipe: ModelRecipe, validate
-) -> dict:
-    """AdamW on the response tokens of training solutions until validation enters `recipe.target`.
-
-    Prompt tokens carry no loss. Every `recipe.eval_every` steps (and at `max_steps`) `validate(model)`
-    measures the model; the first snapshot inside the band ends training, and if none is, the snapshot
-    closest to it is loaded back.
-
-    Returns:
-        What the kept snapshot reached: its step, loss, validation metrics and `target_met`.
-    """
-    rng = random.Random(recipe.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    best: dict | None = None
-    best_state = None
-    losses: list[float] = []
-    for step in range(1, recipe.max_steps + 1):
-        model.train()
-        warmup = min(1.0, step / max(recipe.warmup_steps, 1))
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * warmup * 0.5 * (1 + math.cos(math.pi * (step - 1) / recipe.max_steps))
-        batch = [rng.choice(problems) for _ in range(recipe.batch_size)]
-        input_ids, attention_mask, labels = supervised_batch(
-            tokenizer, batch, prompt_format, rng, canonical_fraction=recipe.canonical_fraction
-        )
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # (B, L-1, V)
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if step % recipe.eval_every and step != recipe.max_steps:
-            continue
-        model.eval()
-        reached = validate(model)
-        distance = recipe.target.distance(
-            reached["avg"], reached["pass"], abs(reached["high_frac"] - reached["ideal_high_frac"])
-        )
-        reached.update(step=step, loss=sum(losses[-50:]) / len(losses[-50:]), target_met=distance == 0)
-        log.info(
-            "  step %d/%d  loss %.3f  val avg %.3f pass %.3f high-entropy %.1f%%%s",
-            step,
-            recipe.max_steps,
-            reached["loss"],
-            reached["avg"],
-            reached["pass"],
-            100 * reached["high_frac"],
-            "  (in the target band)" if distance == 0 else "",
-        )
-        if best is None or distance < best["distance"]:
-            best = {**reached, "distance": distance}
-            best_state = copy.deepcopy(model.state_dict())
-        if distance == 0:
-            break
-    assert best is not None and best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
-    return best
-
-
-def supervised_batch(
-    tokenizer, problems, prompt_format: PromptFormat, rng: random.Random, *, canonical_fraction: float = 0.0
-):
-    """Right-padded (prompt + solution + end token) ids, mask, and labels (-100 on prompt and pad).
-
-    Each solution is the canonical one (prompt order) with probability `canonical_fraction`, else a
-    reference solution (uniform over the valid paths).
-    """
-    rows, labels = [], []
-    for problem in problems:
-        prompt = prompt_format.encode(tokenizer, problem.prompt)
-        canonical = canonical_fraction > 0 and rng.random() < canonical_fraction
-        text = canonical_solution(problem) if canonical else reference_solution(problem, rng)
-        response = tokenizer.encode(text, add_special_tokens=False)
-        response.append(tokenizer.eos_token_id)
-        rows.append(prompt + response)
-        labels.append([-100] * len(prompt) + response)
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    label_ids = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
-    return input_ids, attention_mask, label_ids
 
 
 def describe_pair(directory: Path | str) -> str:

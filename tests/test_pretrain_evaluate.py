@@ -243,4 +243,95 @@ def test_the_default_pair_built_with_another_seed_reaches_its_targets(tmp_path):
     )
     # The student starts collapsed at the forks relative to the teacher, with Pass@k headroom.
     assert student["high_frac"] < teacher["high_frac"] / 2
+    assert student["high_frac"] <= recipe.student.target.max_high_frac
     assert student["pass"] <= recipe.student.target.max_pass
+    # The student continues the teacher's first snapshot past base_min_avg (a shared pre-training).
+    assert manifest["base"]["avg"] >= recipe.base_min_avg and manifest["base"]["step"] <= teacher["step"]
+
+
+def test_fork_targets_loss_equals_a_float64_reference_from_its_definition():
+    import math
+    import random
+
+    import torch
+
+    from eopd.supervised import supervised_batch
+    from eopd.tasks.multipath import next_term_distribution
+
+    tokenizer = build_tokenizer()
+    problems = make_splits(0, 6, 0, 0, before=True)["train"][:3]
+    batch = supervised_batch(
+        tokenizer, problems, PromptFormat(suffix="\n"), random.Random(0), fork_targets=True
+    )
+    logits = torch.randn(*batch.input_ids.shape, len(tokenizer), generator=torch.Generator().manual_seed(0))
+
+    total, count = 0.0, 0
+    digit = {tokenizer.convert_tokens_to_ids(str(d)): d for d in range(10)}
+    for row, problem in enumerate(problems):
+        ids = batch.input_ids[row].tolist()
+        labels = batch.labels[row].tolist()
+        first = next(t for t, label in enumerate(labels) if label != -100)
+        written = [digit[i] for i in ids[first:] if i in digit]  # the response's digits, terms and totals
+        order = tuple(written[0:1] + written[1:-1:2])  # t0, then t_k from "+t_k=s_k"
+        assert problem.is_valid_order(order)
+        term_positions = [first, *(first + 2 + 4 * k for k in range(len(order) - 1))]
+        for t in range(first, len(labels)):
+            if labels[t] == -100:
+                continue
+            logp = torch.log_softmax(logits[row, t - 1].double(), -1)
+            if t in term_positions:
+                k = term_positions.index(t)
+                distribution = next_term_distribution(problem, order[:k])
+                assert batch.forks[row, t].sum().item() == pytest.approx(1.0)
+                token_loss = -sum(
+                    q * logp[tokenizer.convert_tokens_to_ids(str(term))].item()
+                    for term, q in distribution.items()
+                )
+            else:
+                assert batch.forks[row, t].sum().item() == 0.0
+                token_loss = -logp[labels[t]].item()
+            total += token_loss
+            count += 1
+    assert count == int((batch.labels != -100).sum())
+    assert math.isfinite(total)
+    assert batch.loss(logits).item() == pytest.approx(total / count, rel=1e-6)
+    # Without fork targets the same solutions give the plain cross-entropy on every response token.
+    plain = supervised_batch(tokenizer, problems, PromptFormat(suffix="\n"), random.Random(0))
+    assert torch.equal(plain.labels, batch.labels) and plain.forks is None
+    reference = torch.nn.functional.cross_entropy(
+        logits[:, :-1].double().reshape(-1, logits.shape[-1]),
+        plain.labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+    )
+    assert plain.loss(logits).item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_a_student_started_from_the_base_continues_the_teachers_snapshot(tmp_path, monkeypatch):
+    import torch
+
+    seen = {}
+    original = pretrain.train_supervised
+
+    def record(model, tokenizer, problems, prompt_format, recipe, validate, on_validated=None):
+        if recipe is student:
+            seen["student_start"] = {k: v.clone() for k, v in model.state_dict().items()}
+        reached = original(model, tokenizer, problems, prompt_format, recipe, validate, on_validated)
+        if recipe is not student:
+            seen["teacher"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return reached
+
+    monkeypatch.setattr(pretrain, "train_supervised", record)
+    student = ModelRecipe(**{**TINY.__dict__, "start": "base", "seed": 5})
+    # base_min_avg 0: the teacher's first validated snapshot, here its only one (max_steps 2, eval at the cap).
+    recipe = PairRecipe(
+        n_train=50, n_val=4, n_test=4, teacher=TINY, student=student, threads=1, base_min_avg=0.0
+    )
+    manifest = json.loads((ensure_pair(recipe, tmp_path / "pair") / "pair.json").read_text())
+    assert manifest["base"]["step"] == 2
+    for name, value in seen["teacher"].items():
+        assert torch.equal(seen["student_start"][name], value), name
+
+    with pytest.raises(ValueError, match="teacher's architecture"):
+        PairRecipe(teacher=TINY, student=ModelRecipe(**{**TINY.__dict__, "hidden_size": 32, "start": "base"}))
+    with pytest.raises(ValueError, match="start"):
+        ModelRecipe(start="teacher")
