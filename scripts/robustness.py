@@ -3,6 +3,8 @@
     .venv/bin/python scripts/robustness.py                          # 3 seeds x 2 kernels x {1, 2} threads
     .venv/bin/python scripts/robustness.py --seeds 0 --threads 1    # one cell per kernel
     .venv/bin/python scripts/robustness.py --out docs/robustness.md # also write the table as markdown
+    .venv/bin/python scripts/robustness.py --reuse                  # cells already finished are read, not rerun
+    .venv/bin/python scripts/robustness.py --collect-only           # the table of the finished cells; runs nothing
 
 Each cell builds the pair from nothing with its seed (both models' initialisation and data order; the
 task and its splits stay fixed, so every cell is evaluated on the same test problems) under its kernels
@@ -100,6 +102,29 @@ def collect(cell: Cell, k: int) -> None:
         return
     table = json.loads(evals[-1].read_text())
     cell.result = {"pair": pair, "table": table, "problems": _problems(cell.root), "k": k}
+    (cell.root / "cell.json").write_text(json.dumps({"seconds": round(cell.seconds, 1)}))
+
+
+def finished(cell: Cell) -> bool:
+    """Whether the cell's run finished earlier (its evaluation is on disk)."""
+    return any((cell.root / "runs").glob("*/*/eval.json"))
+
+
+def reuse(cell: Cell, k: int) -> None:
+    """Read a cell that finished earlier; its time is what that run recorded (else its log's time span)."""
+    record = cell.root / "cell.json"
+    if record.is_file():
+        seconds = json.loads(record.read_text())["seconds"]
+    else:  # runs from before cell.json: first to last timestamp of the log (misses the start-up)
+        import re
+        from datetime import datetime
+
+        stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", (cell.root / "log.txt").read_text(), re.M)
+        first, last = (datetime.fromisoformat(stamps[i]) for i in (0, -1))
+        seconds = (last - first).total_seconds()
+    cell.process = subprocess.CompletedProcess([], 0)
+    cell.started = time.perf_counter() - seconds
+    collect(cell, k)
 
 
 def _problems(root: Path) -> int:
@@ -117,11 +142,8 @@ def noise(before: float, after: float, problems: int, samples: int) -> float:
 def row(cell: Cell) -> list[str]:
     r = cell.result
     pair = r.get("pair", {})
-    targets = (
-        "yes"
-        if pair.get("teacher", {}).get("target_met") and pair.get("student", {}).get("target_met")
-        else "NO"
-    )
+    missed = [role for role in ("teacher", "student") if not pair.get(role, {}).get("target_met")]
+    targets = "yes" if not missed else "NO: " + ", ".join(missed)
     head = [cell.name, targets]
     if "error" in r:
         return [*head, r["error"], "", "", "", "", f"{cell.seconds:.0f}"]
@@ -172,6 +194,12 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--root", type=Path, default=ROOT / "outputs" / "robustness")
     parser.add_argument("--out", type=Path, default=None, help="write the table (markdown) here too")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read cells that already finished instead of rerunning them"
+    )
+    parser.add_argument(
+        "--collect-only", action="store_true", help="run nothing: the table of finished cells"
+    )
     parser.add_argument("overrides", nargs="*", help="extra eopd.train overrides for every cell")
     args = parser.parse_args()
 
@@ -190,6 +218,14 @@ def main() -> None:
     )
     wall = time.perf_counter()
     pending, running = list(cells), []
+    if args.reuse or args.collect_only:
+        for cell in [c for c in pending if finished(c)]:
+            reuse(cell, k=8)
+            pending.remove(cell)
+            print(f"read {cell.name}: {' | '.join(row(cell))}", flush=True)
+    if args.collect_only:
+        cells = [c for c in cells if c not in pending]
+        pending = []
     while pending or running:
         for cell in list(pending):
             # A cell starts when its threads fit beside the running ones (or nothing runs).
