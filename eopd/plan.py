@@ -152,6 +152,12 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             f"config 'data.batch_size'={cfg.data.batch_size} exceeds the {len(records['train'])} training prompts; "
             "lower data.batch_size or add prompts"
         )
+    final_models = list(cfg.eval.final.get("models", ["before", "after", "teacher"]))
+    if cfg.eval.final.enabled and (not final_models or set(final_models) - {"before", "after", "teacher"}):
+        raise ConfigError(
+            f"config 'eval.final.models'={final_models} must name some of before, after, teacher "
+            "(the rows of the final table)"
+        )
     for key, node in (("eval.split", cfg.eval), ("eval.final.split", cfg.eval.final)):
         if node is cfg.eval.final and not node.enabled:
             continue

@@ -38,6 +38,7 @@ import torch
 
 from eopd.data import PromptFormat
 from eopd.models import build_causal_lm
+from eopd.objectives.gates import PAPER_TAU
 from eopd.supervised import Target, train_supervised
 from eopd.tasks.multipath import (
     ideal_high_entropy_fraction,
@@ -121,7 +122,7 @@ class PairRecipe:
     teacher_format: PromptFormat = field(default_factory=lambda: PromptFormat(template="chat"))
     student_format: PromptFormat = field(default_factory=lambda: PromptFormat(prefix="Q: ", suffix="\nA: "))
     eval_samples: int = 4
-    tau: float = 0.8
+    tau: float = PAPER_TAU
     threads: int = 2
     base_min_avg: float = 0.5
 

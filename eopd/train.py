@@ -205,7 +205,8 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
 
     final = cfg.eval.final
     table: dict[str, dict[str, float]] = {}
-    if final.enabled:
+    rows = set(final.get("models", ["before", "after", "teacher"])) if final.enabled else set()
+    if "before" in rows:
         table["student before"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
     bench_runs: dict[str, dict[str, dict[str, float]]] = {}
     if p.benchmarks and "before" in p.benchmark_protocol.models:
@@ -278,13 +279,15 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     if periodic.history:
         metrics.update({f"val/{k}": v for k, v in periodic.history[-1][1].items()})
     if final.enabled and trainer.is_global_zero:  # under DDP the other ranks would repeat it
-        table["student after"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
-        teacher_alone = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
-        table["teacher"] = evaluation(
-            p.final_spec, final.split, final.n_problems, teacher_alone, with_teacher=False
-        )
+        if "after" in rows:
+            table["student after"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
+        if "teacher" in rows:
+            teacher_alone = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))
+            table["teacher"] = evaluation(
+                p.final_spec, final.split, final.n_problems, teacher_alone, with_teacher=False
+            )
         report_table(table, p.final_spec, final, p.run_dir, trainer.loggers)
-        metrics.update({f"test/{k}": v for k, v in table["student after"].items()})
+        metrics.update({f"test/{k}": v for k, v in table.get("student after", {}).items()})
     if p.benchmarks and trainer.is_global_zero:  # under DDP the other ranks would repeat it
         if "after" in p.benchmark_protocol.models:
             bench_runs["student after"] = _evaluate_benchmarks(p, student_side, vocab_size)

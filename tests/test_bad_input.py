@@ -163,6 +163,9 @@ CASES = {
     ),
     "zero-prompt-length-limit": Case(["data.max_prompt_tokens=0"], ConfigError, ["data.max_prompt_tokens"]),
     "unknown-grader": Case(["eval.grader=exact"], ConfigError, ["eval.grader", "allowed: embedded, math"]),
+    "unknown-final-table-row": Case(
+        ["eval.final.models=[after,during]"], ConfigError, ["eval.final.models", "before, after, teacher"]
+    ),
     "gpu-trainer-without-a-gpu": Case(["trainer=gpu"], ConfigError, ["trainer.accelerator", "trainer=cpu"]),
     "sharded-teacher-without-fsdp": Case(
         ["+pair.teacher.shard=true"], ConfigError, ["pair.teacher.shard", "needs trainer=fsdp", "=false"]

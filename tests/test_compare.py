@@ -202,9 +202,20 @@ def sweep_dir(tmp_path_factory) -> Path:
     """A sweep-like folder of four finished tiny runs (about 25 s on two cores)."""
     root = tmp_path_factory.mktemp("sweep")
     for job, (objective, seed) in enumerate((o, s) for o in OBJECTIVES for s in SEEDS):
-        cfg = compose_train([f"objective={objective}", f"seed={seed}"], base=TINY)
+        # Seed 1 keeps only the trained student's row, as `make demo` does (its runs share one pair).
+        rows = ["eval.final.models=[after]"] if seed == 1 else []
+        cfg = compose_train([f"objective={objective}", f"seed={seed}", *rows], base=TINY)
         eopd.train.run(cfg, root / f"{job}_{objective}-s{seed}")
     return root
+
+
+def test_the_final_table_has_the_rows_eval_final_models_names(sweep_dir):
+    for run in sweep_dir.iterdir():
+        saved = json.loads((run / "eval.json").read_text())
+        expected = (
+            {"student after"} if run.name.endswith("-s1") else {"student before", "student after", "teacher"}
+        )
+        assert set(saved) == expected, run.name
 
 
 @pytest.fixture(scope="session")
