@@ -48,11 +48,16 @@ demo: $(VENV)/.installed ## the paper's comparison on the embedded default (opd,
 	OMP_NUM_THREADS=1 $(PY) -m eopd.train sweep=demo hydra/launcher=parallel hydra.sweep.dir=$(DEMO_DIR) $(ARGS)
 	$(PY) -m eopd.compare $(DEMO_DIR) --baseline opd --out docs/demo
 
+# The tests run in parallel processes (pytest-xdist), one per core up to 4, each file's tests in one
+# process (module fixtures are built once); every test runs single-threaded (tests/conftest.py).
+TEST_WORKERS ?= $(shell n=$$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(VENV)/.installed ## run the default tests (CPU, offline, a few minutes)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-all: $(VENV)/.installed ## run every test, the slow ones included
-	$(PY) -m pytest -q -m "not gpu"
+	$(PYTEST) -m "not gpu"
 
 test-gpu: $(VENV)/.installed ## run the tests that need a CUDA device
 	$(PY) -m pytest -q -m gpu
