@@ -16,9 +16,8 @@ import torch
 
 from eopd.scoring import is_peft, output_weight
 
-if (
-    TYPE_CHECKING
-):  # transformers' modeling code takes seconds to import: only where a model is built or loaded
+# transformers' modeling code takes seconds to import: it is imported where a model is built or loaded.
+if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # The families `build_causal_lm` builds: transformers config and model class names.

@@ -1,7 +1,7 @@
 """Builds the embedded default pair: a teacher that has learnt every fork, a student collapsed onto one path.
 
     python -m eopd.pretrain                                  # build (or reuse) outputs/pairs/embedded
-    python -m eopd.pretrain pair.build.teacher.max_steps=4000 # a different recipe: a new fingerprint, a rebuild
+    python -m eopd.pretrain pair.build.teacher.max_steps=2500 # a different recipe: a new fingerprint, a rebuild
 
 Both models are trained supervised on the fork variant of the embedded task (`eopd.tasks.multipath`,
 `before`): adding digits in an order that puts one named term before another. The teacher sees
@@ -9,8 +9,11 @@ reference solutions drawn uniformly over the valid paths, so a well-trained teac
 at the forks and avoids their dead ends. The student sees mostly one canonical path per problem, the
 order the prompt shows, and that path ignores the precedence: it starts collapsed at the forks and fails,
 on every sample, the problems whose prompt order is a dead end, as a base model that learnt one way of
-solving a problem does. The teacher is a chat model (chat template, `<|im_end|>`); the student a
-"base" model (plain prompt, `<|endoftext|>`).
+solving a problem does. The student does not start from scratch: it continues the teacher's first
+validated snapshot past `PairRecipe.base_min_avg` (the arithmetic learnt, a shared pre-training), so it
+needs a few hundred steps rather than its own plateau. At the tokens that choose a term the teacher
+trains on the exact next-term distribution (`ModelRecipe.fork_targets`). The teacher is a chat model
+(chat template, `<|im_end|>`); the student a "base" model (plain prompt, `<|endoftext|>`).
 
 Each model trains until its validation metrics enter a target band (`Target`), checked every
 `eval_every` steps, not for a fixed number of steps: tiny models on a CPU learn the task's arithmetic
