@@ -50,7 +50,7 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     """Check the whole config and build the cheap objects; raise ValueError naming the key otherwise."""
     from hydra.utils import instantiate
 
-    from eopd.benchmarks import PAPER_STUDENTS, BenchmarkProtocol, load_benchmarks
+    from eopd.benchmarks import MODELS, PAPER_STUDENTS, BenchmarkProtocol, load_benchmarks
     from eopd.data import LONG_PROMPTS, PromptFormat, load_records
     from eopd.evaluation import GRADERS
     from eopd.models import ModelSource
@@ -152,10 +152,10 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             f"config 'data.batch_size'={cfg.data.batch_size} exceeds the {len(records['train'])} training prompts; "
             "lower data.batch_size or add prompts"
         )
-    final_models = list(cfg.eval.final.get("models", ["before", "after", "teacher"]))
-    if cfg.eval.final.enabled and (not final_models or set(final_models) - {"before", "after", "teacher"}):
+    final_models = list(cfg.eval.final.get("models", MODELS))
+    if cfg.eval.final.enabled and (not final_models or set(final_models) - set(MODELS)):
         raise ConfigError(
-            f"config 'eval.final.models'={final_models} must name some of before, after, teacher "
+            f"config 'eval.final.models'={final_models} must name some of {', '.join(MODELS)} "
             "(the rows of the final table)"
         )
     for key, node in (("eval.split", cfg.eval), ("eval.final.split", cfg.eval.final)):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from eopd.data import PromptFormat
-from eopd.tasks.multipath import next_term_distribution, solution_text
+from eopd.tasks.multipath import next_term_distribution, reference_order, solution_text, term_positions
 
 log = logging.getLogger("eopd.pretrain")
 
@@ -173,13 +173,12 @@ def supervised_batch(
     for problem in problems:
         prompt = prompt_format.encode(tokenizer, problem.prompt)
         canonical = canonical_fraction > 0 and rng.random() < canonical_fraction
-        order = problem.terms if canonical else _valid_order(problem, rng)
+        order = problem.terms if canonical else reference_order(problem, rng)
         response = tokenizer.encode(solution_text(problem, order), add_special_tokens=False)
         response.append(tokenizer.eos_token_id)
         rows.append(prompt + response)
         labels.append([-100] * len(prompt) + response)
-        # Layout t0 + t1 = s + t2 = s ...: the k-th term is written at 0, 2, 6, 10, ...
-        positions = [0, *(2 + 4 * k for k in range(len(order) - 1))]
+        positions = term_positions(len(order))
         forks.append(
             [(len(prompt) + at, next_term_distribution(problem, order[:k])) for k, at in enumerate(positions)]
         )
@@ -198,11 +197,3 @@ def supervised_batch(
                 for term, probability in distribution.items():
                     batch.forks[row, position, digit_ids[term]] = probability
     return batch
-
-
-def _valid_order(problem, rng: random.Random) -> tuple[int, ...]:
-    """A uniformly random valid path: permutations redrawn until one respects `before` (half of them do)."""
-    while True:
-        order = tuple(rng.sample(problem.terms, len(problem.terms)))
-        if problem.is_valid_order(order):
-            return order

@@ -56,6 +56,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     import lightning as L
 
     from eopd import checkpointing
+    from eopd.benchmarks import MODELS
     from eopd.callbacks import AtomicCheckpointIO, PeriodicEvaluation, Preemption, ResumeState
     from eopd.checkpointing import NonFiniteTraining
     from eopd.data import PromptDataset, prompt_loader
@@ -205,7 +206,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
 
     final = cfg.eval.final
     table: dict[str, dict[str, float]] = {}
-    rows = set(final.get("models", ["before", "after", "teacher"])) if final.enabled else set()
+    rows = set(final.get("models", MODELS)) if final.enabled else set()
     if "before" in rows:
         table["student before"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
     bench_runs: dict[str, dict[str, dict[str, float]]] = {}

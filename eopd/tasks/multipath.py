@@ -167,10 +167,20 @@ def reference_solution(problem: Problem, rng: random.Random) -> str:
     Returns:
         The solution text, without any end token.
     """
+    return solution_text(problem, reference_order(problem, rng))
+
+
+def reference_order(problem: Problem, rng: random.Random) -> tuple[int, ...]:
+    """The path `reference_solution` writes: uniformly random permutations redrawn until one is valid."""
     while True:
-        order = rng.sample(problem.terms, len(problem.terms))
+        order = tuple(rng.sample(problem.terms, len(problem.terms)))
         if problem.is_valid_order(order):
-            return solution_text(problem, order)
+            return order
+
+
+def term_positions(n: int) -> list[int]:
+    """Where a solution of n terms writes each term: `t0 + t1 = s + t2 = s ...` puts them at 0, 2, 6, 10, ..."""
+    return [0, *(2 + 4 * step for step in range(n - 1))]
 
 
 def canonical_solution(problem: Problem) -> str:
@@ -270,8 +280,7 @@ def ideal_token_entropies(problem: Problem, order: Sequence[int] | None = None) 
     # Layout: t0 + t1 = s + t2 = s ... + t(n-1) = s # a <end>; terms sit at 0, 2, 6, 10, ...
     length = 1 + 4 * (n - 1) + 2 + 1
     entropies = [0.0] * length
-    term_positions = [0, *(2 + 4 * step for step in range(n - 1))]
-    for k, position in enumerate(term_positions):
+    for k, position in enumerate(term_positions(n)):
         entropies[position] = _entropy(next_term_distribution(problem, order[:k]).values())
     return entropies
 
