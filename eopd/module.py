@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -33,13 +34,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from eopd.batch import RolloutBatch, with_prompts
+from eopd.batch import RolloutBatch
 from eopd.checkpointing import NonFiniteTraining
-from eopd.objectives import LinearLogits, Metrics, Objective, TeacherStats, teacher_token_stats
+from eopd.objectives import LinearLogits, Metrics, Objective, Signals, TeacherStats, teacher_token_stats
+from eopd.objectives.policy_gradient import group_advantages
+from eopd.objectives.terms import normalizer_weights
 from eopd.placement import Placement, freeze
-from eopd.rollout import sample
 from eopd.rollout_engines import HFEngine, RolloutEngine
-from eopd.scoring import output_weight, remap_end_token, response_hidden_states, teacher_hidden_states
+from eopd.sampling import Sampling
+from eopd.scoring import output_weight, response_hidden_states, teacher_hidden_states
 from eopd.specs import LogSpec, OptimSpec, PairSpec, RolloutSpec, UpdateSpec, check_sampling_matches_scoring
 from eopd.step_logs import PhaseTimer, log_samples, rollout_metrics
 
@@ -50,10 +53,11 @@ log = logging.getLogger("eopd.module")
 class _TeacherSide:
     stats: TeacherStats
     hidden: Tensor | None  # (B, R, H_t) kept for full-vocabulary terms and exact diagnostics
-    gates: Tensor  # (n_terms, B, R) gate weights, decided once per rollout batch over all ranks
+    gates: Tensor | None  # (n_terms, B, R) gate weights, decided once per rollout batch over all ranks; None
+    # while a gate reads the student's side, decided after the pass at the rollout policy
 
 
-class DistillModule(Placement, L.LightningModule):
+class DistillModule(Sampling, Placement, L.LightningModule):
     """On-policy distillation of `student` from a frozen `teacher` with any `Objective`.
 
     Args:
@@ -67,6 +71,8 @@ class DistillModule(Placement, L.LightningModule):
             a resumed run draws the same).
         engine: samples the student (`eopd.rollout_engines`); an `HFEngine` when None. Its name must be
             `rollout.engine`. It is told after every rollout step that the student's weights changed.
+        reward: grades responses, `reward(records, texts) -> one float per response`; every sample is graded
+            when given (logged as train/reward), and objectives that train on a reward (GRPO) need it.
 
     The dataloader yields lists of dicts with "prompt_ids" (student format) and optionally
     "teacher_prompt_ids" (teacher format; defaults to the student's) and "prompt" (text, for logs).
@@ -87,6 +93,7 @@ class DistillModule(Placement, L.LightningModule):
         seed: int = 0,
         engine: RolloutEngine | None = None,
         shard_teacher: bool = False,
+        reward: Callable[[Sequence[dict[str, Any]], Sequence[str]], Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
         self.student = student
@@ -103,6 +110,16 @@ class DistillModule(Placement, L.LightningModule):
             raise ValueError(
                 f"rollout.engine={self.rollout_spec.engine!r} needs the engine object: "
                 "DistillModule(..., engine=VLLMEngine(model_path))"
+            )
+        self.reward = reward
+        if objective.needs_advantages and reward is None:
+            raise ValueError(
+                f"objective {objective.name!r} trains on a task reward: pass DistillModule(..., reward=...)"
+            )
+        if objective.needs_advantages and self.rollout_spec.n_samples < 2:
+            raise ValueError(
+                f"objective {objective.name!r} normalises rewards within each prompt's samples: set "
+                f"rollout.n_samples >= 2 (got {self.rollout_spec.n_samples})"
             )
         self.engine = engine if engine is not None else HFEngine()
         if self.engine.name != self.rollout_spec.engine:
@@ -177,15 +194,28 @@ class DistillModule(Placement, L.LightningModule):
 
     def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         timer = PhaseTimer()
+        n_samples = self.rollout_spec.n_samples
+        batch = [row for row in batch for _ in range(n_samples)]  # each prompt's samples adjacent: a group
         with timer("rollout"):
             rollout, on_policy = self.make_rollout(batch)
         with timer("teacher"):
             teacher_side = self.score_teacher(rollout, batch)
+        with timer("reward"):
+            rewards = self.grade(batch, rollout)
+        advantages = None
+        if self.objective.needs_advantages:
+            per_response = group_advantages(rewards, n_samples).to(self.device)  # (B,)
+            advantages = per_response[:, None].expand_as(rollout.responses).float()
         with timer("old_logprobs"):
             old_logprobs, diagnostics = self.score_old_policy(rollout, teacher_side)
+        if rewards is not None:
+            diagnostics.add("train/reward", rewards)
+            if n_samples > 1:  # the share of groups whose samples all score the same: no GRPO signal
+                groups = rewards.reshape(-1, n_samples)
+                diagnostics.add("train/reward_flat_groups", (groups.amax(-1) == groups.amin(-1)).float())
         lr = self.optimizers().param_groups[0]["lr"]  # the rate this rollout's first update uses
         with timer("update"):
-            update_metrics = self.update(rollout, teacher_side, old_logprobs)
+            update_metrics = self.update(rollout, teacher_side, old_logprobs, advantages)
         with timer("sync"):
             self.engine.sync_weights(self.student)
         self.rollout_step += 1
@@ -217,62 +247,6 @@ class DistillModule(Placement, L.LightningModule):
             logger.log_metrics(logs, step=self.global_step)
         log_samples(self, batch, rollout, teacher_side.stats.entropy)
 
-    def make_rollout(self, batch: list[dict[str, Any]]) -> tuple[RolloutBatch, bool]:
-        """Sample one response per prompt from the student (or the teacher); return it in student format."""
-        spec = self.rollout_spec
-        generator = torch.Generator(device=self.device).manual_seed(self._stream(0))
-        if spec.source == "student":
-            on_policy = True
-        elif spec.source == "teacher":
-            on_policy = False
-        else:
-            seed = self._stream(1)
-            if self.sharded:  # one coin for all ranks: sampling the sharded student takes every rank
-                seed -= self.global_rank  # rank 0's stream
-            coin = torch.Generator().manual_seed(seed)
-            on_policy = bool(torch.rand((), generator=coin) < spec.lmbda)
-        student_prompts = [row["prompt_ids"] for row in batch]
-        common = dict(
-            max_new_tokens=spec.max_new_tokens,
-            pad_token_id=self.pair.pad_token_id,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            generator=generator,
-            vocab_size=self.pair.vocab_size,
-        )
-        if on_policy:
-            drawn = self.on_student(
-                lambda student: self.engine.generate(
-                    student,
-                    student_prompts,
-                    eos_token_ids=self.pair.student_eos_ids,
-                    seed=self._stream(0),
-                    **common,
-                ),
-                gathered=True,  # ranks draw responses of different lengths: no per-token collectives
-            )
-            return drawn, True
-        teacher_prompts = [row.get("teacher_prompt_ids", row["prompt_ids"]) for row in batch]
-        drawn = self.on_teacher(
-            lambda teacher: sample(
-                teacher, teacher_prompts, eos_token_ids=self.pair.teacher_eos_ids, **common
-            ),
-            gathered=True,  # as for the student: ranks draw different numbers of tokens
-        )
-        rollout = with_prompts(drawn, student_prompts, pad_token_id=self.pair.pad_token_id)
-        if self.pair.remap_end_token is not None:  # the teacher's end token, as the student would write it
-            to_id, from_id = self.pair.remap_end_token
-            ids = remap_end_token(rollout.input_ids, rollout.response_mask, from_id=from_id, to_id=to_id)
-            rollout = RolloutBatch(
-                ids,
-                rollout.attention_mask,
-                rollout.response_mask,
-                rollout.prompt_length,
-                rollout.truncated,
-                rollout.sampler_logprobs,
-            )
-        return rollout, False
-
     @torch.no_grad()
     def score_teacher(self, rollout: RolloutBatch, batch: list[dict[str, Any]]) -> _TeacherSide:
         """One teacher forward on its own copy of the rollout, reduced to per-token statistics and the gates."""
@@ -294,43 +268,53 @@ class DistillModule(Placement, L.LightningModule):
             temperature=self.objective.temperature,
             chunk_size=self.objective.chunk_size,
         )
-        gates = self._gate_weights(stats.entropy, rollout.response_mask)
+        gates = None
+        if not self.objective.needs_student_signals:
+            gates = self._gate_weights(Signals(teacher_entropy=stats.entropy), rollout.response_mask)
         return _TeacherSide(stats=stats, hidden=hidden, gates=gates)
 
     @torch.no_grad()
     def score_old_policy(self, rollout: RolloutBatch, teacher: _TeacherSide) -> tuple[Tensor, Metrics]:
-        """One student forward: log pi_old(y_t) and every diagnostic at the rollout policy (exact, full vocab)."""
+        """One student forward: log pi_old(y_t) and every diagnostic at the rollout policy (exact, full vocab).
+
+        When a gate reads the student's side (its entropy, a divergence), the gates are decided here, from
+        the signals this pass measures, and stored in `teacher.gates` for the update.
+        """
         mask = rollout.response_mask
         teacher_full = LinearLogits(teacher.hidden, self._teacher_weight(), self.pair.vocab_size)
 
-        def old_policy(model) -> tuple[Tensor, Metrics]:
+        def old_policy(model) -> tuple[Tensor, Metrics, Tensor]:
             # Everything that reads the student's output layer stays inside: FSDP frees it afterwards.
             hidden = response_hidden_states(model, rollout)  # (B, R, H)
             student = LinearLogits(hidden, output_weight(model), self.pair.vocab_size)
             # One pass over the vocabulary: the diagnostics at the rollout policy, which is the old
             # policy itself (ratio 1), and log pi_old(y_t) kept from the same tiles.
-            old = torch.zeros(rollout.responses.shape, dtype=torch.float32, device=hidden.device)
-            diagnostics = self.objective(
+            scores = self.objective.score_rollout(
                 student=student,
                 tokens=rollout.responses,
                 mask=mask,
                 teacher_stats=teacher.stats,
                 teacher=teacher_full,
-                gate_weights=teacher.gates,
+                gate_weights=teacher.gates if teacher.gates is not None else self._gate_weights,
                 step=self.global_step,
-                token_logprobs_out=old,
-            ).metrics
-            return old, diagnostics
+            )
+            return scores.token_logprobs, scores.metrics, scores.gate_weights
 
         was_training = self.student.training
         self.student.eval()  # the policy that sampled: no dropout
         try:
-            old, diagnostics = self.on_student(old_policy)
+            old, diagnostics, teacher.gates = self.on_student(old_policy)
         finally:
             self.student.train(was_training)
         return old, diagnostics
 
-    def update(self, rollout: RolloutBatch, teacher: _TeacherSide, old_logprobs: Tensor) -> Metrics:
+    def update(
+        self,
+        rollout: RolloutBatch,
+        teacher: _TeacherSide,
+        old_logprobs: Tensor,
+        advantages: Tensor | None = None,
+    ) -> Metrics:
         """ppo_epochs x mini-batches optimizer steps on the objective; returns their merged metrics."""
         spec = self.update_spec
         optimizer = self.optimizers()
@@ -352,11 +336,17 @@ class DistillModule(Placement, L.LightningModule):
             for k in range(steps_per_epoch):
                 rows = order[k * spec.mini_batch_size : (k + 1) * spec.mini_batch_size].to(self.device)
                 count = rollout.response_mask[rows].sum()
-                count = (
-                    self.trainer.strategy.reduce(count.float(), reduce_op="sum")
-                    if self._distributed
-                    else count
+                # What each term divides by (`Term.normalize`), over the whole mini-batch of all ranks.
+                normalizers = (
+                    normalizer_weights(
+                        self.objective.terms, teacher.gates[:, rows], rollout.response_mask[rows]
+                    )
+                    .flatten(1)
+                    .sum(-1)
                 )
+                if self._distributed:
+                    count = self.trainer.strategy.reduce(count.float(), reduce_op="sum")
+                    normalizers = self.trainer.strategy.reduce(normalizers, reduce_op="sum")
                 micro = spec.micro_batch_size or spec.mini_batch_size
                 step_metrics = Metrics()
                 for start in range(0, len(rows), micro):
@@ -374,6 +364,7 @@ class DistillModule(Placement, L.LightningModule):
                         part=part,
                         full_teacher=full_teacher,
                         count=count,
+                        normalizers=normalizers,
                         step_metrics=step_metrics,
                     ):
                         hidden = response_hidden_states(model, sub)  # (b, R, H)
@@ -393,6 +384,8 @@ class DistillModule(Placement, L.LightningModule):
                             gate_weights=teacher.gates[:, part],
                             step=self.global_step,
                             num_valid_tokens=count,
+                            normalizers=normalizers,
+                            advantages=None if advantages is None else advantages[part],
                         )
                         return out.loss, out.metrics  # a tuple: FSDP hooks the loss for backward
 
@@ -432,16 +425,23 @@ class DistillModule(Placement, L.LightningModule):
         scheduler.step()
         return grad_norm
 
-    def _gate_weights(self, entropy: Tensor, mask: Tensor) -> Tensor:
+    def _gate_weights(self, signals: Signals, mask: Tensor) -> Tensor:
         """Gate weights (n_terms, B, R) of this rank's rows, decided over the batch of ALL ranks.
 
         Batch-level gates (quantile, random) must see the whole rollout batch: under data parallelism the
-        ranks' entropies are gathered (`Placement._whole_batch`), gated once, and each rank keeps its own
+        ranks' signals are gathered (`Placement._whole_batch`), gated once, and each rank keeps its own
         rows. A single process gets the same weights from the concatenated batch.
         """
-        full_entropy, full_mask, rows = self._whole_batch(entropy, mask)
-        gates = self.objective.gate_weights(full_entropy, full_mask, step=self.global_step)
-        return gates[:, rows, : entropy.shape[1]]
+        full_mask, rows = None, slice(None)
+
+        def whole(values: Tensor) -> Tensor:
+            nonlocal full_mask, rows
+            full_values, full_mask, rows = self._whole_batch(values, mask)
+            return full_values
+
+        full = signals.map(whole)
+        gates = self.objective.gate_weights(full, full_mask, step=self.global_step)
+        return gates[:, rows, : mask.shape[1]]
 
     def _count_nonfinite(self, bad: dict[str, float]) -> None:
         self.skipped_updates += 1
@@ -456,11 +456,6 @@ class DistillModule(Placement, L.LightningModule):
                 "update. Lower optimizer.lr or set update.grad_clip, then resume from the last checkpoint"
             )
         log.warning("skipped the update at %s: %s (%d in a row)", where, values, self.nonfinite_in_a_row)
-
-    def _stream(self, purpose: int) -> int:
-        """A seed for one purpose at this rollout step: reproducible, and the same after a resume."""
-        rank = self.global_rank if self._distributed else 0
-        return (self.seed * 1_000_003 + self.rollout_step * 101 + purpose) * 7919 + rank
 
 
 __all__ = [

@@ -96,7 +96,15 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         raise ConfigError(
             f"config 'data.long_prompts'={cfg.data.long_prompts!r} is unknown; allowed: {', '.join(LONG_PROMPTS)}"
         )
-    steps_per_rollout = build("update", lambda: update.steps_per_rollout(cfg.data.batch_size))
+    steps_per_rollout = build(
+        "update", lambda: update.steps_per_rollout(cfg.data.batch_size * rollout.n_samples)
+    )
+    if objective.needs_advantages and rollout.n_samples < 2:
+        raise ConfigError(
+            f"config 'rollout.n_samples'={rollout.n_samples}: objective {objective.name!r} normalises each "
+            "task reward within the group of one prompt's samples, which needs at least 2; set "
+            "rollout.n_samples=4 (or more)"
+        )
     pair = cfg.pair
     student_format = build("pair.student_format", lambda: PromptFormat(**plain(pair.student_format)))
     teacher_format = build("pair.teacher_format", lambda: PromptFormat(**plain(pair.teacher_format)))

@@ -30,6 +30,8 @@ class RolloutSpec:
         engine: what samples the student: "hf" (`eopd.rollout.sample` on the training model, the
             default) or "vllm" (`eopd.rollout_engines.VLLMEngine`, GPU, an optional extra). Teacher
             rollouts always use "hf".
+        n_samples: responses per prompt (the paper: 1). Each prompt's samples are adjacent rows of the
+            rollout batch, a group: the group baseline of reward objectives (GRPO) is taken over them.
     """
 
     source: str = "student"
@@ -38,6 +40,7 @@ class RolloutSpec:
     top_p: float = 1.0
     max_new_tokens: int = 256
     engine: str = "hf"
+    n_samples: int = 1
 
     def __post_init__(self) -> None:
         if self.source not in ROLLOUT_SOURCES:
@@ -58,6 +61,10 @@ class RolloutSpec:
             raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens!r} must be a positive integer")
         if self.engine not in ENGINES:
             raise ValueError(f"rollout.engine={self.engine!r} is unknown; allowed: {', '.join(ENGINES)}")
+        if not isinstance(self.n_samples, int) or self.n_samples < 1:
+            raise ValueError(
+                f"rollout.n_samples={self.n_samples!r} must be a positive integer (responses per prompt)"
+            )
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,9 @@ class UpdateSpec:
     """How a rollout batch becomes optimizer steps (paper: 128 prompts, mini-batch 32, 1 epoch: 4 steps).
 
     Attributes:
-        mini_batch_size: prompts per optimizer step; must divide the rollout batch size.
-        micro_batch_size: prompts per forward/backward inside a mini-batch (gradient accumulation); the
+        mini_batch_size: responses per optimizer step (prompts when rollout.n_samples is 1); must divide the
+            rollout batch, data.batch_size x rollout.n_samples responses.
+        micro_batch_size: responses per forward/backward inside a mini-batch (gradient accumulation); the
             loss is normalised by the mini-batch's token count, so it does not change the result.
         ppo_epochs: passes over the rollout batch.
         grad_clip: max gradient norm (0 disables clipping).
@@ -103,11 +111,11 @@ class UpdateSpec:
             )
 
     def mini_batches(self, rollout_batch_size: int) -> int:
-        """Mini-batches (optimizer steps) per pass over a rollout batch of `rollout_batch_size` prompts."""
+        """Mini-batches (optimizer steps) per pass over a rollout batch of `rollout_batch_size` responses."""
         if rollout_batch_size % self.mini_batch_size:
             raise ValueError(
-                f"the rollout batch of {rollout_batch_size} prompts is not a multiple of "
-                f"update.mini_batch_size={self.mini_batch_size}; make data.batch_size a multiple of it"
+                f"the rollout batch of {rollout_batch_size} responses (data.batch_size x rollout.n_samples) is "
+                f"not a multiple of update.mini_batch_size={self.mini_batch_size}; make it a multiple"
             )
         return rollout_batch_size // self.mini_batch_size
 

@@ -28,10 +28,13 @@ log = logging.getLogger("eopd.train")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def _optimizer_steps(rollout_steps: int, ppo_epochs: int, batch_size: int, mini_batch_size: int) -> int:
+def _optimizer_steps(
+    rollout_steps: int, ppo_epochs: int, batch_size: int, mini_batch_size: int, n_samples: int = 1
+) -> int:
     from eopd.specs import optimizer_steps_per_rollout
 
-    return int(rollout_steps) * optimizer_steps_per_rollout(ppo_epochs, batch_size, mini_batch_size)
+    rows = int(batch_size) * int(n_samples)
+    return int(rollout_steps) * optimizer_steps_per_rollout(ppo_epochs, rows, mini_batch_size)
 
 
 OmegaConf.register_new_resolver("eopd.optimizer_steps", _optimizer_steps, replace=True)
@@ -183,6 +186,9 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         seed=cfg.seed,
         engine=engine,
         shard_teacher=p.teacher_source.shard,
+        reward=lambda records, texts: [
+            float(grader.grade(r, t)) for r, t in zip(records, texts, strict=True)
+        ],
     )
     student_side = ModelSide(student, student_tokenizer, p.student_format, (student_eos,))
     teacher_side = ModelSide(teacher, teacher_tokenizer, p.teacher_format, (teacher_eos,))

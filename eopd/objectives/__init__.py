@@ -18,8 +18,21 @@ from eopd.objectives.divergences import (
     total_variation,
 )
 from eopd.objectives.fused import LinearLogits, per_token_fused, tiled_loss
-from eopd.objectives.gates import PAPER_TAU, Gate, HardGate, NoGate, QuantileGate, RandomGate, SoftGate
-from eopd.objectives.objective import Objective, ObjectiveOutput
+from eopd.objectives.gates import (
+    PAPER_TAU,
+    SIGNALS,
+    AllOf,
+    AnyOf,
+    Gate,
+    HardGate,
+    NoGate,
+    Not,
+    QuantileGate,
+    RandomGate,
+    Signals,
+    SoftGate,
+)
+from eopd.objectives.objective import Objective, ObjectiveOutput, RolloutScores
 from eopd.objectives.policy_gradient import PPOTerm, ppo_clipped_reverse_kl
 from eopd.objectives.presets import PRESETS, preset
 from eopd.objectives.reduction import Metrics, masked_mean, token_mean
@@ -29,6 +42,12 @@ from eopd.objectives.terms import DIVERGENCES, TERM_KINDS, Term
 __all__ = [
     "DIVERGENCES",
     "PRESETS",
+    "SIGNALS",
+    "AllOf",
+    "AnyOf",
+    "Not",
+    "RolloutScores",
+    "Signals",
     "TERM_KINDS",
     "Gate",
     "HardGate",

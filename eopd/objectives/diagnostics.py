@@ -25,19 +25,35 @@ def first_gate(terms: Sequence[Term]) -> int | None:
     return None
 
 
-def teacher_metrics(
-    metrics: Metrics, stats: TeacherStats, gates: Tensor, terms: Sequence[Term], diagnostic_tau: float
-) -> None:
-    """The teacher's side: its entropy, the high-entropy fraction, top-k mass and the gates' fractions."""
+def teacher_metrics(metrics: Metrics, stats: TeacherStats, diagnostic_tau: float) -> None:
+    """The teacher's side: its entropy, the high-entropy fraction and its top-k mass."""
     high = (stats.entropy >= diagnostic_tau).float()
     metrics.add("entropy/teacher", stats.entropy)
     metrics.add("entropy/teacher_high_frac", high)
     metrics.add("teacher/topk_mass", stats.topk_mass)
+
+
+def gate_metrics(
+    metrics: Metrics, gates: Tensor, per_token: dict[str, Tensor], terms: Sequence[Term]
+) -> None:
+    """The gates' side, once the gates are known: the fraction each opens, and the forward KL on the tokens
+    the first gate opens and leaves closed.
+
+    Args:
+        gates: (n_terms, N) gate weights of the N valid tokens.
+        per_token: the (N,) values `student_metrics` returned, concatenated over tiles.
+    """
     first = first_gate(terms)
-    metrics.add("gate/fraction", gates[first] if first is not None else torch.zeros_like(stats.entropy))
+    metrics.add("gate/fraction", gates[first] if first is not None else torch.zeros_like(gates[0]))
     for i, term in enumerate(terms):
         if not isinstance(term.gate, NoGate):
             metrics.add(f"gate/{term.name}_fraction", gates[i])
+    if first is None:
+        return
+    for name in ("fkl_topk", "fkl"):
+        if name in per_token:
+            metrics.add(f"div/{name}_gated", per_token[name], gates[first])
+            metrics.add(f"div/{name}_ungated", per_token[name], 1.0 - gates[first])
 
 
 def student_metrics(
@@ -45,34 +61,35 @@ def student_metrics(
     logp: Tensor,
     token_logp: Tensor,
     tile: Tile,
-    gates: Tensor,
     student_entropy: Tensor | None = None,
     student_p: Tensor | None = None,
     *,
     terms: Sequence[Term],
     diagnostic_tau: float,
-) -> None:
+) -> dict[str, Tensor]:
     """The student's side on one tile: entropy, divergences to the teacher (split by the teacher's entropy
-    at `diagnostic_tau` and by the first gate), PPO ratio statistics; exact full-vocabulary KLs when the
-    tile holds the teacher's log-probs."""
+    at `diagnostic_tau`), PPO ratio statistics; exact full-vocabulary KLs when the tile holds the teacher's
+    log-probs.
+
+    Returns the per-token values (n,) the gates and `gate_metrics` read: "student_entropy", "log_ratio"
+    (log pi_s(y) - log pi_t(y)), "fkl_topk", and "fkl", "rkl" with the teacher's log-probs.
+    """
     stats = tile.stats
     high = (stats.entropy >= diagnostic_tau).float()
     if student_entropy is None:
         student_entropy = -(logp.exp() * logp).sum(-1)
     metrics.add("entropy/student", student_entropy)
     metrics.add("entropy/student_high_frac", (student_entropy >= diagnostic_tau).float())
-    metrics.add("div/k1", token_logp - stats.token_logprobs)
+    log_ratio = token_logp - stats.token_logprobs
+    metrics.add("div/k1", log_ratio)
     fkl_topk = D.topk_forward_kl_given_log_probs(logp, stats.topk_logprobs, stats.topk_indices, tail="renorm")
     metrics.add("div/fkl_topk", fkl_topk)
     metrics.add("div/fkl_topk_high_entropy", fkl_topk, high)
     metrics.add("div/fkl_topk_low_entropy", fkl_topk, 1.0 - high)
-    first = first_gate(terms)
-    if first is not None:
-        metrics.add("div/fkl_topk_gated", fkl_topk, gates[first])
-        metrics.add("div/fkl_topk_ungated", fkl_topk, 1.0 - gates[first])
-    log_ratio = token_logp - tile.old_logprobs
-    ratio = log_ratio.exp()
-    metrics.add("ppo/approx_kl", torch.expm1(log_ratio) - log_ratio)  # k3 of KL(old || current)
+    per_token = {"student_entropy": student_entropy, "log_ratio": log_ratio, "fkl_topk": fkl_topk}
+    policy_change = token_logp - tile.old_logprobs
+    ratio = policy_change.exp()
+    metrics.add("ppo/approx_kl", torch.expm1(policy_change) - policy_change)  # k3 of KL(old || current)
     metrics.add("ppo/ratio", ratio)
     for term in terms:
         if term.kind == "ppo_rkl":
@@ -91,6 +108,5 @@ def student_metrics(
         metrics.add("div/fkl_high_entropy", fkl, high)
         metrics.add("div/fkl_low_entropy", fkl, 1.0 - high)
         metrics.add("div/rkl_high_entropy", rkl, high)
-        if first is not None:
-            metrics.add("div/fkl_gated", fkl, gates[first])
-            metrics.add("div/fkl_ungated", fkl, 1.0 - gates[first])
+        per_token.update(fkl=fkl, rkl=rkl)
+    return per_token

@@ -245,3 +245,10 @@ def per_token_fused(
             args = (student.hidden[start:end], student.weight, teacher[start:end], None, None)
         outputs.append(checkpoint(tile, *args, use_reentrant=False))
     return torch.cat(outputs) if outputs else student.hidden.new_zeros(0, dtype=torch.float32)
+
+
+def detached(source: LogitSource) -> LogitSource:
+    """The same logits with no gradient path back to the model."""
+    if isinstance(source, LinearLogits):
+        return LinearLogits(source.hidden.detach(), source.weight.detach(), source.vocab_size)
+    return source.detach()

@@ -1,18 +1,23 @@
-"""Gates: detached per-token weights in [0, 1] computed from the teacher's entropy.
+"""Gates: detached per-token weights in [0, 1] computed from a per-token signal.
 
 A gate decides on which tokens an objective term acts. EOPD adds forward KL where the TEACHER's entropy is
 high (PAPER.md section 2, step 4: a hard indicator 1[H_t >= tau]); the other gates are the ablations a
-researcher compares it with. Every gate is called as `gate(entropy, mask, step=step)` with entropy and
-mask of shape (...) and returns float weights of the same shape, zero wherever mask is False.
+researcher compares it with, and the token-selection rules of later papers. Which signal a gate reads is
+a choice (`signal=`, one of `SIGNALS`): the teacher's entropy (the default, EOPD's), the student's
+entropy, or a divergence between the two, all measured at the rollout policy. `AllOf`, `AnyOf` and
+`Not` combine gates, so a rule over two axes (e.g. "high student entropy, or low student entropy and high
+divergence") is a composition rather than a new class.
 
-Gates that look at the whole batch (quantile, random) must see the whole rollout batch at once, so the
-trainer evaluates them once per rollout batch, before splitting it into mini-batches.
+Every gate is called as `gate(signals, mask, step=step)` with a `Signals` (or, for the teacher's entropy
+alone, a tensor) and a mask of shape (...), and returns float weights of the same shape, zero wherever
+mask is False. Gates that look at the whole batch (quantile, random) must see the whole rollout batch at
+once, so the trainer evaluates them once per rollout batch, before splitting it into mini-batches.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -24,68 +29,294 @@ PAPER_TAU = 0.8
 gates and of the high/low-entropy split in every diagnostic (`Objective.diagnostic_tau`, `EvalSpec.tau`)."""
 
 
+SIGNALS = ("teacher_entropy", "student_entropy", "fkl", "rkl", "log_ratio", "abs_log_ratio")
+"""What a gate can read, per token, at the rollout policy (nats): the teacher's and the student's entropy,
+the exact full-vocabulary KL(teacher || student) and KL(student || teacher), and the sampled token's
+log pi_s(y) - log pi_t(y) (its mean over the student's samples is the reverse KL) and its absolute value."""
+
+STUDENT_SIGNALS = frozenset(SIGNALS) - {"teacher_entropy"}
+"""The signals that need the student's distribution at the rollout policy (known after its scoring pass)."""
+
+FULL_VOCABULARY_SIGNALS = frozenset({"fkl", "rkl"})
+"""The signals that need the teacher's full distribution, not only its top-k statistics."""
+
+
+@dataclass(frozen=True)
+class Signals:
+    """The per-token signals a gate reads, each shaped like the mask; None where not measured."""
+
+    teacher_entropy: Tensor
+    student_entropy: Tensor | None = None
+    fkl: Tensor | None = None
+    rkl: Tensor | None = None
+    log_ratio: Tensor | None = None
+
+    @property
+    def abs_log_ratio(self) -> Tensor | None:
+        return None if self.log_ratio is None else self.log_ratio.abs()
+
+    def get(self, name: str) -> Tensor:
+        value = getattr(self, name) if name in SIGNALS else None
+        if value is None:
+            measured = [n for n in SIGNALS if getattr(self, n) is not None]
+            raise ValueError(
+                f"a gate reads signal {name!r}, which was not measured (measured: {', '.join(measured)}); "
+                "student-side signals come from the pass at the rollout policy, fkl and rkl also need the "
+                "teacher's logits"
+            )
+        return value
+
+    @classmethod
+    def spread(
+        cls, teacher_entropy: Tensor, mask: Tensor, flat: dict[str, Tensor], measured: tuple[str, ...]
+    ) -> Signals:
+        """The `measured` signals (...) from per-token values (N,) at the valid positions of `mask`, zero
+        elsewhere (all zero when no token is valid and `flat` holds nothing); the others None."""
+
+        def full(name: str) -> Tensor | None:
+            if name not in measured:
+                return None
+            values = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+            if name in flat:
+                values[mask] = flat[name].float()
+            return values
+
+        names = ("student_entropy", "fkl", "rkl", "log_ratio")
+        return cls(teacher_entropy=teacher_entropy, **{name: full(name) for name in names})
+
+    def map(self, fn) -> Signals:
+        """The same signals with `fn` applied to each measured tensor (e.g. a gather over ranks)."""
+        return Signals(
+            **{
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                for f in fields(self)
+            }
+        )
+
+
+def as_signals(signals: Signals | Tensor) -> Signals:
+    """A `Signals`; a bare tensor is the teacher's entropy (what every gate read before signals existed)."""
+    return signals if isinstance(signals, Signals) else Signals(teacher_entropy=signals)
+
+
+def _min_max(values: Tensor, mask: Tensor) -> Tensor:
+    """(values - min) / (max - min) over the valid tokens; 0 everywhere when they are all equal."""
+    values = values.float()
+    if not bool(mask.any()):
+        return torch.zeros_like(values)
+    low, high = values[mask].min(), values[mask].max()
+    span = high - low
+    if not span > 0:
+        return torch.zeros_like(values)
+    return ((values - low) / span).masked_fill(~mask, 0.0)
+
+
+@dataclass(frozen=True)
+class SoftOr:
+    """TIP's score over two axes (2604.14084, Eq. 5): a + b - a b of the two signals min-max normalised
+    over the batch's valid tokens. High when either is high; "student_entropy" and "rkl" is the paper's."""
+
+    first: str = "student_entropy"
+    second: str = "rkl"
+
+    def __post_init__(self) -> None:
+        _check_signal(self.first)
+        _check_signal(self.second)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset({self.first, self.second})
+
+    def __call__(self, signals: Signals, mask: Tensor) -> Tensor:
+        a = _min_max(signals.get(self.first), mask)
+        b = _min_max(signals.get(self.second), mask)
+        return a + b - a * b
+
+
+@dataclass(frozen=True)
+class Overconfident:
+    """TIP's score for confident, wrong tokens (2604.14084, section 7.3): divergence x (1 - entropy min-max
+    normalised over the batch). The paper's divergence here is the forward KL."""
+
+    divergence: str = "fkl"
+    entropy: str = "student_entropy"
+
+    def __post_init__(self) -> None:
+        _check_signal(self.divergence)
+        _check_signal(self.entropy)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset({self.divergence, self.entropy})
+
+    def __call__(self, signals: Signals, mask: Tensor) -> Tensor:
+        return signals.get(self.divergence).float() * (1.0 - _min_max(signals.get(self.entropy), mask))
+
+
+Score = SoftOr | Overconfident
+"""A signal made of two: what a gate's `signal` may be besides one of `SIGNALS`."""
+
+
+def _check_signal(signal: str | Score) -> None:
+    if isinstance(signal, SoftOr | Overconfident):
+        return
+    if signal not in SIGNALS:
+        raise ValueError(
+            f"signal={signal!r} is unknown; allowed: {', '.join(SIGNALS)}, SoftOr, Overconfident"
+        )
+
+
+def _names(signal: str | Score) -> frozenset[str]:
+    return signal.names if isinstance(signal, SoftOr | Overconfident) else frozenset({signal})
+
+
+def _value(signal: str | Score, signals: Signals | Tensor, mask: Tensor) -> Tensor:
+    signals = as_signals(signals)
+    return signal(signals, mask) if isinstance(signal, SoftOr | Overconfident) else signals.get(signal)
+
+
 @dataclass(frozen=True)
 class NoGate:
     """Every valid token: weight 1."""
 
-    def __call__(self, entropy: Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
+    @property
+    def signals(self) -> frozenset[str]:
+        return frozenset()
+
+    def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
         return mask.float()
 
 
 @dataclass(frozen=True)
 class HardGate:
-    """1[H_t >= tau], the paper's gate (tau = 0.8 nats). `tau` may follow a schedule; +inf never opens."""
+    """1[signal >= tau]. The paper's gate is the default: the teacher's entropy, tau = 0.8 nats. `tau` may
+    follow a schedule; +inf never opens."""
 
     tau: float | Schedule = PAPER_TAU
+    signal: str | Score = "teacher_entropy"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", as_schedule(self.tau))
-        if schedule_range(self.tau)[0] < 0:
+        _check_signal(self.signal)
+        if schedule_range(self.tau)[0] < 0 and self.signal != "log_ratio":
             raise ValueError(
-                f"tau={self.tau!r} must be >= 0 nats (entropy is never negative; the paper uses 0.8)"
+                f"tau={self.tau!r} must be >= 0 ({self.signal} is never negative; the paper uses 0.8 nats)"
             )
 
-    def __call__(self, entropy: Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
-        return ((entropy >= self.tau(step)) & mask).float()
+    @property
+    def signals(self) -> frozenset[str]:
+        return _names(self.signal)
+
+    def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
+        return ((_value(self.signal, signals, mask) >= self.tau(step)) & mask).float()
 
 
 @dataclass(frozen=True)
 class SoftGate:
-    """sigmoid((H_t - tau) / width): a smooth version of `HardGate` (width -> 0 recovers it)."""
+    """sigmoid((signal - tau) / width): a smooth version of `HardGate` (width -> 0 recovers it)."""
 
     tau: float | Schedule = PAPER_TAU
     width: float = 0.1
+    signal: str | Score = "teacher_entropy"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tau", as_schedule(self.tau))
-        if schedule_range(self.tau)[0] < 0:
+        _check_signal(self.signal)
+        if schedule_range(self.tau)[0] < 0 and self.signal != "log_ratio":
             raise ValueError(f"tau={self.tau!r} must be >= 0 nats")
         if not self.width > 0:
             raise ValueError(f"width={self.width!r} must be > 0 nats (a HardGate is the width -> 0 limit)")
 
-    def __call__(self, entropy: Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
-        weight = torch.sigmoid((entropy.float() - self.tau(step)) / self.width)
-        return weight * mask.float()
+    @property
+    def signals(self) -> frozenset[str]:
+        return _names(self.signal)
+
+    def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
+        value = _value(self.signal, signals, mask).float()
+        return torch.sigmoid((value - self.tau(step)) / self.width) * mask.float()
 
 
 @dataclass(frozen=True)
 class QuantileGate:
-    """Opens the top fraction `q` of the batch's valid tokens by teacher entropy.
+    """Opens the top fraction `q` of the batch's valid tokens by `signal` (the teacher's entropy by default).
 
     Exactly round(q * n_valid) tokens open (ties broken by position), so the gated fraction is the same
     for every teacher: a threshold that transfers across teachers, unlike an absolute tau.
     """
 
     q: float | Schedule = 0.2
+    signal: str | Score = "teacher_entropy"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "q", as_schedule(self.q))
+        _check_signal(self.signal)
         low, high = schedule_range(self.q)
         if low < 0 or high > 1:
             raise ValueError(f"q={self.q!r} must lie in [0, 1] (the fraction of tokens to gate)")
 
-    def __call__(self, entropy: Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
-        return _open_top(entropy.float().masked_fill(~mask, float("-inf")), mask, self.q(step))
+    @property
+    def signals(self) -> frozenset[str]:
+        return _names(self.signal)
+
+    def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
+        value = _value(self.signal, signals, mask).float()
+        return _open_top(value.masked_fill(~mask, float("-inf")), mask, self.q(step))
+
+
+@dataclass(frozen=True)
+class AllOf:
+    """The product of its gates' weights: for hard gates, the tokens every one of them opens."""
+
+    gates: tuple
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gates", tuple(self.gates))
+        if not self.gates:
+            raise ValueError("AllOf needs at least one gate")
+
+    @property
+    def signals(self) -> frozenset[str]:
+        return frozenset().union(*(g.signals for g in self.gates))
+
+    def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
+        weight = mask.float()
+        for gate in self.gates:
+            weight = weight * gate(signals, mask, step=step)
+        return weight
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """The largest of its gates' weights: for hard gates, the tokens any one of them opens."""
+
+    gates: tuple
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "gates", tuple(self.gates))
+        if not self.gates:
+            raise ValueError("AnyOf needs at least one gate")
+
+    @property
+    def signals(self) -> frozenset[str]:
+        return frozenset().union(*(g.signals for g in self.gates))
+
+    def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
+        weights = [gate(signals, mask, step=step) for gate in self.gates]
+        return torch.stack(weights).amax(0)
+
+
+@dataclass(frozen=True)
+class Not:
+    """1 - its gate's weight on valid tokens: the tokens it leaves closed."""
+
+    gate: object
+
+    @property
+    def signals(self) -> frozenset[str]:
+        return self.gate.signals
+
+    def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
+        return (1.0 - self.gate(signals, mask, step=step)) * mask.float()
 
 
 @dataclass(frozen=True)
@@ -97,22 +328,26 @@ class RandomGate:
     resumed run draws the same tokens.
     """
 
-    match: NoGate | HardGate | SoftGate | QuantileGate = field(default_factory=HardGate)
+    match: object = field(default_factory=HardGate)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.match, RandomGate):
-            raise ValueError("RandomGate(match=...) must match an entropy gate, not another RandomGate")
+            raise ValueError("RandomGate(match=...) must match a signal gate, not another RandomGate")
 
-    def __call__(self, entropy: Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
+    @property
+    def signals(self) -> frozenset[str]:
+        return self.match.signals
+
+    def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
         n_valid = int(mask.sum())
-        fraction = float(self.match(entropy, mask, step=step).sum()) / max(n_valid, 1)
+        fraction = float(self.match(signals, mask, step=step).sum()) / max(n_valid, 1)
         generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
         noise = torch.rand(mask.shape, generator=generator).to(mask.device)
         return _open_top(noise.masked_fill(~mask, float("-inf")), mask, fraction)
 
 
-Gate = NoGate | HardGate | SoftGate | QuantileGate | RandomGate
+Gate = NoGate | HardGate | SoftGate | QuantileGate | RandomGate | AllOf | AnyOf | Not
 
 
 def _open_top(scores: Tensor, mask: Tensor, fraction: float) -> Tensor:

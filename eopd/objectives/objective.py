@@ -13,6 +13,7 @@ entropies, gate statistics, PPO statistics. Log keys are slash-namespaced (`div/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,12 +21,13 @@ import torch
 from torch import Tensor
 
 from eopd.objectives import divergences as D
-from eopd.objectives.diagnostics import student_metrics, teacher_metrics
-from eopd.objectives.fused import LinearLogits, LogitSource, source_rows, source_tile, tiled_loss
-from eopd.objectives.gates import PAPER_TAU
+from eopd.objectives.closed_form import loss_and_grad
+from eopd.objectives.diagnostics import gate_metrics, student_metrics, teacher_metrics
+from eopd.objectives.fused import LinearLogits, LogitSource, detached, source_rows, source_tile, tiled_loss
+from eopd.objectives.gates import FULL_VOCABULARY_SIGNALS, PAPER_TAU, STUDENT_SIGNALS, Signals, as_signals
 from eopd.objectives.reduction import Metrics
 from eopd.objectives.teacher_stats import TeacherStats, teacher_token_stats
-from eopd.objectives.terms import Term, Tile
+from eopd.objectives.terms import Term, Tile, normalizer_weights
 
 
 class ObjectiveOutput(NamedTuple):
@@ -33,6 +35,23 @@ class ObjectiveOutput(NamedTuple):
     """0-dim float32 loss: this call's share of the token mean over the whole batch."""
     metrics: Metrics
     """Detached diagnostics (weighted sums), mergeable across micro-batches; `.means()` gives floats."""
+
+
+class RolloutScores(NamedTuple):
+    """What `Objective.score_rollout` measures at the rollout policy."""
+
+    token_logprobs: Tensor
+    """(...) float32 log pi_old(y_t) at valid positions, 0 elsewhere."""
+    metrics: Metrics
+    """Every diagnostic, the gates' included."""
+    gate_weights: Tensor
+    """(n_terms, ...) the gates the update uses."""
+    signals: Signals
+    """The per-token signals measured, each (...)."""
+
+
+GateRule = Callable[[Signals, Tensor], Tensor]
+"""(signals, mask) -> gate weights (n_terms, ...): how a caller decides the gates once signals are known."""
 
 
 @dataclass(frozen=True)
@@ -85,10 +104,77 @@ class Objective:
     def needs_old_logprobs(self) -> bool:
         return any(t.spec.needs_old_logprobs for t in self.terms)
 
-    def gate_weights(self, teacher_entropy: Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
-        """Per-term gate weights (n_terms, ...) for a whole rollout batch, before it is split."""
+    @property
+    def needs_advantages(self) -> bool:
+        """True when a term trains on a task reward ("ppo_reward"): the trainer grades every sample."""
+        return any(t.spec.needs_advantages for t in self.terms)
+
+    @property
+    def gate_signals(self) -> frozenset[str]:
+        """Every signal the terms' gates read (`eopd.objectives.gates.SIGNALS`)."""
+        return frozenset().union(*(t.gate.signals for t in self.terms))
+
+    @property
+    def needs_student_signals(self) -> bool:
+        """True when a gate reads the student's side: the gates are then decided after the pass at the
+        rollout policy (`score_rollout`), not from the teacher's statistics alone."""
+        return bool(self.gate_signals & STUDENT_SIGNALS)
+
+    def gate_weights(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
+        """Per-term gate weights (n_terms, ...) for a whole rollout batch, before it is split.
+
+        `signals` is a `Signals`, or the teacher's entropy alone when no gate reads anything else.
+        """
         mask = mask.bool()
-        return torch.stack([t.gate(teacher_entropy, mask, step=step) for t in self.terms])
+        signals = as_signals(signals)
+        return torch.stack([t.gate(signals, mask, step=step) for t in self.terms])
+
+    @torch.no_grad()
+    def score_rollout(
+        self,
+        *,
+        student: LogitSource,
+        tokens: Tensor,
+        mask: Tensor,
+        teacher_stats: TeacherStats,
+        teacher: LogitSource | None = None,
+        gate_weights: Tensor | GateRule | None = None,
+        step: int = 0,
+    ) -> RolloutScores:
+        """One pass at the rollout policy: log pi_old(y_t), every per-token signal, the gates and the
+        diagnostics, with no gradient.
+
+        Args:
+            gate_weights: the gates when already decided (from the teacher's side alone), or a rule
+                `(signals, mask) -> (n_terms, ...)` applied once this pass has measured the student's
+                signals (e.g. gathering them over ranks first); `self.gate_weights` when None.
+        """
+        rule = gate_weights
+        if rule is None:
+            rule = lambda signals, m: self.gate_weights(signals, m, step=step)  # noqa: E731
+        old = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        signals_box: list[Signals] = []
+        gates_box: list[Tensor] = []
+
+        def decide(signals: Signals, m: Tensor) -> Tensor:
+            signals_box.append(signals)
+            gates = rule if isinstance(rule, Tensor) else rule(signals, m)
+            gates_box.append(gates)
+            return gates
+
+        out = self._run(
+            student=student,
+            tokens=tokens,
+            mask=mask,
+            teacher_stats=teacher_stats,
+            teacher=teacher,
+            old_logprobs=None,
+            gates=decide,
+            step=step,
+            num_valid_tokens=None,
+            token_logprobs_out=old,
+        )
+        return RolloutScores(old, out.metrics, gates_box[0], signals_box[0])
 
     def __call__(
         self,
@@ -103,6 +189,8 @@ class Objective:
         step: int = 0,
         num_valid_tokens: int | Tensor | None = None,
         token_logprobs_out: Tensor | None = None,
+        normalizers: Tensor | None = None,
+        advantages: Tensor | None = None,
     ) -> ObjectiveOutput:
         """Loss and diagnostics for a batch of response positions of shape (...), e.g. (B, T).
 
@@ -123,11 +211,70 @@ class Objective:
             token_logprobs_out: optional float32 tensor shaped like `tokens`; filled at the valid
                 positions with the student's log pi(y_t) as scored here (detached), e.g. to keep them as
                 the old policy's without a second pass over the vocabulary.
+            normalizers: (n_terms,) what each term's sum is divided by (`Term.normalize`), over the whole
+                batch across micro-batches and ranks (`terms.normalizer_weights` summed); from this call's
+                batch when None ("tokens" terms then use `num_valid_tokens`).
+            advantages: (...) a task reward's advantage per token, for "ppo_reward" terms.
 
         Returns:
             ObjectiveOutput(loss, metrics).
         """
+        if gate_weights is None and self.needs_student_signals:
+            # The gates read the student at the rollout policy: measure it first (a trainer does this once
+            # per rollout batch with `score_rollout` and passes the gates).
+            if teacher_stats is None and teacher is not None:
+                teacher_stats = teacher_token_stats(
+                    teacher, tokens, k=self.top_k, temperature=self.temperature, chunk_size=self.chunk_size
+                )
+            gate_weights = self.score_rollout(
+                student=detached(student),
+                tokens=tokens,
+                mask=mask,
+                teacher_stats=teacher_stats,
+                teacher=teacher,
+                step=step,
+            ).gate_weights
+        return self._run(
+            student=student,
+            tokens=tokens,
+            mask=mask,
+            teacher_stats=teacher_stats,
+            teacher=teacher,
+            old_logprobs=old_logprobs,
+            gates=gate_weights,
+            step=step,
+            num_valid_tokens=num_valid_tokens,
+            token_logprobs_out=token_logprobs_out,
+            normalizers=normalizers,
+            advantages=advantages,
+        )
+
+    def _run(
+        self,
+        *,
+        student: LogitSource,
+        tokens: Tensor,
+        mask: Tensor,
+        teacher_stats: TeacherStats | None,
+        teacher: LogitSource | None,
+        old_logprobs: Tensor | None,
+        gates: Tensor | GateRule | None,
+        step: int,
+        num_valid_tokens: int | Tensor | None,
+        token_logprobs_out: Tensor | None,
+        normalizers: Tensor | None = None,
+        advantages: Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """`__call__`'s body. With `gates` a rule, the gates are decided after the tiles (from the signals
+        they measured) and the loss is not formed: for the pass at the rollout policy only."""
+        deferred = callable(gates) and not isinstance(gates, Tensor)
+        rule, gate_weights = (gates, None) if deferred else (None, gates)
         mask = self._check_inputs(student, tokens, mask, teacher_stats, teacher, old_logprobs, gate_weights)
+        if self.needs_advantages and advantages is None and not deferred:
+            needing = [t.name for t in self.terms if t.spec.needs_advantages]
+            raise ValueError(f"terms {needing} need a task reward's advantages: pass advantages=...")
+        if advantages is not None and advantages.shape != mask.shape:
+            raise ValueError(f"advantages shape {tuple(advantages.shape)} != mask shape {tuple(mask.shape)}")
         if teacher_stats is None:
             if teacher is None:
                 raise ValueError("pass teacher_stats or the teacher's logits (teacher=...)")
@@ -143,7 +290,12 @@ class Objective:
             raise ValueError(
                 f"teacher_stats keep k={teacher_stats.k} tokens but the objective needs {self.top_k}"
             )
-        if gate_weights is None:
+        missing = self.gate_signals & FULL_VOCABULARY_SIGNALS if teacher is None else frozenset()
+        if missing:
+            raise ValueError(
+                f"the gates read {sorted(missing)}, which need the teacher's full logits: pass teacher=..."
+            )
+        if gate_weights is None and not deferred:
             gate_weights = self.gate_weights(teacher_stats.entropy, mask, step=step)
 
         flat_student = source_rows(student, mask)
@@ -151,17 +303,37 @@ class Objective:
         stats = teacher_stats.rows(mask)
         flat_tokens = tokens[mask]
         flat_old = None if old_logprobs is None else old_logprobs[mask].float()
-        gates = gate_weights[:, mask].float()  # (n_terms, N)
+        flat_advantages = None if advantages is None else advantages[mask].float()
+        if flat_advantages is None and deferred and self.needs_advantages:
+            flat_advantages = torch.zeros(flat_tokens.shape, device=flat_tokens.device)  # no loss is formed
         n_local = int(flat_tokens.shape[0])
+        # Deferred gates are decided after the tiles; until then every coefficient is 0 (no loss is formed).
+        gates = flat_tokens.new_zeros((len(self.terms), n_local), dtype=torch.float32) if deferred else None
+        if gates is None:
+            gates = gate_weights[:, mask].float()  # (n_terms, N)
         count = float(n_local if num_valid_tokens is None else num_valid_tokens)
         count = max(count, 1.0)
-        weights = [t.weight(step) for t in self.terms]
-        coefficients = (
-            torch.stack([w * g for w, g in zip(weights, gates, strict=True)]) / count
-        )  # (n_terms, N)
+        if normalizers is None:
+            ones = torch.ones(n_local, dtype=torch.bool, device=gates.device)
+            normalizers = normalizer_weights(self.terms, gates, ones).sum(-1)
+            by_tokens = torch.tensor([t.normalize == "tokens" for t in self.terms], device=gates.device)
+            normalizers = torch.where(by_tokens, torch.full_like(normalizers, count), normalizers)
+        normalizers = normalizers.to(gates.device, torch.float32)
+        if tuple(normalizers.shape) != (len(self.terms),):
+            raise ValueError(f"normalizers shape {tuple(normalizers.shape)} != (n_terms={len(self.terms)},)")
+        # A term whose normaliser is 0 selects no token: its coefficients are 0 whatever it is divided by.
+        normalizers = torch.where(normalizers > 0, normalizers, torch.ones_like(normalizers))
+        weights = torch.tensor([t.weight(step) for t in self.terms], device=gates.device)
+        coefficients = gates * (weights / normalizers)[:, None]  # (n_terms, N)
 
         metrics = Metrics()
-        teacher_metrics(metrics, stats, gates, self.terms, self.diagnostic_tau)
+        teacher_metrics(metrics, stats, self.diagnostic_tau)
+        per_token: dict[str, list[Tensor]] = {}
+
+        def keep(values: dict[str, Tensor]) -> None:
+            for name, value in values.items():
+                per_token.setdefault(name, []).append(value.detach())
+
         flat_token_logp = None
         if token_logprobs_out is not None:
             if token_logprobs_out.shape != tokens.shape:
@@ -182,6 +354,7 @@ class Objective:
                 old_logprobs=None,
                 stats=stats.rows(slice(start, end)),
                 teacher_logp=None,
+                advantages=None if flat_advantages is None else flat_advantages[start:end],
             )
             token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
             if flat_token_logp is not None:
@@ -195,14 +368,15 @@ class Objective:
                 coefficient = coefficients[i, start:end]
                 total = total + (coefficient * values).sum()
                 metrics.add(f"loss/{term.name}", (coefficient * count) * values.detach())
-            student_metrics(
-                metrics,
-                logp.detach(),
-                token_logp.detach(),
-                tile,
-                gates[:, start:end],
-                terms=self.terms,
-                diagnostic_tau=self.diagnostic_tau,
+            keep(
+                student_metrics(
+                    metrics,
+                    logp.detach(),
+                    token_logp.detach(),
+                    tile,
+                    terms=self.terms,
+                    diagnostic_tau=self.diagnostic_tau,
+                )
             )
             return total
 
@@ -212,17 +386,19 @@ class Objective:
                 old_logprobs=None if flat_old is None else flat_old[start:end],
                 stats=stats.rows(slice(start, end)),
                 teacher_logp=None,
+                advantages=None if flat_advantages is None else flat_advantages[start:end],
             )
             if flat_teacher is not None:
                 tile.teacher_logp = teacher_log_probs(start, end)
                 tile.teacher_p = tile.teacher_logp.exp()
-            return self._closed_form_tile(
+            return loss_and_grad(
+                self,
                 student_logits,
                 tile,
                 coefficients[:, start:end],
                 count,
                 metrics,
-                gates[:, start:end],
+                keep,
                 need_grad,
                 None if flat_token_logp is None else flat_token_logp[start:end],
             )
@@ -231,98 +407,24 @@ class Objective:
             loss = tiled_loss(flat_student, closed_form_tile, chunk_size=self.chunk_size, analytic_grad=True)
         else:
             loss = tiled_loss(flat_student, tile_loss, chunk_size=self.chunk_size)
-        metrics.add_sums("loss/total", loss.detach() * count, n_local)
         if token_logprobs_out is not None:
             token_logprobs_out[mask] = flat_token_logp.to(token_logprobs_out.dtype)
+        flat = {name: torch.cat(values) for name, values in per_token.items()}
+        if deferred:
+            measured = ("student_entropy", "log_ratio") + (("fkl", "rkl") if teacher is not None else ())
+            signals = Signals.spread(teacher_stats.entropy, mask, flat, measured)
+            gate_weights = rule(signals, mask)
+            if tuple(gate_weights.shape) != (len(self.terms), *mask.shape):
+                raise ValueError(
+                    f"the gate rule returned shape {tuple(gate_weights.shape)}; expected "
+                    f"(n_terms={len(self.terms)}, *mask.shape)"
+                )
+            gates = gate_weights[:, mask].float()
+        else:
+            metrics.add_sums("loss/total", loss.detach() * count, n_local)
+        if n_local:
+            gate_metrics(metrics, gates, flat, self.terms)
         return ObjectiveOutput(loss, metrics)
-
-    def _closed_form_tile(
-        self,
-        logits: Tensor,
-        tile: Tile,
-        coefficients: Tensor,
-        count: float,
-        metrics: Metrics,
-        gates: Tensor,
-        need_grad: bool,
-        token_logp_out: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """One tile's loss and d loss / d logits in closed form, for objectives of closed-form terms only.
-
-        With log p = log_softmax(z / T) and G = d L / d log p, the chain rule through the softmax gives
-            d L / d z = (G - p * sum_v G_v) / T.
-        Sparse terms contribute G on their supports only (the sampled token, the teacher's top-k), dense
-        ones (`TermKind.dense`: full-vocabulary KL, entropy) a full row each; either way the full-vocabulary
-        work is a log-softmax, an exp shared with the diagnostics and a few fused row operations: no
-        autograd graph over (n, V) tensors.
-
-        Args:
-            logits: (n, V) float32 student logits of the tile; overwritten (with the log-probs).
-            coefficients: (n_terms, n) weight x gate / N_valid per term and token.
-            gates: (n_terms, n) gate weights, for the diagnostics.
-        """
-        # In place: at a 150k vocabulary each (n, V) float32 tensor is what bounds the chunk size.
-        z = logits if self.temperature == 1.0 else logits.div_(self.temperature)
-        logp = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # (n, V)
-        p = logp.exp()
-        student_entropy = -torch.einsum("nv,nv->n", p, logp)
-        token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
-        if token_logp_out is not None:
-            token_logp_out.copy_(token_logp)
-        if tile.old_logprobs is None:
-            tile.old_logprobs = token_logp
-        # Diagnostics first: the last dense term may build its gradient in the teacher's tensors.
-        student_metrics(
-            metrics,
-            logp,
-            token_logp,
-            tile,
-            gates,
-            student_entropy=student_entropy,
-            student_p=p,
-            terms=self.terms,
-            diagnostic_tau=self.diagnostic_tau,
-        )
-        total = logp.new_zeros(())
-        supports, grads = [], []
-        with torch.enable_grad():
-            for i, term in enumerate(self.terms):
-                if not term.sparse:
-                    continue
-                support = term.spec.support(tile, term.options)  # (n, m)
-                at = logp.gather(-1, support).requires_grad_(need_grad)
-                values = term.spec.gathered(at, tile, term.options)
-                term_total = (coefficients[i] * values).sum()
-                metrics.add(f"loss/{term.name}", (coefficients[i] * count) * values.detach())
-                total = total + term_total.detach()
-                if need_grad:
-                    (grad_at,) = torch.autograd.grad(term_total, at)
-                    supports.append(support)
-                    grads.append(grad_at)
-        dense = [i for i, term in enumerate(self.terms) if not term.sparse]
-        dense_grad = None  # (n, V): sum over dense terms of coefficient x G
-        for i in dense:
-            term = self.terms[i]
-            consume = i == dense[-1]
-            values, g = term.spec.dense(logp, p, tile, term.options, need_grad, consume)
-            metrics.add(f"loss/{term.name}", (coefficients[i] * count) * values)
-            total = total + (coefficients[i] * values).sum()
-            if need_grad:
-                g = g.mul_(coefficients[i][:, None])
-                dense_grad = g if dense_grad is None else dense_grad.add_(g)
-        if not need_grad:
-            return total, None
-        grad_sum = sum(g.sum(-1) for g in grads) if grads else logp.new_zeros(logp.shape[0])  # (n,)
-        if dense_grad is not None:
-            grad_sum = grad_sum + dense_grad.sum(-1)
-        grad = p.mul_(-grad_sum[:, None])  # p is not needed any more: reuse its memory
-        if dense_grad is not None:
-            grad.add_(dense_grad)
-        for support, grad_at in zip(supports, grads, strict=True):
-            grad.scatter_add_(-1, support, grad_at)
-        if self.temperature != 1.0:
-            grad.div_(self.temperature)
-        return total, grad
 
     # ---- input checks -----------------------------------------------------------------------------
 

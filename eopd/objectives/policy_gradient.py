@@ -1,4 +1,5 @@
-"""The paper's reverse-KL term: a PPO-clipped, sampled-token policy gradient (the OPD baseline)."""
+"""PPO-clipped, sampled-token policy gradients: the paper's reverse-KL term (the OPD baseline) and the same
+surrogate on a task reward's advantage (GRPO)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def ppo_clipped_reverse_kl(
     *,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
+    reward_floor: float | None = None,
 ) -> PPOTerm:
     """Sampled-token reverse KL as a PPO-clipped policy gradient (PAPER.md section 2, step 1).
 
@@ -43,14 +45,39 @@ def ppo_clipped_reverse_kl(
         teacher_logprobs: (...) log pi_te(y_t), at the same temperature.
         eps_low: lower clip range (r >= 1 - eps_low), > 0.
         eps_high: upper clip range (r <= 1 + eps_high), > 0.
+        reward_floor: when set, A_t = max(A_t, reward_floor): REOPOLD's reward clipping (2603.11137,
+            Eq. 5), whose floor is log(lambda) / (1 - lambda) for a teacher/student mixture weight lambda.
 
     Returns:
         PPOTerm of per-token loss, clip indicator and ratio.
     """
+    advantage = teacher_logprobs.float() - old_logprobs.float()
+    if reward_floor is not None:
+        advantage = advantage.clamp(min=reward_floor)
+    return ppo_clipped_surrogate(
+        student_logprobs, old_logprobs, advantage, eps_low=eps_low, eps_high=eps_high
+    )
+
+
+def ppo_clipped_surrogate(
+    student_logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantage: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+) -> PPOTerm:
+    """The PPO-clipped surrogate for any per-token advantage A_t (detached here):
+
+    L_t = max(-r_t A_t, -clip(r_t, 1 - eps_low, 1 + eps_high) A_t),  r_t = pi_theta(y_t) / pi_old(y_t).
+
+    With A_t = log pi_te(y_t) - log pi_old(y_t) it is `ppo_clipped_reverse_kl`; with a sequence's
+    group-normalised reward broadcast over its tokens it is GRPO's token-level loss.
+    """
     check_clip_range(eps_low, eps_high)
     logp = student_logprobs.float()
     old = old_logprobs.float().detach()
-    advantage = (teacher_logprobs.float() - old).detach()
+    advantage = advantage.float().detach()
     ratio = torch.exp(logp - old)
     unclipped = -ratio * advantage
     clipped = -ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantage
@@ -71,3 +98,21 @@ def check_clip_range(eps_low: float, eps_high: float) -> None:
         )
     if not eps_high > 0:
         raise ValueError(f"eps_high={eps_high!r} must be > 0 (verl and the paper use 0.2)")
+
+
+def group_advantages(rewards: Tensor, group_size: int, *, eps: float = 1e-6) -> Tensor:
+    """GRPO's advantage: each reward minus its group's mean, over the group's standard deviation.
+
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps), groups of `group_size` adjacent entries, std with Bessel's
+    correction (as verl computes it). A group whose rewards are all equal gets 0 everywhere: no signal.
+
+    Args:
+        rewards: (B,) one reward per response, B a multiple of group_size >= 2.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size} must be >= 2: a group baseline needs several samples")
+    if rewards.ndim != 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"rewards shape {tuple(rewards.shape)} is not a multiple of group_size={group_size}")
+    groups = rewards.float().reshape(-1, group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    return (centred / (groups.std(-1, keepdim=True) + eps)).reshape(-1)

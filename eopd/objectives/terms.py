@@ -18,7 +18,7 @@ from torch import Tensor
 
 from eopd.objectives import divergences as D
 from eopd.objectives.gates import Gate, NoGate
-from eopd.objectives.policy_gradient import check_clip_range, ppo_clipped_reverse_kl
+from eopd.objectives.policy_gradient import check_clip_range, ppo_clipped_reverse_kl, ppo_clipped_surrogate
 from eopd.objectives.teacher_stats import TeacherStats
 from eopd.schedules import Schedule, as_schedule, schedule_range
 
@@ -32,6 +32,7 @@ class Tile:
     stats: TeacherStats
     teacher_logp: Tensor | None  # (n, V) teacher log-probs when the full teacher is available
     teacher_p: Tensor | None = None  # (n, V) their exp, on the closed-form path
+    advantages: Tensor | None = None  # (n,) a task reward's advantage, for "ppo_reward"
 
 
 # A term function maps the student's log-probs of a tile (n, V), differentiable, to per-token values (n,).
@@ -54,12 +55,13 @@ class TermKind:
     `support` and `gathered` (optional, for terms that read the student's log-probs at a few ids only,
     when `sparse_if(options)` holds), or `dense` (a full-vocabulary term whose derivative with respect to
     the log-probs is known in closed form) let the objective skip autograd through the full-vocabulary
-    softmax: the tile's gradient is then formed in closed form (see `Objective._closed_form_tile`).
+    softmax: the tile's gradient is then formed in closed form (see `eopd.objectives.closed_form.loss_and_grad`).
     """
 
     fn: TermFn
     needs_teacher_logits: bool = False
     needs_old_logprobs: bool = False
+    needs_advantages: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     doc: str = ""
     support: SupportFn | None = None
@@ -80,11 +82,22 @@ def _ppo_gathered(at_tokens: Tensor, tile: Tile, opt: Mapping[str, Any]) -> Tens
         tile.stats.token_logprobs,
         eps_low=opt["eps_low"],
         eps_high=opt["eps_high"],
+        reward_floor=opt["reward_floor"],
     ).loss
 
 
 def _ppo(logp: Tensor, tile: Tile, opt: Mapping[str, Any]) -> Tensor:
     return _ppo_gathered(logp.gather(-1, _ppo_support(tile, opt)), tile, opt)
+
+
+def _reward_gathered(at_tokens: Tensor, tile: Tile, opt: Mapping[str, Any]) -> Tensor:
+    return ppo_clipped_surrogate(
+        at_tokens[:, 0], tile.old_logprobs, tile.advantages, eps_low=opt["eps_low"], eps_high=opt["eps_high"]
+    ).loss
+
+
+def _reward(logp: Tensor, tile: Tile, opt: Mapping[str, Any]) -> Tensor:
+    return _reward_gathered(logp.gather(-1, _ppo_support(tile, opt)), tile, opt)
 
 
 def _topk_support(tile: Tile, opt: Mapping[str, Any]) -> Tensor:
@@ -160,10 +173,20 @@ TERM_KINDS: dict[str, TermKind] = {
     "ppo_rkl": TermKind(
         _ppo,
         needs_old_logprobs=True,
-        options={"eps_low": 0.2, "eps_high": 0.2},
-        doc="PPO-clipped sampled-token reverse KL, advantage log p_te(y) - log p_old(y) (the OPD term)",
+        options={"eps_low": 0.2, "eps_high": 0.2, "reward_floor": None},
+        doc="PPO-clipped sampled-token reverse KL, advantage log p_te(y) - log p_old(y) (the OPD term); "
+        "reward_floor clips the advantage from below (REOPOLD)",
         support=_ppo_support,
         gathered=_ppo_gathered,
+    ),
+    "ppo_reward": TermKind(
+        _reward,
+        needs_old_logprobs=True,
+        needs_advantages=True,
+        options={"eps_low": 0.2, "eps_high": 0.2},
+        doc="PPO-clipped sampled-token surrogate on a task reward's advantage (GRPO's loss; no teacher)",
+        support=_ppo_support,
+        gathered=_reward_gathered,
     ),
     "topk_fkl": TermKind(
         _topk_fkl,
@@ -224,7 +247,7 @@ TERM_KINDS: dict[str, TermKind] = {
 
 @dataclass(frozen=True)
 class Term:
-    """One summand of an objective: weight(step) x gate(teacher entropy) x divergence.
+    """One summand of an objective: weight(step) x gate(signals) x divergence, over a normaliser.
 
     Attributes:
         kind: a key of `TERM_KINDS` (e.g. "ppo_rkl", "topk_fkl", "forward_kl").
@@ -232,6 +255,11 @@ class Term:
         gate: which tokens the term acts on (`NoGate` = all).
         options: the kind's options (e.g. {"k": 16, "tail": "renorm"}); unknown keys are an error.
         name: the log name (`loss/<name>`); defaults to the kind.
+        normalize: what the term's sum over tokens is divided by (`NORMALIZERS`): "tokens", every valid
+            token of the batch (the paper's token mean, the default); "gate", the term's own gate weight
+            (a mean over the tokens it selects, as TIP and REOPOLD average); "selected", the tokens that
+            any "selected" term's gate opens (their union: a mean over every supervised token, as SEAD
+            skips the rest).
     """
 
     kind: str
@@ -239,6 +267,7 @@ class Term:
     gate: Gate = field(default_factory=NoGate)
     options: Mapping[str, Any] = field(default_factory=dict)
     name: str | None = None
+    normalize: str = "tokens"
 
     def __post_init__(self) -> None:
         if self.kind not in TERM_KINDS:
@@ -254,6 +283,10 @@ class Term:
             raise ValueError(f"weight of term {self.kind!r} is {self.weight!r}; weights must be >= 0")
         if self.name is None:
             object.__setattr__(self, "name", self.kind)
+        if self.normalize not in NORMALIZERS:
+            raise ValueError(
+                f"normalize={self.normalize!r} of term {self.name!r} is unknown; allowed: {', '.join(NORMALIZERS)}"
+            )
         _check_options(self.kind, self.options)
 
     @property
@@ -271,9 +304,36 @@ class Term:
         return self.sparse or self.spec.dense is not None
 
 
+NORMALIZERS = ("tokens", "gate", "selected")
+
+
+def normalizer_weights(terms: tuple[Term, ...], gates: Tensor, mask: Tensor) -> Tensor:
+    """Per-term weights (n_terms, ...) whose sum over a batch is each term's normaliser (`Term.normalize`).
+
+    Args:
+        gates: (n_terms, ...) the terms' gate weights; mask: (...) valid tokens.
+    """
+    selected = [i for i, t in enumerate(terms) if t.normalize == "selected"]
+    union = gates[selected].amax(0) if selected else None
+    rows = []
+    for i, term in enumerate(terms):
+        if term.normalize == "gate":
+            rows.append(gates[i].float())
+        elif term.normalize == "selected":
+            rows.append(union.float())
+        else:
+            rows.append(mask.float())
+    return torch.stack(rows)
+
+
 def _check_options(kind: str, opt: Mapping[str, Any]) -> None:
-    if kind == "ppo_rkl":
+    if kind in ("ppo_rkl", "ppo_reward"):
         check_clip_range(opt["eps_low"], opt["eps_high"])
+    if opt.get("reward_floor") is not None and not opt["reward_floor"] < 0:
+        raise ValueError(
+            f"reward_floor={opt['reward_floor']!r} must be < 0 (REOPOLD's floor log(lambda) / (1 - lambda) "
+            "is -1.72 at lambda 0.3)"
+        )
     if kind == "topk_fkl":
         D.check_top_k(opt["k"])
         if opt["tail"] not in D.TAIL_MODES:

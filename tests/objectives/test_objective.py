@@ -34,7 +34,10 @@ def make_batch(seed=0, vocab=V, hidden=False):
     mask[2, 1:] = False
     old = torch.log_softmax(student + 0.3 * torch.randn(B, T, vocab, generator=g), -1)
     old = old.gather(-1, tokens[..., None]).squeeze(-1)
+    # One per response, as GRPO's; from its own stream, so that the other draws stay what they were.
+    advantages = torch.randn(B, generator=torch.Generator().manual_seed(seed + 100))[:, None].expand(B, T)
     batch = dict(student=student, teacher=teacher, tokens=tokens, mask=mask, old_logprobs=old)
+    batch["advantages"] = advantages
     if hidden:
         batch["hs"] = torch.randn(B, T, H, generator=g)
         batch["ws"] = torch.randn(vocab, H, generator=g)
@@ -122,12 +125,16 @@ def test_every_preset_padding_invariant(name):
     d = make_batch()
     obj = preset(name, top_k=4)
     kw = dict(teacher=d["teacher"], tokens=d["tokens"], mask=d["mask"], old_logprobs=d["old_logprobs"])
+    kw["advantages"] = d["advantages"]
     loss, grad = _loss_and_grad(obj, d["student"], **kw)
     assert torch.isfinite(loss)
     # Garbage at padded positions changes neither the loss nor the gradient at valid positions.
     noisy_student = torch.where(d["mask"][..., None], d["student"], torch.randn(B, T, V) * 50)
     noisy_teacher = torch.where(d["mask"][..., None], d["teacher"], torch.randn(B, T, V) * 50)
-    kw2 = dict(kw, teacher=noisy_teacher, tokens=torch.where(d["mask"], d["tokens"], 0))
+    noisy_advantages = torch.where(d["mask"], d["advantages"], torch.randn(B, T) * 50)
+    kw2 = dict(
+        kw, teacher=noisy_teacher, tokens=torch.where(d["mask"], d["tokens"], 0), advantages=noisy_advantages
+    )
     loss2, grad2 = _loss_and_grad(obj, noisy_student, **kw2)
     torch.testing.assert_close(loss2, loss)
     torch.testing.assert_close(grad2, grad)
@@ -140,7 +147,12 @@ def test_all_masked_batch_gives_zero_not_nan(name):
     mask = torch.zeros(B, T, dtype=torch.bool)
     student = d["student"].clone().requires_grad_(True)
     out = preset(name, top_k=4)(
-        student=student, teacher=d["teacher"], tokens=d["tokens"], mask=mask, old_logprobs=d["old_logprobs"]
+        student=student,
+        teacher=d["teacher"],
+        tokens=d["tokens"],
+        mask=mask,
+        old_logprobs=d["old_logprobs"],
+        advantages=d["advantages"],
     )
     out.loss.backward()
     assert float(out.loss) == 0.0

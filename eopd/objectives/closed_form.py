@@ -1,0 +1,107 @@
+"""The closed-form path of an objective: a tile's loss and its gradient with respect to the logits, formed
+without autograd through the full-vocabulary softmax (for objectives whose terms all have closed forms)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from eopd.objectives.diagnostics import student_metrics
+from eopd.objectives.reduction import Metrics
+from eopd.objectives.terms import Tile
+
+if TYPE_CHECKING:
+    from eopd.objectives.objective import Objective
+
+
+def loss_and_grad(
+    objective: Objective,
+    logits: Tensor,
+    tile: Tile,
+    coefficients: Tensor,
+    count: float,
+    metrics: Metrics,
+    keep: Callable[[dict[str, Tensor]], None],
+    need_grad: bool,
+    token_logp_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """One tile's loss and d loss / d logits in closed form, for objectives of closed-form terms only.
+
+    With log p = log_softmax(z / T) and G = d L / d log p, the chain rule through the softmax gives
+        d L / d z = (G - p * sum_v G_v) / T.
+    Sparse terms contribute G on their supports only (the sampled token, the teacher's top-k), dense
+    ones (`TermKind.dense`: full-vocabulary KL, entropy) a full row each; either way the full-vocabulary
+    work is a log-softmax, an exp shared with the diagnostics and a few fused row operations: no
+    autograd graph over (n, V) tensors.
+
+    Args:
+        logits: (n, V) float32 student logits of the tile; overwritten (with the log-probs).
+        coefficients: (n_terms, n) weight x gate / N_valid per term and token.
+        keep: receives the per-token values of the diagnostics (for the gates and their metrics).
+    """
+    # In place: at a 150k vocabulary each (n, V) float32 tensor is what bounds the chunk size.
+    z = logits if objective.temperature == 1.0 else logits.div_(objective.temperature)
+    logp = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # (n, V)
+    p = logp.exp()
+    student_entropy = -torch.einsum("nv,nv->n", p, logp)
+    token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
+    if token_logp_out is not None:
+        token_logp_out.copy_(token_logp)
+    if tile.old_logprobs is None:
+        tile.old_logprobs = token_logp
+    # Diagnostics first: the last dense term may build its gradient in the teacher's tensors.
+    keep(
+        student_metrics(
+            metrics,
+            logp,
+            token_logp,
+            tile,
+            student_entropy=student_entropy,
+            student_p=p,
+            terms=objective.terms,
+            diagnostic_tau=objective.diagnostic_tau,
+        )
+    )
+    total = logp.new_zeros(())
+    supports, grads = [], []
+    with torch.enable_grad():
+        for i, term in enumerate(objective.terms):
+            if not term.sparse:
+                continue
+            support = term.spec.support(tile, term.options)  # (n, m)
+            at = logp.gather(-1, support).requires_grad_(need_grad)
+            values = term.spec.gathered(at, tile, term.options)
+            term_total = (coefficients[i] * values).sum()
+            metrics.add(f"loss/{term.name}", (coefficients[i] * count) * values.detach())
+            total = total + term_total.detach()
+            if need_grad:
+                (grad_at,) = torch.autograd.grad(term_total, at)
+                supports.append(support)
+                grads.append(grad_at)
+    dense = [i for i, term in enumerate(objective.terms) if not term.sparse]
+    dense_grad = None  # (n, V): sum over dense terms of coefficient x G
+    for i in dense:
+        term = objective.terms[i]
+        consume = i == dense[-1]
+        values, g = term.spec.dense(logp, p, tile, term.options, need_grad, consume)
+        metrics.add(f"loss/{term.name}", (coefficients[i] * count) * values)
+        total = total + (coefficients[i] * values).sum()
+        if need_grad:
+            g = g.mul_(coefficients[i][:, None])
+            dense_grad = g if dense_grad is None else dense_grad.add_(g)
+    if not need_grad:
+        return total, None
+    grad_sum = sum(g.sum(-1) for g in grads) if grads else logp.new_zeros(logp.shape[0])  # (n,)
+    if dense_grad is not None:
+        grad_sum = grad_sum + dense_grad.sum(-1)
+    grad = p.mul_(-grad_sum[:, None])  # p is not needed any more: reuse its memory
+    if dense_grad is not None:
+        grad.add_(dense_grad)
+    for support, grad_at in zip(supports, grads, strict=True):
+        grad.scatter_add_(-1, support, grad_at)
+    if objective.temperature != 1.0:
+        grad.div_(objective.temperature)
+    return total, grad
