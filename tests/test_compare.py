@@ -215,7 +215,8 @@ def test_the_final_table_has_the_rows_eval_final_models_names(sweep_dir):
         expected = (
             {"student after"} if run.name.endswith("-s1") else {"student before", "student after", "teacher"}
         )
-        assert set(saved) == expected, run.name
+        assert set(saved) == expected | {"problems"}, run.name
+        assert set(saved["problems"]) == expected, run.name  # each row's per-problem results
 
 
 @pytest.fixture(scope="session")
