@@ -14,6 +14,13 @@ of `metrics.csv`. Intervals are two-sided t intervals over seeds (n - 1 degrees 
 seed there is none. The difference against the baseline is paired: per seed, variant minus baseline,
 then the same interval over those differences. Writes report.md, comparison.md, comparison.csv and the
 PNG plots into `--out` (default: `<folder>/compare`).
+
+When the runs' eval.json hold per-problem results, avg@n, pass@k and paths/distinct also get an interval
+over problems and seeds (`eopd.comparison.bootstrap_over_problems`): a percentile bootstrap that resamples
+each seed's problems (2000 replicates, fixed seed), per variant and, paired by problem id within each seed,
+for the difference against the baseline. Two more markdown tables ("bootstrap over problems within seeds")
+and the CSV's `boot_*` columns hold them, next to the t intervals over seed means; runs without
+per-problem results give the same tables and CSV as before.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any
 
 from eopd.comparison import (
     DEFAULT_BY,
+    BootstrapInterval,
     Comparison,
     Interval,
     RunRecord,
@@ -138,8 +146,25 @@ def format_cell(interval: Interval, signed: bool = False) -> str:
     return f"{_fmt(interval.mean, signed)} ± {_fmt(interval.half_width)} (n={interval.n})"
 
 
+def format_bootstrap_cell(interval: BootstrapInterval | None, signed: bool = False) -> str:
+    """`mean [low, high]`, or `-` where the per-problem results do not determine the metric."""
+    if interval is None:
+        return "-"
+    return f"{_fmt(interval.mean, signed)} [{_fmt(interval.low, signed)}, {_fmt(interval.high, signed)}]"
+
+
+def _seeds_by_problems(intervals: Iterable[BootstrapInterval]) -> str:
+    """`seeds×problems` of the widest interval, e.g. `5×200`, or `5×(180-200)` when seeds differ."""
+    widest = max(intervals, key=lambda i: (i.seeds, sum(i.problems)), default=None)
+    if widest is None:
+        return "-"
+    low, high = min(widest.problems), max(widest.problems)
+    return f"{widest.seeds}×{low}" if low == high else f"{widest.seeds}×({low}-{high})"
+
+
 def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None) -> str:
-    """The final-metric table and the paired-difference table, in markdown."""
+    """The final-metric table and the paired-difference table, in markdown; with per-problem results,
+    the same two from the bootstrap over problems within seeds."""
     metrics = list(metrics or comparison.metrics)
     level = f"{comparison.confidence:.0%}"
     header = "| variant | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |"
@@ -167,7 +192,53 @@ def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None
             n = max((d.n for d in diffs.values()), default=0)
             cells = [format_cell(diffs[m], signed=True) for m in metrics]
             lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+    lines += _bootstrap_tables(comparison, metrics)
     return "\n".join(lines)
+
+
+def _bootstrap_tables(comparison: Comparison, metrics: Sequence[str]) -> list[str]:
+    """The bootstrap's two tables as markdown lines; none when no shown metric has per-problem results."""
+    shown = {
+        m
+        for table in (comparison.bootstrap, comparison.bootstrap_difference)
+        for row in table.values()
+        for m in row
+        if m in metrics
+    }
+    if not shown:
+        return []
+    level = f"{comparison.confidence:.0%}"
+    percentiles = f"{(1 - comparison.confidence) / 2:.1%}, {(1 + comparison.confidence) / 2:.1%}".replace(
+        ".0%", "%"
+    )
+    header = "| variant | seeds×problems | " + " | ".join(f"`{m}`" for m in metrics) + " |"
+    rule = "|" + "---|" * (len(metrics) + 2)
+    lines = [
+        "",
+        f"Bootstrap over problems within seeds, {level}: mean over seeds of the mean over problems "
+        f"[{percentiles} percentiles of {comparison.replicates} replicates, each resampling every seed's "
+        "problems with replacement]; `-` where the per-problem results do not determine the metric.",
+        "",
+        header,
+        rule,
+    ]
+    for variant, row in comparison.bootstrap.items():
+        cells = [format_bootstrap_cell(row.get(m)) for m in metrics]
+        lines.append(f"| {variant} | {_seeds_by_problems(row.values())} | " + " | ".join(cells) + " |")
+    if comparison.bootstrap_difference:
+        lines += [
+            "",
+            f"Paired difference against `{comparison.baseline}`, bootstrap over problems within seeds, "
+            f"{level}: variant - baseline on the same problems (paired by id) of the same seed, resampled "
+            f"together; mean over seeds [{percentiles} percentiles].",
+            "",
+            header.replace("| seeds×problems |", "| paired seeds×problems |"),
+            rule,
+        ]
+        for variant, row in comparison.bootstrap_difference.items():
+            cells = [format_bootstrap_cell(row.get(m), signed=True) for m in metrics]
+            lines.append(f"| {variant} | {_seeds_by_problems(row.values())} | " + " | ".join(cells) + " |")
+    return lines
 
 
 CSV_COLUMNS = (
@@ -184,21 +255,52 @@ CSV_COLUMNS = (
     "diff_ci_low",
     "diff_ci_high",
 )
+# Appended when any run has per-problem results: the bootstrap over problems within seeds (seeds taking
+# part, problems summed over them, estimate, percentile interval), per variant and against the baseline.
+BOOTSTRAP_CSV_COLUMNS = (
+    "boot_seeds",
+    "boot_problems",
+    "boot_mean",
+    "boot_ci_low",
+    "boot_ci_high",
+    "boot_diff_seeds",
+    "boot_diff_problems",
+    "boot_diff_mean",
+    "boot_diff_ci_low",
+    "boot_diff_ci_high",
+)
 
 
 def write_csv(comparison: Comparison, path: Path) -> None:
-    """One row per variant and metric (long format); empty cells where an interval is undefined."""
+    """One row per variant and metric (long format); empty cells where an interval is undefined.
+
+    The `boot_*` columns follow when any run has per-problem results (see `BOOTSTRAP_CSV_COLUMNS`).
+    """
 
     def cell(x: float | None) -> str:
         return "" if x is None or not math.isfinite(x) else repr(float(x))
 
+    def boot(interval: BootstrapInterval | None) -> list:
+        if interval is None:
+            return [""] * 5
+        return [
+            interval.seeds,
+            sum(interval.problems),
+            *map(cell, (interval.mean, interval.low, interval.high)),
+        ]
+
+    with_bootstrap = bool(comparison.bootstrap or comparison.bootstrap_difference)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(CSV_COLUMNS + (BOOTSTRAP_CSV_COLUMNS if with_bootstrap else ()))
         for variant in comparison.variants:
             for metric in comparison.metrics:
                 s = comparison.summary[variant][metric]
                 d = comparison.difference.get(variant, {}).get(metric)
+                extra = []
+                if with_bootstrap:
+                    extra = boot(comparison.bootstrap.get(variant, {}).get(metric))
+                    extra += boot(comparison.bootstrap_difference.get(variant, {}).get(metric))
                 writer.writerow(
                     [
                         variant,
@@ -213,6 +315,7 @@ def write_csv(comparison: Comparison, path: Path) -> None:
                         cell(d.mean) if d else "",
                         cell(d.low) if d else "",
                         cell(d.high) if d else "",
+                        *extra,
                     ]
                 )
 
