@@ -16,7 +16,7 @@ then the same interval over those differences. Writes report.md, comparison.md, 
 PNG plots into `--out` (default: `<folder>/compare`).
 
 When the runs' eval.json hold per-problem results, avg@n, pass@k and paths/distinct also get an interval
-over problems and seeds (`eopd.comparison.bootstrap_over_problems`): a percentile bootstrap that resamples
+over problems and seeds (`eopd.bootstrap`): a percentile bootstrap that resamples
 each seed's problems (2000 replicates, fixed seed), per variant and, paired by problem id within each seed,
 for the difference against the baseline. Two more markdown tables ("bootstrap over problems within seeds")
 and the CSV's `boot_*` columns hold them, next to the t intervals over seed means; runs without
@@ -36,9 +36,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from eopd.bootstrap import BOOTSTRAP_CSV_COLUMNS, bootstrap_csv_cells, bootstrap_tables
 from eopd.comparison import (
     DEFAULT_BY,
-    BootstrapInterval,
     Comparison,
     Interval,
     RunRecord,
@@ -146,22 +146,6 @@ def format_cell(interval: Interval, signed: bool = False) -> str:
     return f"{_fmt(interval.mean, signed)} ± {_fmt(interval.half_width)} (n={interval.n})"
 
 
-def format_bootstrap_cell(interval: BootstrapInterval | None, signed: bool = False) -> str:
-    """`mean [low, high]`, or `-` where the per-problem results do not determine the metric."""
-    if interval is None:
-        return "-"
-    return f"{_fmt(interval.mean, signed)} [{_fmt(interval.low, signed)}, {_fmt(interval.high, signed)}]"
-
-
-def _seeds_by_problems(intervals: Iterable[BootstrapInterval]) -> str:
-    """`seeds×problems` of the widest interval, e.g. `5×200`, or `5×(180-200)` when seeds differ."""
-    widest = max(intervals, key=lambda i: (i.seeds, sum(i.problems)), default=None)
-    if widest is None:
-        return "-"
-    low, high = min(widest.problems), max(widest.problems)
-    return f"{widest.seeds}×{low}" if low == high else f"{widest.seeds}×({low}-{high})"
-
-
 def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None) -> str:
     """The final-metric table and the paired-difference table, in markdown; with per-problem results,
     the same two from the bootstrap over problems within seeds."""
@@ -192,53 +176,8 @@ def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None
             n = max((d.n for d in diffs.values()), default=0)
             cells = [format_cell(diffs[m], signed=True) for m in metrics]
             lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
-    lines += _bootstrap_tables(comparison, metrics)
+    lines += bootstrap_tables(comparison, metrics)
     return "\n".join(lines)
-
-
-def _bootstrap_tables(comparison: Comparison, metrics: Sequence[str]) -> list[str]:
-    """The bootstrap's two tables as markdown lines; none when no shown metric has per-problem results."""
-    shown = {
-        m
-        for table in (comparison.bootstrap, comparison.bootstrap_difference)
-        for row in table.values()
-        for m in row
-        if m in metrics
-    }
-    if not shown:
-        return []
-    level = f"{comparison.confidence:.0%}"
-    percentiles = f"{(1 - comparison.confidence) / 2:.1%}, {(1 + comparison.confidence) / 2:.1%}".replace(
-        ".0%", "%"
-    )
-    header = "| variant | seeds×problems | " + " | ".join(f"`{m}`" for m in metrics) + " |"
-    rule = "|" + "---|" * (len(metrics) + 2)
-    lines = [
-        "",
-        f"Bootstrap over problems within seeds, {level}: mean over seeds of the mean over problems "
-        f"[{percentiles} percentiles of {comparison.replicates} replicates, each resampling every seed's "
-        "problems with replacement]; `-` where the per-problem results do not determine the metric.",
-        "",
-        header,
-        rule,
-    ]
-    for variant, row in comparison.bootstrap.items():
-        cells = [format_bootstrap_cell(row.get(m)) for m in metrics]
-        lines.append(f"| {variant} | {_seeds_by_problems(row.values())} | " + " | ".join(cells) + " |")
-    if comparison.bootstrap_difference:
-        lines += [
-            "",
-            f"Paired difference against `{comparison.baseline}`, bootstrap over problems within seeds, "
-            f"{level}: variant - baseline on the same problems (paired by id) of the same seed, resampled "
-            f"together; mean over seeds [{percentiles} percentiles].",
-            "",
-            header.replace("| seeds×problems |", "| paired seeds×problems |"),
-            rule,
-        ]
-        for variant, row in comparison.bootstrap_difference.items():
-            cells = [format_bootstrap_cell(row.get(m), signed=True) for m in metrics]
-            lines.append(f"| {variant} | {_seeds_by_problems(row.values())} | " + " | ".join(cells) + " |")
-    return lines
 
 
 CSV_COLUMNS = (
@@ -255,20 +194,6 @@ CSV_COLUMNS = (
     "diff_ci_low",
     "diff_ci_high",
 )
-# Appended when any run has per-problem results: the bootstrap over problems within seeds (seeds taking
-# part, problems summed over them, estimate, percentile interval), per variant and against the baseline.
-BOOTSTRAP_CSV_COLUMNS = (
-    "boot_seeds",
-    "boot_problems",
-    "boot_mean",
-    "boot_ci_low",
-    "boot_ci_high",
-    "boot_diff_seeds",
-    "boot_diff_problems",
-    "boot_diff_mean",
-    "boot_diff_ci_low",
-    "boot_diff_ci_high",
-)
 
 
 def write_csv(comparison: Comparison, path: Path) -> None:
@@ -280,15 +205,6 @@ def write_csv(comparison: Comparison, path: Path) -> None:
     def cell(x: float | None) -> str:
         return "" if x is None or not math.isfinite(x) else repr(float(x))
 
-    def boot(interval: BootstrapInterval | None) -> list:
-        if interval is None:
-            return [""] * 5
-        return [
-            interval.seeds,
-            sum(interval.problems),
-            *map(cell, (interval.mean, interval.low, interval.high)),
-        ]
-
     with_bootstrap = bool(comparison.bootstrap or comparison.bootstrap_difference)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -297,10 +213,7 @@ def write_csv(comparison: Comparison, path: Path) -> None:
             for metric in comparison.metrics:
                 s = comparison.summary[variant][metric]
                 d = comparison.difference.get(variant, {}).get(metric)
-                extra = []
-                if with_bootstrap:
-                    extra = boot(comparison.bootstrap.get(variant, {}).get(metric))
-                    extra += boot(comparison.bootstrap_difference.get(variant, {}).get(metric))
+                extra = bootstrap_csv_cells(comparison, variant, metric) if with_bootstrap else []
                 writer.writerow(
                     [
                         variant,

@@ -9,14 +9,16 @@ of `by` in its config (default `objective.name`); its seed is `seed`. Final metr
 there is none. The difference against the baseline is paired: per seed, variant minus baseline, then the
 same interval over those differences.
 
-When eval.json also holds the trained student's per-problem results ("problems", written by `eopd.train`
-since they exist), the metrics they determine (avg@n, pass@k, paths/distinct) also get a percentile
-bootstrap over problems within seeds: a replicate resamples each seed's problems with replacement
-(independently per seed), takes the mean over problems in each seed, then the mean over seeds. For the
-difference against the baseline, problems are paired by id within a seed and resampled together, so a
-replicate is the mean over seeds of the mean over the same resampled problems of variant - baseline.
-`BOOTSTRAP_REPLICATES` replicates from a fixed seed: the same runs give the same intervals. Runs without
-per-problem results get the t intervals alone, as before.
+When eval.json also holds the trained student's per-problem results ("problems", which `eopd.train`
+writes), the metrics they determine (avg@n, pass@k, paths/distinct) also get a percentile bootstrap over
+problems within seeds: a replicate resamples each seed's problems with replacement (independently per
+seed), takes the mean over problems in each seed, then the mean over seeds. For the difference against the
+baseline, problems are paired by id within a seed and resampled together, so a replicate is the mean over
+seeds of the mean over the same resampled problems of variant - baseline.
+`eopd.bootstrap.BOOTSTRAP_REPLICATES` replicates from a fixed seed: the same runs give the same intervals.
+The seeds are not resampled: the bootstrap measures the test set's share of the uncertainty, the t
+interval the variation between seeds. Runs without per-problem results get the t intervals alone, as
+before.
 """
 
 from __future__ import annotations
@@ -32,13 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from eopd.bootstrap import BOOTSTRAP_REPLICATES, BootstrapInterval, bootstrap_comparison
 from eopd.metrics import ProblemResults
 
 DEFAULT_BY = ("objective.name",)
-BOOTSTRAP_REPLICATES = 2000
-BOOTSTRAP_SEED = 0
 
 
 # ---- statistics ------------------------------------------------------------------------------------------
@@ -132,99 +131,6 @@ def paired_difference(
 
 def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@dataclass(frozen=True)
-class BootstrapInterval:
-    """A mean over seeds of per-seed means over problems, with the percentile interval of its bootstrap.
-
-    Attributes:
-        problems: problems per seed, one entry per seed that took part.
-        mean: the estimate (not the replicates' mean): mean over seeds of the mean over problems.
-        low, high: the (1 - confidence) / 2 and (1 + confidence) / 2 quantiles of the replicates.
-    """
-
-    problems: tuple[int, ...]
-    mean: float
-    low: float
-    high: float
-
-    @property
-    def seeds(self) -> int:
-        return len(self.problems)
-
-
-_BOOTSTRAP_BLOCK = 256  # replicates drawn at once: (256, num_problems) indices
-
-
-def bootstrap_over_problems(
-    per_seed: Sequence[np.ndarray],
-    *,
-    confidence: float = 0.95,
-    replicates: int = BOOTSTRAP_REPLICATES,
-    seed: int = BOOTSTRAP_SEED,
-) -> BootstrapInterval:
-    """Mean over seeds of the mean over problems, with a percentile interval from resampling problems.
-
-    A replicate draws, in every seed independently, as many problems as the seed has, with replacement,
-    and takes the mean over seeds of the means over the drawn problems. For a paired difference pass the
-    per-problem differences variant - baseline: resampling them resamples both variants at the same
-    problems. A fresh generator from `seed` per call, so the same input gives the same interval, and
-    seeds with equally many problems draw the same indices for every metric and variant.
-
-    Args:
-        per_seed: one (num_problems,) array of per-problem values per seed.
-        confidence: the interval's level.
-        replicates: bootstrap replicates.
-        seed: the generator's seed.
-
-    Raises:
-        ValueError: without seeds, or for a seed without problems.
-    """
-    if not per_seed or any(len(values) == 0 for values in per_seed):
-        raise ValueError("the bootstrap needs at least one seed, and every seed at least one problem")
-    rng = np.random.default_rng(seed)
-    replicate_means = np.zeros(replicates)
-    for values in per_seed:
-        values = np.asarray(values, dtype=np.float64)
-        for start in range(0, replicates, _BOOTSTRAP_BLOCK):
-            rows = min(_BOOTSTRAP_BLOCK, replicates - start)
-            picks = rng.integers(0, len(values), size=(rows, len(values)))  # (rows, num_problems)
-            replicate_means[start : start + rows] += values[picks].mean(axis=1)
-    replicate_means /= len(per_seed)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(replicate_means, [tail, 1 - tail])
-    mean = float(np.mean([np.mean(values) for values in per_seed]))
-    return BootstrapInterval(tuple(len(v) for v in per_seed), mean, float(low), float(high))
-
-
-def matching_problems(variant: RunRecord, baseline: RunRecord) -> np.ndarray:
-    """For each of `variant`'s problems, the index of the same problem (by id) among `baseline`'s.
-
-    Raises:
-        ValueError: naming both runs, when their problem ids differ or one run repeats an id.
-    """
-    assert variant.problems is not None and baseline.problems is not None
-    for record in (variant, baseline):
-        ids = record.problems.ids
-        if len(set(ids)) != len(ids):
-            repeated = sorted({i for i in ids if ids.count(i) > 1}, key=str)[:3]
-            raise ValueError(
-                f"run {record.source} repeats problem ids {repeated} in eval.json; the bootstrap pairs "
-                "problems by id, so give every record of the evaluated split a unique id"
-            )
-    index = {problem: i for i, problem in enumerate(baseline.problems.ids)}
-    only_variant = [i for i in variant.problems.ids if i not in index]
-    only_baseline = sorted(set(index) - set(variant.problems.ids), key=str)
-    if only_variant or only_baseline:
-        raise ValueError(
-            f"runs {variant.source} ({variant.variant}) and {baseline.source} ({baseline.variant}), seed "
-            f"{variant.seed}, were evaluated on different problems: {len(only_variant)} ids only in the first "
-            f"(e.g. {only_variant[:3]}), {len(only_baseline)} only in the second (e.g. {only_baseline[:3]}). "
-            "The bootstrap pairs problems by id: evaluate both on the same data, eval.final.split and "
-            "eval.final.n_problems, or leave one of them out of the comparison."
-        )
-    return np.array([index[i] for i in variant.problems.ids], dtype=np.int64)
 
 
 # ---- reading runs ----------------------------------------------------------------------------------------
@@ -541,7 +447,9 @@ def compare(
                 for m in metrics
             }
     seeds = {v: sorted(grouped[v], key=str) for v in variants}
-    bootstrap, bootstrap_difference = _bootstrap(grouped, variants, baseline, metrics, confidence, replicates)
+    bootstrap, bootstrap_difference = bootstrap_comparison(
+        grouped, variants, baseline, metrics, confidence, replicates
+    )
     return Comparison(
         variants,
         baseline,
@@ -554,44 +462,6 @@ def compare(
         bootstrap_difference,
         replicates,
     )
-
-
-def _bootstrap(
-    grouped: Mapping[str, Mapping[Any, RunRecord]],
-    variants: Sequence[str],
-    baseline: str,
-    metrics: Sequence[str],
-    confidence: float,
-    replicates: int,
-) -> tuple[dict[str, dict[str, BootstrapInterval]], dict[str, dict[str, BootstrapInterval]]]:
-    """Per variant, and per variant against the baseline, the bootstrap of every metric the runs'
-    per-problem results determine; seeds without per-problem results take no part."""
-    summary: dict[str, dict[str, BootstrapInterval]] = {}
-    difference: dict[str, dict[str, BootstrapInterval]] = {}
-    base = grouped[baseline]
-
-    def interval(per_seed: list) -> BootstrapInterval:
-        return bootstrap_over_problems(per_seed, confidence=confidence, replicates=replicates)
-
-    for variant in variants:
-        runs = grouped[variant]
-        seeds = sorted((s for s, r in runs.items() if r.problems is not None), key=str)
-        own = {m: [v for s in seeds if (v := runs[s].problems.per_problem(m)) is not None] for m in metrics}
-        if found := {m: interval(per_seed) for m, per_seed in own.items() if per_seed}:
-            summary[variant] = found
-        if variant == baseline:
-            continue
-        paired = [s for s in seeds if s in base and base[s].problems is not None]
-        order = {s: matching_problems(runs[s], base[s]) for s in paired}  # raises when the problems differ
-        diffs: dict[str, list[np.ndarray]] = {}
-        for m in metrics:
-            for s in paired:
-                mine, theirs = runs[s].problems.per_problem(m), base[s].problems.per_problem(m)
-                if mine is not None and theirs is not None:
-                    diffs.setdefault(m, []).append(mine - theirs[order[s]])
-        if found := {m: interval(per_seed) for m, per_seed in diffs.items()}:
-            difference[variant] = found
-    return summary, difference
 
 
 def load_records(arguments: Sequence[str], by: Sequence[str] = DEFAULT_BY) -> list[RunRecord]:

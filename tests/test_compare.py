@@ -21,7 +21,6 @@ from eopd.compare import CSV_COLUMNS, curve_band, curve_bin_steps, format_cell, 
 from eopd.comparison import (
     Interval,
     RunRecord,
-    bootstrap_over_problems,
     compare,
     config_value,
     find_runs,
@@ -145,23 +144,6 @@ def _with_problems(variant: str, seed: int, correct, ids=None, n: int = 4) -> Ru
     record.final = {m: float(problems.per_problem(m).mean()) for m in metrics} | {f"maj@{n}": 0.5}
     record.problems = problems
     return record
-
-
-def test_bootstrap_interval_is_the_sampling_spread_of_the_mean_over_problems_and_seeds():
-    # 4 seeds x 400 problems of 0/1 values: the replicates' spread is the standard error of the mean over
-    # seeds of per-seed means, sqrt(sum_s var_s / P) / S, so the 95% interval is mean ± 1.96 of it.
-    rng = np.random.default_rng(1)
-    per_seed = [(rng.random(400) < p).astype(float) for p in (0.2, 0.4, 0.5, 0.7)]
-    mean = float(np.mean([v.mean() for v in per_seed]))
-    se = math.sqrt(sum(v.var() / len(v) for v in per_seed)) / len(per_seed)
-
-    interval = bootstrap_over_problems(per_seed)
-
-    assert interval.mean == mean and interval.problems == (400,) * 4
-    assert interval.low == pytest.approx(mean - 1.96 * se, abs=0.1 * se)
-    assert interval.high == pytest.approx(mean + 1.96 * se, abs=0.1 * se)
-    assert bootstrap_over_problems(per_seed) == interval  # a fixed seed: the same report every time
-    assert bootstrap_over_problems(per_seed, confidence=0.5).high < interval.high
 
 
 def test_identical_variants_differ_by_exactly_zero_even_with_problems_listed_in_another_order():
