@@ -168,7 +168,7 @@ def evaluate_benchmarks(
     """
     spec = protocol.spec()
     return {
-        name: evaluate(side, records, MathGrader(), spec, vocab_size=vocab_size)
+        name: evaluate(side, records, MathGrader(), spec, vocab_size=vocab_size).metrics
         for name, records in benchmarks.items()
     }
 

@@ -14,6 +14,13 @@ of `metrics.csv`. Intervals are two-sided t intervals over seeds (n - 1 degrees 
 seed there is none. The difference against the baseline is paired: per seed, variant minus baseline,
 then the same interval over those differences. Writes report.md, comparison.md, comparison.csv and the
 PNG plots into `--out` (default: `<folder>/compare`).
+
+When the runs' eval.json hold per-problem results, avg@n, pass@k and paths/distinct also get an interval
+over problems and seeds (`eopd.bootstrap`): a percentile bootstrap that resamples
+each seed's problems (2000 replicates, fixed seed), per variant and, paired by problem id within each seed,
+for the difference against the baseline. Two more markdown tables ("bootstrap over problems within seeds")
+and the CSV's `boot_*` columns hold them, next to the t intervals over seed means; runs without
+per-problem results give the same tables and CSV as before.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from eopd.bootstrap import BOOTSTRAP_CSV_COLUMNS, bootstrap_csv_cells, bootstrap_tables
 from eopd.comparison import (
     DEFAULT_BY,
     Comparison,
@@ -139,7 +147,8 @@ def format_cell(interval: Interval, signed: bool = False) -> str:
 
 
 def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None) -> str:
-    """The final-metric table and the paired-difference table, in markdown."""
+    """The final-metric table and the paired-difference table, in markdown; with per-problem results,
+    the same two from the bootstrap over problems within seeds."""
     metrics = list(metrics or comparison.metrics)
     level = f"{comparison.confidence:.0%}"
     header = "| variant | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |"
@@ -167,6 +176,7 @@ def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None
             n = max((d.n for d in diffs.values()), default=0)
             cells = [format_cell(diffs[m], signed=True) for m in metrics]
             lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+    lines += bootstrap_tables(comparison, metrics)
     return "\n".join(lines)
 
 
@@ -187,18 +197,23 @@ CSV_COLUMNS = (
 
 
 def write_csv(comparison: Comparison, path: Path) -> None:
-    """One row per variant and metric (long format); empty cells where an interval is undefined."""
+    """One row per variant and metric (long format); empty cells where an interval is undefined.
+
+    The `boot_*` columns follow when any run has per-problem results (see `BOOTSTRAP_CSV_COLUMNS`).
+    """
 
     def cell(x: float | None) -> str:
         return "" if x is None or not math.isfinite(x) else repr(float(x))
 
+    with_bootstrap = bool(comparison.bootstrap or comparison.bootstrap_difference)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(CSV_COLUMNS + (BOOTSTRAP_CSV_COLUMNS if with_bootstrap else ()))
         for variant in comparison.variants:
             for metric in comparison.metrics:
                 s = comparison.summary[variant][metric]
                 d = comparison.difference.get(variant, {}).get(metric)
+                extra = bootstrap_csv_cells(comparison, variant, metric) if with_bootstrap else []
                 writer.writerow(
                     [
                         variant,
@@ -213,6 +228,7 @@ def write_csv(comparison: Comparison, path: Path) -> None:
                         cell(d.mean) if d else "",
                         cell(d.low) if d else "",
                         cell(d.high) if d else "",
+                        *extra,
                     ]
                 )
 

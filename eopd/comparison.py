@@ -1,4 +1,5 @@
-"""Reading finished runs and comparing them across variants and seeds: t intervals and paired differences.
+"""Reading finished runs and comparing them across variants and seeds: t intervals, paired differences and
+a bootstrap over problems within seeds.
 
 The library behind `python -m eopd.compare` (which writes the tables, plots and report). A run is a folder
 holding `config.yaml` and `metrics.csv` (what `eopd.train` writes), or a wandb run. Its variant is the value
@@ -7,6 +8,17 @@ of `by` in its config (default `objective.name`); its seed is `seed`. Final metr
 `metrics.csv`. Intervals are two-sided t intervals over seeds (n - 1 degrees of freedom); with one seed
 there is none. The difference against the baseline is paired: per seed, variant minus baseline, then the
 same interval over those differences.
+
+When eval.json also holds the trained student's per-problem results ("problems", which `eopd.train`
+writes), the metrics they determine (avg@n, pass@k, paths/distinct) also get a percentile bootstrap over
+problems within seeds: a replicate resamples each seed's problems with replacement (independently per
+seed), takes the mean over problems in each seed, then the mean over seeds. For the difference against the
+baseline, problems are paired by id within a seed and resampled together, so a replicate is the mean over
+seeds of the mean over the same resampled problems of variant - baseline.
+`eopd.bootstrap.BOOTSTRAP_REPLICATES` replicates from a fixed seed: the same runs give the same intervals.
+The seeds are not resampled: the bootstrap measures the test set's share of the uncertainty, the t
+interval the variation between seeds. Runs without per-problem results get the t intervals alone, as
+before.
 """
 
 from __future__ import annotations
@@ -21,6 +33,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from eopd.bootstrap import BOOTSTRAP_REPLICATES, BootstrapInterval, bootstrap_comparison
+from eopd.metrics import ProblemResults
 
 DEFAULT_BY = ("objective.name",)
 
@@ -134,6 +149,7 @@ class RunRecord:
     final_source: str  # "eval.json", "metrics.csv" or "wandb"
     last: dict[str, float] = field(default_factory=dict)  # last logged value of every column
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # key -> [(step, value)]
+    problems: ProblemResults | None = None  # the final student's per-problem results (eval.json)
 
     def value(self, metric: str) -> float:
         """A final metric; falls back to the last logged value of a column (e.g. `val/avg@4`)."""
@@ -241,6 +257,7 @@ def read_run(run_dir: Path | str, by: Sequence[str] = DEFAULT_BY) -> RunRecord:
         rows = list(csv.DictReader(f))
     curves, last = parse_history(rows, step_key="step", steps_per_rollout=_steps_per_rollout(config))
     final, final_source = dict(last), "metrics.csv"
+    problems = None
     eval_path = run_dir / "eval.json"
     if eval_path.is_file():
         saved = json.loads(eval_path.read_text())
@@ -248,6 +265,9 @@ def read_run(run_dir: Path | str, by: Sequence[str] = DEFAULT_BY) -> RunRecord:
         if after:
             final = {k: float(v) for k, v in after.items() if _number(v) is not None}
             final_source = "eval.json"
+            saved_problems = (saved.get("problems") or {}).get("student after")
+            if saved_problems:  # absent from eval.json written before per-problem results existed
+                problems = ProblemResults.from_json(saved_problems)
         benchmarks = (saved.get("benchmarks") or {}).get("student after")
         if benchmarks:  # {benchmark or "mean": {metric: value}}, from the math benchmarks
             final.update(
@@ -269,6 +289,7 @@ def read_run(run_dir: Path | str, by: Sequence[str] = DEFAULT_BY) -> RunRecord:
         final_source=final_source,
         last=last,
         curves=curves,
+        problems=problems,
     )
 
 
@@ -319,7 +340,8 @@ def wandb_records(path: str, by: Sequence[str] = DEFAULT_BY) -> list[RunRecord]:
 
 @dataclass
 class Comparison:
-    """Per variant and metric: the interval over seeds and the paired difference against the baseline."""
+    """Per variant and metric: the interval over seeds and the paired difference against the baseline, and
+    where runs have per-problem results, the same two from the bootstrap over problems within seeds."""
 
     variants: list[str]
     baseline: str | None
@@ -328,6 +350,10 @@ class Comparison:
     summary: dict[str, dict[str, Interval]]  # variant -> metric -> interval over seeds
     difference: dict[str, dict[str, Interval]]  # variant (not the baseline) -> metric -> paired difference
     seeds: dict[str, list[Any]]
+    # variant -> metric -> bootstrap over problems within seeds; only variants and metrics that have one
+    bootstrap: dict[str, dict[str, BootstrapInterval]] = field(default_factory=dict)
+    bootstrap_difference: dict[str, dict[str, BootstrapInterval]] = field(default_factory=dict)
+    replicates: int = BOOTSTRAP_REPLICATES
 
 
 def by_variant_and_seed(records: Sequence[RunRecord]) -> dict[str, dict[Any, RunRecord]]:
@@ -381,11 +407,17 @@ def compare(
     baseline: str | None = None,
     metrics: Sequence[str] | None = None,
     confidence: float = 0.95,
+    replicates: int = BOOTSTRAP_REPLICATES,
 ) -> Comparison:
-    """Intervals over seeds per variant and metric, and paired differences against `baseline`.
+    """Intervals over seeds per variant and metric, and paired differences against `baseline`; for runs
+    with per-problem results, also the bootstrap over problems within seeds (see the module docstring).
 
     `baseline` None picks `opd` when present, else the first variant. `metrics` None takes every final
     metric of any run.
+
+    Raises:
+        ValueError: for an unknown baseline, two runs of one variant and seed, or a variant's and the
+            baseline's runs of one seed evaluated on different problems.
     """
     if not records:
         raise ValueError("no runs to compare")
@@ -415,7 +447,21 @@ def compare(
                 for m in metrics
             }
     seeds = {v: sorted(grouped[v], key=str) for v in variants}
-    return Comparison(variants, baseline, list(metrics), confidence, summary, difference, seeds)
+    bootstrap, bootstrap_difference = bootstrap_comparison(
+        grouped, variants, baseline, metrics, confidence, replicates
+    )
+    return Comparison(
+        variants,
+        baseline,
+        list(metrics),
+        confidence,
+        summary,
+        difference,
+        seeds,
+        bootstrap,
+        bootstrap_difference,
+        replicates,
+    )
 
 
 def load_records(arguments: Sequence[str], by: Sequence[str] = DEFAULT_BY) -> list[RunRecord]:

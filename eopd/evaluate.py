@@ -87,7 +87,7 @@ def main() -> None:
             vocab_size=vocab,
             teacher=sides.get("teacher"),
             remap_end_token_ids=remap,
-        )
+        ).metrics
         print(format_table({Path(cfg.checkpoint).name: metrics}, list(metrics)))
         out = Path(cfg.output) if cfg.output else Path(cfg.checkpoint) / f"eval_{cfg.split}.json"
         out.write_text(json.dumps(metrics, indent=2))

@@ -9,6 +9,10 @@ Metrics (keys as logged during training under `val/`):
     paths/distinct    distinct correct solution paths per problem (tasks that define paths)
     entropy/student   the student's token entropy on its own samples; entropy/student_high_frac: >= tau
     entropy/teacher_high_frac, div/fkl_high_entropy: the teacher on the same samples (when given)
+`evaluate` returns them as `EvalResult.metrics`, with `EvalResult.problems` (`eopd.metrics.ProblemResults`):
+per problem its id, how many of the n samples were correct and how many distinct correct paths they took,
+from which avg@n, every pass@k and paths/distinct are per-problem means (intervals over problems in
+`eopd.compare`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from eopd.data import PromptFormat
-from eopd.metrics import distinct_correct_paths, maj_at_k, pass_at_k_curve
+from eopd.metrics import ProblemResults, distinct_correct_paths, maj_at_k, pass_at_k_curve
 from eopd.objectives import PAPER_TAU, LinearLogits, forward_kl, per_token_fused, teacher_token_stats
 from eopd.rollout import sample
 from eopd.scoring import output_weight, response_hidden_states, teacher_hidden_states, teacher_output_weight
@@ -144,6 +148,14 @@ class ModelSide:
     eos_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """What `evaluate` measured: the metrics (see the module docstring) and the per-problem results."""
+
+    metrics: dict[str, float]
+    problems: ProblemResults
+
+
 @torch.no_grad()
 def evaluate(
     student: ModelSide,
@@ -154,7 +166,7 @@ def evaluate(
     vocab_size: int,
     teacher: ModelSide | None = None,
     remap_end_token_ids: tuple[int, int] | None = None,
-) -> dict[str, float]:
+) -> EvalResult:
     """Sample `spec.n_samples` responses per record from `student`, grade them, and measure entropies.
 
     Args:
@@ -167,7 +179,8 @@ def evaluate(
         remap_end_token_ids: (student end id, teacher end id) for the teacher's copy.
 
     Returns:
-        Metric name -> value (see the module docstring).
+        `.metrics`: metric name -> value (see the module docstring); `.problems`: per record, in order, its
+        id (record["id"], else its index), its number of correct samples and of distinct correct paths.
     """
     if not records:
         raise ValueError("evaluate needs at least one record")
@@ -254,7 +267,13 @@ def evaluate(
         results["entropy/teacher_high_frac"] = teacher_high / max(tokens, 1)
         if fkl_high_count:
             results["div/fkl_high_entropy"] = fkl_high_sum / fkl_high_count
-    return results
+    problems = ProblemResults(
+        ids=tuple(record.get("id", index) for index, record in enumerate(records)),
+        n=n,
+        correct=tuple(sum(bool(c) for c in row) for row in correct),
+        paths=tuple(distinct_correct_paths(p) for p in paths),
+    )
+    return EvalResult(results, problems)
 
 
 def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> str:

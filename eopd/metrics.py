@@ -1,8 +1,12 @@
-"""Sampling metrics over graded responses: Avg@k, unbiased Pass@k, majority vote, distinct correct paths."""
+"""Sampling metrics over graded responses: Avg@k, unbiased Pass@k, majority vote, distinct correct paths,
+and the per-problem results an evaluation keeps so that intervals can be taken over problems."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -119,3 +123,68 @@ def distinct_correct_paths(paths: Sequence[Hashable | None]) -> int:
         The number of distinct non-None identifiers.
     """
     return len({path for path in paths if path is not None})
+
+
+@dataclass(frozen=True)
+class ProblemResults:
+    """Per-problem results of one evaluation: what Avg@n, Pass@k and distinct paths are averages of.
+
+    Avg@n, every Pass@k (k <= n) and paths/distinct of an evaluation are the means over its problems of
+    `per_problem(metric)`, so these few integers let `eopd.compare` resample problems.
+
+    Attributes:
+        ids: one id per problem (the record's "id", else its index in the evaluated records).
+        n: samples per problem.
+        correct: per problem, how many of its n samples were correct.
+        paths: per problem, how many distinct solution paths its correct samples took (0 without paths).
+    """
+
+    ids: tuple[Hashable, ...]
+    n: int
+    correct: tuple[int, ...]
+    paths: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            raise ValueError(f"n must be a positive integer, got {self.n!r}")
+        if not len(self.ids) == len(self.correct) == len(self.paths):
+            raise ValueError(
+                f"{len(self.ids)} ids, {len(self.correct)} correct counts and {len(self.paths)} path counts: "
+                "one of each per problem"
+            )
+        for c, p in zip(self.correct, self.paths, strict=True):
+            if not 0 <= c <= self.n or not 0 <= p <= c:
+                raise ValueError(f"a problem with {c} of {self.n} correct and {p} distinct correct paths")
+
+    def per_problem(self, metric: str) -> np.ndarray | None:
+        """The per-problem values whose mean is `metric` (avg@n, pass@k with k <= n, paths/distinct).
+
+        Returns:
+            (num_problems,) float64, or None for a metric these counts do not determine (maj@n, the
+            entropies, avg@m or pass@k with m, k > n).
+        """
+        correct = np.asarray(self.correct, dtype=np.float64)
+        if metric == f"avg@{self.n}":
+            return correct / self.n
+        if metric == "paths/distinct":
+            return np.asarray(self.paths, dtype=np.float64)
+        match = re.fullmatch(r"pass@(\d+)", metric)
+        if match and 1 <= int(match.group(1)) <= self.n:
+            k = int(match.group(1))
+            return np.array([pass_at_k(self.n, c, k) for c in self.correct], dtype=np.float64)
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        """Compact lists for eval.json: {"n", "ids", "correct", "paths"}."""
+        ids = [i if isinstance(i, str | int) and not isinstance(i, bool) else str(i) for i in self.ids]
+        return {"n": self.n, "ids": ids, "correct": list(self.correct), "paths": list(self.paths)}
+
+    @classmethod
+    def from_json(cls, saved: Mapping[str, Any]) -> ProblemResults:
+        """The inverse of `to_json`."""
+        return cls(
+            ids=tuple(saved["ids"]),
+            n=int(saved["n"]),
+            correct=tuple(int(c) for c in saved["correct"]),
+            paths=tuple(int(p) for p in saved["paths"]),
+        )

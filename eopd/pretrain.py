@@ -317,7 +317,9 @@ class _Validator:
         from eopd.evaluation import evaluate
 
         n = self.spec.n_samples
-        metrics = evaluate(self.side(model), self.records, self.grader, self.spec, vocab_size=self.vocab_size)
+        metrics = evaluate(
+            self.side(model), self.records, self.grader, self.spec, vocab_size=self.vocab_size
+        ).metrics
         return {
             "avg": metrics[f"avg@{n}"],
             "pass": metrics[f"pass@{n}"],

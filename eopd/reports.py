@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -61,15 +62,19 @@ def _wandb_api_key_present() -> bool:
 SUMMARY_PREFIXES = {"student after": "test", "student before": "test/before", "teacher": "test/teacher"}
 
 
-def report_table(table, spec, final, run_dir: Path, loggers: list = ()) -> None:
+def report_table(results, spec, final, run_dir: Path, loggers: list = ()) -> None:
     """Print the final test table, write it to eval.json and, for wandb, into the run summary and a Table.
 
-    In the summary the trained student's metrics are `test/<metric>` (as in finished.json), the others
-    `test/before/<metric>` and `test/teacher/<metric>`, so that runs can be grouped and compared on them
-    in the wandb UI; the Table `test/final` holds the printed table.
+    `results` maps each row ("student before", "student after", "teacher") to its
+    `eopd.evaluation.EvalResult`. eval.json holds one object of metrics per row and, under "problems", each
+    row's per-problem results (`ProblemResults.to_json`: n, ids, correct, paths), from which
+    `eopd.compare` resamples problems. In the summary the trained student's metrics are `test/<metric>`
+    (as in finished.json), the others `test/before/<metric>` and `test/teacher/<metric>`, so that runs can
+    be grouped and compared on them in the wandb UI; the Table `test/final` holds the printed table.
     """
     from eopd.evaluation import format_table
 
+    table = {model: result.metrics for model, result in results.items()}
     n = spec.n_samples
     keys = [
         f"avg@{n}",
@@ -87,7 +92,8 @@ def report_table(table, spec, final, run_dir: Path, loggers: list = ()) -> None:
         f"temperature {spec.temperature}, top-p {spec.top_p}"
     )
     print(f"\n{header}\n{text}\n", flush=True)
-    (run_dir / "eval.json").write_text(json.dumps(table, indent=2))
+    problems = {model: result.problems.to_json() for model, result in results.items()}
+    (run_dir / "eval.json").write_text(eval_json_text({**table, "problems": problems}))
     for logger in loggers:
         if type(logger).__name__ != "WandbLogger":
             continue
@@ -99,6 +105,15 @@ def report_table(table, spec, final, run_dir: Path, loggers: list = ()) -> None:
         logger.experiment.summary.update(summary)
         rows = [[model, *(metrics.get(key) for key in keys)] for model, metrics in table.items()]
         logger.log_table("test/final", columns=["model", *keys], data=rows)
+
+
+def eval_json_text(saved: dict) -> str:
+    """eval.json's text: indented JSON with each flat list (the per-problem results) on one line."""
+    text = json.dumps(saved, indent=2)
+    # JSON strings hold no raw newline, so ",\n<indent>" only ever separates the elements of a list.
+    return re.sub(
+        r"\[\n\s*([^\[\]{}]*?)\n\s*\]", lambda m: "[" + re.sub(r",\n\s*", ", ", m.group(1)) + "]", text
+    )
 
 
 def report_benchmarks(runs, protocol, cfg: DictConfig, run_dir: Path) -> dict[str, float]:
@@ -124,7 +139,7 @@ def report_benchmarks(runs, protocol, cfg: DictConfig, run_dir: Path) -> dict[st
         }
         for model, results in runs.items()
     }
-    path.write_text(json.dumps(saved, indent=2))
+    path.write_text(eval_json_text(saved))
     row = table.get("student after") or {}
     return {f"bench/{key}": value for key, value in row.items()}
 

@@ -63,7 +63,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     from eopd.callbacks import AtomicCheckpointIO, PeriodicEvaluation, Preemption, ResumeState
     from eopd.checkpointing import NonFiniteTraining
     from eopd.data import PromptDataset, prompt_loader
-    from eopd.evaluation import GRADERS, ModelSide, evaluate
+    from eopd.evaluation import GRADERS, EvalResult, ModelSide, evaluate
     from eopd.models import load_model, load_tokenizer, prepare_student
     from eopd.module import DistillModule
     from eopd.pairs import assemble_pair, show_pair
@@ -211,7 +211,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         )
 
     final = cfg.eval.final
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, EvalResult] = {}  # the final table's rows, with their per-problem results
     rows = set(final.get("models", MODELS)) if final.enabled else set()
     if "before" in rows:
         table["student before"] = evaluation(p.final_spec, final.split, final.n_problems, student_side)
@@ -223,12 +223,14 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         callbacks.append(progress_bar(cfg.rollout_steps))
     periodic = PeriodicEvaluation(  # on every rank under FSDP: student and teacher gathered whole
         lambda model: module.on_teacher(
-            lambda teacher_model: evaluation(
-                p.eval_spec,
-                cfg.eval.split,
-                cfg.eval.n_problems,
-                ModelSide(model, student_tokenizer, p.student_format, (student_eos,)),
-                teacher_model=teacher_model,
+            lambda teacher_model: (
+                evaluation(
+                    p.eval_spec,
+                    cfg.eval.split,
+                    cfg.eval.n_problems,
+                    ModelSide(model, student_tokenizer, p.student_format, (student_eos,)),
+                    teacher_model=teacher_model,
+                ).metrics
             ),
             gathered=True,
         ),
@@ -294,7 +296,8 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
                 p.final_spec, final.split, final.n_problems, teacher_alone, with_teacher=False
             )
         report_table(table, p.final_spec, final, p.run_dir, trainer.loggers)
-        metrics.update({f"test/{k}": v for k, v in table.get("student after", {}).items()})
+        if "student after" in table:
+            metrics.update({f"test/{k}": v for k, v in table["student after"].metrics.items()})
     if p.benchmarks and trainer.is_global_zero:  # under DDP the other ranks would repeat it
         if "after" in p.benchmark_protocol.models:
             bench_runs["student after"] = _evaluate_benchmarks(p, student_side, vocab_size)

@@ -12,11 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import compose_train
 
 import eopd.train
-from eopd.compare import curve_band, curve_bin_steps, format_cell, main, table_metrics
+from eopd.compare import CSV_COLUMNS, curve_band, curve_bin_steps, format_cell, main, table_metrics
 from eopd.comparison import (
     Interval,
     RunRecord,
@@ -31,6 +32,7 @@ from eopd.comparison import (
     t_quantile,
     variant_label,
 )
+from eopd.metrics import ProblemResults
 
 REPO = Path(eopd.train.CONF_DIR).parent
 # Two-sided 95% t quantiles t_{0.975, df} from published tables.
@@ -131,6 +133,73 @@ def test_dense_curves_are_binned_per_run_before_the_interval_across_seeds():
     assert curve_bin_steps(runs[:1], "val/avg@4") == 0  # sparse or absent curves are not binned
 
 
+# ---- the bootstrap over problems within seeds, on hand-made per-problem results -------------------------
+
+
+def _with_problems(variant: str, seed: int, correct, ids=None, n: int = 4) -> RunRecord:
+    ids = tuple(ids) if ids is not None else tuple(f"test-{i:05d}" for i in range(len(correct)))
+    problems = ProblemResults(ids=ids, n=n, correct=tuple(correct), paths=tuple(min(c, 1) for c in correct))
+    record = _record(variant, seed, float("nan"))
+    metrics = [f"avg@{n}", *(f"pass@{k}" for k in range(1, n + 1)), "paths/distinct"]
+    record.final = {m: float(problems.per_problem(m).mean()) for m in metrics} | {f"maj@{n}": 0.5}
+    record.problems = problems
+    return record
+
+
+def test_identical_variants_differ_by_exactly_zero_even_with_problems_listed_in_another_order():
+    rng = np.random.default_rng(0)
+    records = []
+    for seed in range(3):
+        correct = rng.integers(0, 5, size=20).tolist()
+        base = _with_problems("opd", seed, correct)
+        flipped = _with_problems("eopd", seed, correct[::-1], ids=base.problems.ids[::-1])
+        records += [base, flipped]
+
+    comparison = compare(records, baseline="opd")
+
+    for metric in ("avg@4", "pass@1", "pass@2", "pass@4", "paths/distinct"):
+        diff = comparison.bootstrap_difference["eopd"][metric]
+        assert (diff.mean, diff.low, diff.high) == (0.0, 0.0, 0.0), metric
+        assert diff.problems == (20, 20, 20)
+        own, base = comparison.bootstrap["eopd"][metric], comparison.bootstrap["opd"][metric]
+        assert own.mean == pytest.approx(base.mean, abs=1e-15) and own.low < own.high
+    assert "maj@4" not in comparison.bootstrap["opd"]  # not determined by the per-problem counts
+
+
+def test_a_variant_better_on_every_problem_has_a_difference_interval_above_zero():
+    rng = np.random.default_rng(0)
+    records = []
+    for seed in range(3):
+        baseline = rng.integers(0, 3, size=30)  # 0..2 of 4 correct
+        better = baseline + rng.integers(1, 2, size=30, endpoint=True)  # 1 or 2 more, at most 4
+        records += [
+            _with_problems("opd", seed, baseline.tolist()),
+            _with_problems("eopd", seed, better.tolist()),
+        ]
+
+    comparison = compare(records, baseline="opd")
+
+    for metric in ("avg@4", "pass@1", "pass@2"):
+        diff = comparison.bootstrap_difference["eopd"][metric]
+        assert 0 < diff.low < diff.mean < diff.high, metric
+    avg = comparison.bootstrap_difference["eopd"]["avg@4"]
+    assert avg.mean == pytest.approx(comparison.difference["eopd"]["avg@4"].mean, abs=1e-15)
+
+
+def test_runs_evaluated_on_different_problems_are_refused_with_both_runs_and_the_fix():
+    base = _with_problems("opd", 0, [1, 2, 3])
+    other = _with_problems("eopd", 0, [1, 2, 3], ids=["test-00000", "test-00001", "val-00007"])
+
+    with pytest.raises(ValueError, match="different problems") as error:
+        compare([base, other], baseline="opd")
+    message = str(error.value)
+    assert base.source in message and other.source in message
+    assert "val-00007" in message and "test-00002" in message and "eval.final.n_problems" in message
+    repeated = _with_problems("eopd", 0, [1, 2, 3], ids=["a", "a", "b"])
+    with pytest.raises(ValueError, match="unique id"):
+        compare([base, repeated], baseline="opd")
+
+
 # ---- wandb: the parsing of history rows (the API itself needs a network) ----------------------------------
 
 
@@ -215,7 +284,8 @@ def test_the_final_table_has_the_rows_eval_final_models_names(sweep_dir):
         expected = (
             {"student after"} if run.name.endswith("-s1") else {"student before", "student after", "teacher"}
         )
-        assert set(saved) == expected, run.name
+        assert set(saved) == expected | {"problems"}, run.name
+        assert set(saved["problems"]) == expected, run.name  # each row's per-problem results
 
 
 @pytest.fixture(scope="session")
@@ -285,6 +355,47 @@ def test_paired_difference_is_the_mean_of_per_seed_differences(sweep_dir, report
         assert rows["opd", metric]["diff_mean"] == ""  # no difference of the baseline with itself
 
 
+def test_per_problem_results_add_the_bootstrap_next_to_the_t_intervals(sweep_dir, report):
+    rows, table = _comparison_rows(report), (report / "comparison.md").read_text()
+
+    assert "Bootstrap over problems within seeds, 95%" in table
+    assert "Paired difference against `opd`, bootstrap over problems within seeds, 95%" in table
+    assert re.search(r"^\| eopd \| 2×2 \| [-+]?\d\.\d{3} \[", table, re.M), table
+    for objective in OBJECTIVES:
+        for metric in ("avg@4", "pass@1", "pass@4", "paths/distinct"):
+            row = rows[objective, metric]
+            assert (row["boot_seeds"], row["boot_problems"]) == ("2", "4"), metric  # 2 seeds x 2 problems
+            # the estimate is the mean over seeds of each seed's eval.json value: the t interval's mean
+            assert float(row["boot_mean"]) == pytest.approx(float(row["mean"]), abs=1e-12)
+            assert float(row["boot_ci_low"]) <= float(row["boot_mean"]) <= float(row["boot_ci_high"])
+            if objective == "eopd":
+                assert float(row["boot_diff_mean"]) == pytest.approx(float(row["diff_mean"]), abs=1e-12)
+        assert rows[objective, "entropy/student"]["boot_mean"] == ""  # not a mean over problems
+    assert rows["opd", "avg@4"]["boot_diff_mean"] == ""  # no difference of the baseline with itself
+
+
+def test_eval_json_without_per_problem_results_compares_exactly_as_before(sweep_dir, report, tmp_path):
+    old = tmp_path / "old"
+    for run in sweep_dir.iterdir():
+        shutil.copytree(run, old / run.name, ignore=shutil.ignore_patterns("student", "checkpoints"))
+        saved = json.loads((old / run.name / "eval.json").read_text())
+        del saved["problems"]  # as eval.json was written before per-problem results
+        (old / run.name / "eval.json").write_text(json.dumps(saved))
+    out = tmp_path / "compare"
+
+    assert main([str(old), "--baseline", "opd", "--out", str(out)]) == 0
+
+    with open(out / "comparison.csv") as f:
+        assert tuple(next(csv.reader(f))) == CSV_COLUMNS
+    with_problems = _comparison_rows(report)
+    assert _comparison_rows(out) == {
+        key: {column: row[column] for column in CSV_COLUMNS} for key, row in with_problems.items()
+    }
+    table = (report / "comparison.md").read_text()
+    assert (out / "comparison.md").read_text() == table.split("\n\nBootstrap over problems")[0] + "\n"
+    assert all(read_run(run).problems is None for run in old.iterdir())
+
+
 def test_markdown_table_shows_every_variant_with_its_seeds(report):
     table = (report / "comparison.md").read_text()
 
@@ -331,7 +442,8 @@ def test_one_seed_per_variant_reports_n1_without_an_interval(sweep_dir, tmp_path
 
     assert main([*runs, "--out", str(tmp_path)]) == 0
 
-    rows_md = [line for line in (tmp_path / "comparison.md").read_text().splitlines() if "opd |" in line]
+    t_tables = (tmp_path / "comparison.md").read_text().split("\n\nBootstrap over problems")[0]
+    rows_md = [line for line in t_tables.splitlines() if "opd |" in line]
     assert len(rows_md) == 3  # opd, eopd, and eopd - opd
     assert all("(n=1)" in line and "±" not in line for line in rows_md)
     rows = _comparison_rows(tmp_path)

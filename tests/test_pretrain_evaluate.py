@@ -1,6 +1,8 @@
 """The embedded pair's build (fingerprint, reuse, atomicity) and the sampling evaluation, on tiny recipes."""
 
 import json
+import math
+from fractions import Fraction
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -8,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from eopd import pretrain
 from eopd.data import PromptFormat
 from eopd.evaluation import EmbeddedGrader, EvalSpec, ModelSide, evaluate, format_table
+from eopd.metrics import ProblemResults
 from eopd.models import build_causal_lm
 from eopd.pretrain import ModelRecipe, PairRecipe, Target, ensure_pair, train_supervised
 from eopd.tasks.multipath import make_splits
@@ -138,8 +141,8 @@ def test_evaluate_metrics_are_consistent(tmp_path):
     side = ModelSide(model, tokenizer, PromptFormat(suffix="\n"), (tokenizer.eos_token_id,))
     spec = EvalSpec(n_samples=4, max_new_tokens=6, batch_size=3)
     records = embedded_records(5)
-    ones = evaluate(side, records, Always(True), spec, vocab_size=len(tokenizer), teacher=side)
-    zeros = evaluate(side, records, Always(False), spec, vocab_size=len(tokenizer))
+    ones = evaluate(side, records, Always(True), spec, vocab_size=len(tokenizer), teacher=side).metrics
+    zeros = evaluate(side, records, Always(False), spec, vocab_size=len(tokenizer)).metrics
     assert ones["avg@4"] == ones["pass@1"] == ones["pass@4"] == ones["maj@4"] == 1.0
     assert zeros["avg@4"] == zeros["pass@4"] == zeros["maj@4"] == 0.0
     assert ones["div/fkl_high_entropy"] == pytest.approx(0.0, abs=1e-5)  # the same model as teacher
@@ -148,9 +151,55 @@ def test_evaluate_metrics_are_consistent(tmp_path):
     # The same seed draws the same samples; the real grader rejects a random model's responses.
     real = evaluate(side, records, EmbeddedGrader(), spec, vocab_size=len(tokenizer))
     again = evaluate(side, records, EmbeddedGrader(), spec, vocab_size=len(tokenizer))
-    assert real == again and real["avg@4"] == 0.0
+    assert real == again and real.metrics["avg@4"] == 0.0
     table = format_table({"a": ones, "b": zeros}, ["avg@4", "pass@4", "missing"])
     assert "avg@4" in table and "missing" in table and table.count("\n") == 2
+
+
+class ByChecksum(Always):
+    """A response is correct when its characters' code points sum to an even number; its path is its
+    first character. Deterministic, and mixed on a random model's samples."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def grade(self, record, response):
+        return sum(map(ord, response)) % 2 == 0
+
+    def answer_is_correct(self, record, answer):
+        return False
+
+    def path(self, record, response):
+        return response[:1]
+
+
+def test_per_problem_results_are_what_the_aggregate_metrics_average():
+    tokenizer = build_tokenizer()
+    model = build_causal_lm(vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2, seed=0)
+    side = ModelSide(model, tokenizer, PromptFormat(suffix="\n"), (tokenizer.eos_token_id,))
+    n = 4
+    spec = EvalSpec(n_samples=n, max_new_tokens=6, batch_size=3)
+    records = embedded_records(8)
+
+    result = evaluate(side, records, ByChecksum(), spec, vocab_size=len(tokenizer))
+
+    problems, metrics = result.problems, result.metrics
+    assert problems.ids == tuple(r["id"] for r in records) and problems.n == n
+    assert any(0 < c < n for c in problems.correct), problems.correct  # the checks below are not trivial
+    assert sum(problems.correct) / (len(records) * n) == metrics[f"avg@{n}"]
+    assert sum(problems.paths) / len(records) == pytest.approx(metrics["paths/distinct"], abs=1e-15)
+    for k in range(1, n + 1):  # pass@k = 1 - C(n - c, k) / C(n, k), exactly, then averaged
+        exact = [1 - Fraction(math.comb(n - c, k), math.comb(n, k)) for c in problems.correct]
+        assert metrics[f"pass@{k}"] == pytest.approx(float(sum(exact) / len(exact)), abs=1e-15)
+        assert problems.per_problem(f"pass@{k}") == pytest.approx([float(e) for e in exact], abs=1e-15)
+    assert problems.per_problem(f"avg@{n}").mean() == pytest.approx(metrics[f"avg@{n}"], abs=1e-15)
+    assert problems.per_problem(f"maj@{n}") is None and problems.per_problem(f"pass@{n + 1}") is None
+    assert ProblemResults.from_json(json.loads(json.dumps(problems.to_json()))) == problems
+    # Records without an id are named by their position.
+    plain = [{k: v for k, v in r.items() if k != "id"} for r in records]
+    again = evaluate(side, plain, ByChecksum(), spec, vocab_size=len(tokenizer))
+    assert again.problems.ids == tuple(range(len(records)))
+    assert again.problems.correct == problems.correct
 
 
 def test_evaluate_command_line_on_a_saved_model(tmp_path):

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 from conftest import compose_train
 
 from eopd import reports
-from eopd.evaluation import EvalSpec
+from eopd.evaluation import EvalResult, EvalSpec
+from eopd.metrics import ProblemResults
 
 
 class WandbLogger:
@@ -26,12 +27,27 @@ def test_the_final_table_reaches_eval_json_and_the_wandb_summary(tmp_path, capsy
         "student after": {"avg@8": 0.5, "pass@8": 1.0},
         "teacher": {"avg@8": 0.9, "pass@8": 1.0},
     }
+    problems = {
+        model: ProblemResults(ids=("test-00000", "test-00001"), n=8, correct=(c, 8), paths=(min(c, 1), 2))
+        for model, c in (("student before", 0), ("student after", 3), ("teacher", 8))
+    }
+    results = {model: EvalResult(table[model], problems[model]) for model in table}
     logger = WandbLogger()
     final = SimpleNamespace(n_problems=4, split="test")
 
-    reports.report_table(table, EvalSpec(n_samples=8), final, tmp_path, [logger])
+    reports.report_table(results, EvalSpec(n_samples=8), final, tmp_path, [logger])
 
-    assert json.loads((tmp_path / "eval.json").read_text()) == table
+    text = (tmp_path / "eval.json").read_text()
+    saved = json.loads(text)
+    assert {model: saved[model] for model in table} == table  # the rows old readers know, unchanged
+    assert saved["problems"]["student after"] == {
+        "n": 8,
+        "ids": ["test-00000", "test-00001"],
+        "correct": [3, 8],
+        "paths": [1, 2],
+    }
+    assert {ProblemResults.from_json(p) for p in saved["problems"].values()} == set(problems.values())
+    assert '"correct": [3, 8],' in text  # one line per list, not one per problem
     summary = logger.experiment.summary
     assert (summary["test/avg@8"], summary["test/pass@8"]) == (0.5, 1.0)  # as in finished.json
     assert summary["test/before/avg@8"] == 0.4 and summary["test/teacher/avg@8"] == 0.9

@@ -273,7 +273,8 @@ def test_two_cpu_processes_train_save_the_whole_student_and_resume_exactly(strat
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in initial.items()}
     assert any(not torch.equal(saved[k], initial[k]) for k in initial)
     table = json.loads((run_dir / "eval.json").read_text())  # rank 0's final evaluation, teacher included
-    assert set(table) == {"student before", "student after", "teacher"}
+    assert set(table) == {"student before", "student after", "teacher", "problems"}
+    assert set(table["problems"]) == {"student before", "student after", "teacher"}
     assert math.isfinite(table["student after"]["div/fkl_high_entropy"])
     # Checkpoints are whole files, so a sharded run resumes like any other: from rollout step 2's
     # checkpoint, step 3 logs what the uninterrupted run logged.
