@@ -166,6 +166,17 @@ CASES = {
     "unknown-final-table-row": Case(
         ["eval.final.models=[after,during]"], ConfigError, ["eval.final.models", "before, after, teacher"]
     ),
+    "reward-objective-with-one-sample-per-prompt": Case(
+        ["objective=grpo", "rollout.n_samples=1"], ConfigError, ["rollout.n_samples", "rollout.n_samples=4"]
+    ),
+    "retained-fraction-out-of-range": Case(
+        ["objective=tip", "objective.rho=1.5"], ConfigError, ["objective.rho=1.5"]
+    ),
+    "mini-batch-not-dividing-the-sampled-rows": Case(
+        ["rollout.n_samples=3", "update.mini_batch_size=8"],
+        ConfigError,
+        ["update.mini_batch_size=8", "n_samples"],
+    ),
     "gpu-trainer-without-a-gpu": Case(["trainer=gpu"], ConfigError, ["trainer.accelerator", "trainer=cpu"]),
     "sharded-teacher-without-fsdp": Case(
         ["+pair.teacher.shard=true"], ConfigError, ["pair.teacher.shard", "needs trainer=fsdp", "=false"]

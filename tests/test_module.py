@@ -1,5 +1,7 @@
 """DistillModule on a tiny random pair: what one step does to the student, and what it must not do to the teacher."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -296,3 +298,67 @@ def test_a_teacher_end_id_written_mid_response_is_read_as_the_teachers_end_and_s
     torch.testing.assert_close(got[1], logp[1, EOS], rtol=1e-4, atol=1e-4)  # mid-response: the swapped row
     torch.testing.assert_close(got[4], logp[4, TEACHER_EOS], rtol=1e-4, atol=1e-4)  # the end: its own end
     torch.testing.assert_close(got[[0, 2, 3]], logp[[0, 2, 3], [7, 9, 11]], rtol=1e-4, atol=1e-4)
+
+
+class _IdsTokenizer:
+    """Decodes token ids to their numbers, for reward functions in tests."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+@pytest.mark.parametrize("objective", ["tip", "sead", "reopold"])
+def test_gates_on_the_student_side_are_decided_at_the_rollout_policy(tmp_path, objective):
+    module = make_module(objective)
+    assert module.objective.needs_student_signals
+    batch = prompts(8)
+    rollout, _ = module.make_rollout(batch)
+    teacher = module.score_teacher(rollout, batch)
+    assert teacher.gates is None  # not decidable from the teacher alone
+    old, diagnostics = module.score_old_policy(rollout, teacher)
+    # The same gates as the objective decides by itself on the whole batch at these weights.
+    with torch.no_grad():
+        hidden = response_hidden_states(module.student, rollout)
+        scores = module.objective.score_rollout(
+            student=LinearLogits(hidden, output_weight(module.student), V),
+            tokens=rollout.responses,
+            mask=rollout.response_mask,
+            teacher_stats=teacher.stats,
+            teacher=LinearLogits(teacher.hidden, module._teacher_weight(), V),
+        )
+    torch.testing.assert_close(teacher.gates, scores.gate_weights)
+    assert 0 < diagnostics.means()["gate/fraction"] <= 1
+    trainer = fit(make_module(objective), tmp_path)
+    logs = trainer.lightning_module.last_logs
+    assert math.isfinite(logs["train/loss"])
+    terms = [f"loss/{t.name}" for t in module.objective.terms]
+    assert sum(logs[k] for k in terms) == pytest.approx(logs["train/loss"], rel=1e-5, abs=1e-7)
+
+
+def test_grpo_samples_each_prompt_several_times_grades_them_and_trains_on_the_group_advantage(tmp_path):
+    graded = []
+
+    def reward(records, texts):
+        graded.append([r["prompt_ids"] for r in records])
+        return [float("7" in text.split()) for text in texts]  # any toy verifiable reward
+
+    module = make_module(
+        "grpo",
+        rollout=RolloutSpec(max_new_tokens=10, n_samples=2),
+        tokenizer=_IdsTokenizer(),
+        reward=reward,
+    )
+    student_before = [p.detach().clone() for p in module.student.parameters()]
+    trainer = fit(module, tmp_path)
+    assert trainer.global_step == 4  # 8 prompts x 2 samples / mini-batch 4
+    rows = graded[0]
+    assert len(rows) == 16 and all(rows[2 * i] == rows[2 * i + 1] for i in range(8))  # groups are adjacent
+    logs = trainer.lightning_module.last_logs
+    assert 0.0 <= logs["train/reward"] <= 1.0 and "train/reward_flat_groups" in logs
+    assert any(
+        not torch.equal(a, b) for a, b in zip(student_before, module.student.parameters(), strict=True)
+    )
+    with pytest.raises(ValueError, match="rollout.n_samples >= 2"):
+        make_module("grpo", tokenizer=_IdsTokenizer(), reward=reward)
+    with pytest.raises(ValueError, match="reward=..."):
+        make_module("grpo", rollout=RolloutSpec(max_new_tokens=10, n_samples=2))
