@@ -12,7 +12,6 @@ from eopd.objectives import (
     HardGate,
     Not,
     Objective,
-    QuantileGate,
     Signals,
     Term,
     preset,
