@@ -181,10 +181,9 @@ def test_reopold_clips_the_reward_below_and_switches_its_mask_at_switch_step(ste
     assert floor == pytest.approx(-1.72, abs=1e-3)
     lt_y = x["lt"].gather(-1, x["y"][:, None])[:, 0]
     reward = lt_y - x["old"]  # log p_te(y) - log p_old(y)
-    if step < 5:  # exploration: the tokens whose reward at the rollout policy is above the floor
-        kept = (-x["log_ratio"] > floor).double()
-    else:  # refinement: the top 20% by the student's entropy
-        kept = top_fraction(x["h_s"], 0.2)
+    # Exploration: the tokens whose reward at the rollout policy is above the floor; refinement: the top
+    # 20% by the student's entropy.
+    kept = (-x["log_ratio"] > floor).double() if step < 5 else top_fraction(x["h_s"], 0.2)
     assert 0 < kept.sum() < kept.numel()
     per_token = ppo64(x["ls"], x["y"], x["old"], reward.clamp(min=floor))
     expected = float((kept * per_token).sum() / kept.sum())
