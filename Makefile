@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv venv-gpu train demo test test-all test-gpu lint format bench clean
+.PHONY: help venv venv-gpu train demo study test test-all test-gpu lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,13 @@ demo: $(VENV)/.installed ## the paper's comparison on the embedded default (opd,
 	rm -rf $(DEMO_DIR)
 	OMP_NUM_THREADS=1 $(PY) -m eopd.train sweep=demo hydra/launcher=parallel hydra.sweep.dir=$(DEMO_DIR) $(ARGS)
 	$(PY) -m eopd.compare $(DEMO_DIR) --baseline opd --out docs/demo
+
+STUDY_DIR ?= outputs/sweeps/study/latest
+study: $(VENV)/.installed ## EOPD and its successors, RL baselines: 10 objectives x 5 seeds, report in docs/study
+	$(PY) -m eopd.pretrain
+	rm -rf $(STUDY_DIR)
+	OMP_NUM_THREADS=1 $(PY) -m eopd.train sweep=study hydra/launcher=parallel hydra.sweep.dir=$(STUDY_DIR) $(ARGS)
+	$(PY) -m eopd.compare $(STUDY_DIR) --baseline opd --out docs/study
 
 # The tests run in parallel processes (pytest-xdist), one per core up to 4, each file's tests in one
 # process (module fixtures are built once); every test runs single-threaded (tests/conftest.py).
