@@ -17,7 +17,8 @@ import pytest
 from conftest import compose_train
 
 import eopd.train
-from eopd.compare import CSV_COLUMNS, curve_band, curve_bin_steps, format_cell, main, table_metrics
+from eopd.compare import CSV_COLUMNS, format_cell, main, table_metrics, write_report
+from eopd.compare_plots import curve_band, curve_bin_steps
 from eopd.comparison import (
     Interval,
     RunRecord,
@@ -518,3 +519,31 @@ def test_math_benchmark_results_become_final_metrics_and_their_mean_a_table_colu
     shown = table_metrics([record])
     assert {"bench/mean/avg@8", "bench/mean/pass@8"} <= set(shown)
     assert "bench/math500/avg@8" not in shown
+
+
+def test_primary_metrics_fixed_in_the_sweep_config_lead_the_report_and_a_second_baseline_gets_its_tables(
+    tmp_path,
+):
+    rng = np.random.default_rng(1)
+    records = []
+    for seed in range(3):
+        for variant, shift in (("opd", 0), ("eopd", 1), ("tip", 2)):
+            correct = np.clip(rng.integers(0, 4, size=12) + shift, 0, 4).tolist()
+            record = _with_problems(variant, seed, correct)
+            record.config["study"] = {"primary": ["pass@4", "paths/distinct"]}
+            records.append(record)
+
+    write_report(records, tmp_path, baseline="opd", also_against=["eopd"])
+    report = (tmp_path / "report.md").read_text()
+
+    assert (
+        "Primary metrics, fixed in the sweep's config (`study.primary`) before the runs: `pass@4`" in report
+    )
+    first_table_header = next(line for line in report.splitlines() if line.startswith("| variant | seeds |"))
+    assert first_table_header.startswith("| variant | seeds | `pass@4` | `paths/distinct` |")
+    against = report.split("## Against `eopd`")[1]
+    assert "Paired difference against `eopd`" in against and "| tip |" in against
+    expected = compare(records, baseline="eopd").difference["tip"]["pass@4"].mean
+    with open(tmp_path / "comparison_vs_eopd.csv") as handle:
+        rows = {r["variant"]: r for r in csv.DictReader(handle) if r["metric"] == "pass@4"}
+    assert float(rows["tip"]["diff_mean"]) == pytest.approx(expected)

@@ -3,22 +3,20 @@ without autograd through the full-vocabulary softmax (for objectives whose terms
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from eopd.objectives.diagnostics import student_metrics
 from eopd.objectives.reduction import Metrics
-from eopd.objectives.terms import Tile
-
-if TYPE_CHECKING:
-    from eopd.objectives.objective import Objective
+from eopd.objectives.terms import Term, Tile
 
 
 def loss_and_grad(
-    objective: Objective,
+    terms: Sequence[Term],
+    temperature: float,
+    diagnostic_tau: float,
     logits: Tensor,
     tile: Tile,
     coefficients: Tensor,
@@ -43,7 +41,7 @@ def loss_and_grad(
         keep: receives the per-token values of the diagnostics (for the gates and their metrics).
     """
     # In place: at a 150k vocabulary each (n, V) float32 tensor is what bounds the chunk size.
-    z = logits if objective.temperature == 1.0 else logits.div_(objective.temperature)
+    z = logits if temperature == 1.0 else logits.div_(temperature)
     logp = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # (n, V)
     p = logp.exp()
     student_entropy = -torch.einsum("nv,nv->n", p, logp)
@@ -61,14 +59,14 @@ def loss_and_grad(
             tile,
             student_entropy=student_entropy,
             student_p=p,
-            terms=objective.terms,
-            diagnostic_tau=objective.diagnostic_tau,
+            terms=terms,
+            diagnostic_tau=diagnostic_tau,
         )
     )
     total = logp.new_zeros(())
     supports, grads = [], []
     with torch.enable_grad():
-        for i, term in enumerate(objective.terms):
+        for i, term in enumerate(terms):
             if not term.sparse:
                 continue
             support = term.spec.support(tile, term.options)  # (n, m)
@@ -81,10 +79,10 @@ def loss_and_grad(
                 (grad_at,) = torch.autograd.grad(term_total, at)
                 supports.append(support)
                 grads.append(grad_at)
-    dense = [i for i, term in enumerate(objective.terms) if not term.sparse]
+    dense = [i for i, term in enumerate(terms) if not term.sparse]
     dense_grad = None  # (n, V): sum over dense terms of coefficient x G
     for i in dense:
-        term = objective.terms[i]
+        term = terms[i]
         consume = i == dense[-1]
         values, g = term.spec.dense(logp, p, tile, term.options, need_grad, consume)
         metrics.add(f"loss/{term.name}", (coefficients[i] * count) * values)
@@ -102,6 +100,6 @@ def loss_and_grad(
         grad.add_(dense_grad)
     for support, grad_at in zip(supports, grads, strict=True):
         grad.scatter_add_(-1, support, grad_at)
-    if objective.temperature != 1.0:
-        grad.div_(objective.temperature)
+    if temperature != 1.0:
+        grad.div_(temperature)
     return total, grad

@@ -392,7 +392,9 @@ class Objective:
                 tile.teacher_logp = teacher_log_probs(start, end)
                 tile.teacher_p = tile.teacher_logp.exp()
             return loss_and_grad(
-                self,
+                self.terms,
+                self.temperature,
+                self.diagnostic_tau,
                 student_logits,
                 tile,
                 coefficients[:, start:end],
