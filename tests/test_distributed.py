@@ -23,6 +23,7 @@ from eopd.batch import RolloutBatch
 from eopd.models import build_causal_lm
 from eopd.module import DistillModule
 from eopd.objectives import NoGate, Objective, QuantileGate, RandomGate, Term
+from eopd.objectives.gates import SoftOr
 from eopd.rollout import sample
 from eopd.specs import OptimSpec, PairSpec, RolloutSpec, UpdateSpec
 
@@ -64,6 +65,16 @@ def objective() -> Objective:
             Term("topk_fkl", gate=QuantileGate(0.3), options=fkl, name="fkl_quantile"),
             Term("topk_fkl", gate=RandomGate(QuantileGate(0.5), seed=3), options=fkl, name="fkl_random"),
             Term("topk_fkl", weight=0.1, gate=NoGate(), options=fkl, name="fkl_all"),
+            # A gate on the student's side (decided after the old-policy pass, over every rank's signals)
+            # and a mean over the tokens it selects (its normaliser summed over ranks).
+            Term(
+                "topk_fkl",
+                weight=0.5,
+                gate=QuantileGate(0.4, signal=SoftOr("student_entropy", "log_ratio")),
+                options=fkl,
+                name="fkl_student_side",
+                normalize="gate",
+            ),
         ),
         top_k=8,
     )
