@@ -201,6 +201,35 @@ def primary_metrics(records: Sequence[RunRecord]) -> list[str]:
     return list(next(iter(named))) if len(named) == 1 else []
 
 
+def sweep_provenance(records: Sequence[RunRecord]) -> str:
+    """How a local Hydra sweep was run, when every run lies in one sweep folder: its command (from
+    `multirun.yaml`) and its wall time, from the first run's start (its `.hydra` folder) to the last run's
+    end (its `finished.json`), by file times; "" otherwise."""
+    try:
+        folders = {Path(r.source).resolve().parent for r in records}
+    except (OSError, TypeError):
+        return ""
+    if len(folders) != 1 or not (next(iter(folders)) / "multirun.yaml").is_file():
+        return ""
+    folder = next(iter(folders))
+    from omegaconf import OmegaConf
+
+    overrides = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
+    command = "python -m eopd.train " + shlex.join([*overrides.task, *overrides.hydra])
+    starts = [
+        (Path(r.source) / ".hydra").stat().st_mtime for r in records if (Path(r.source) / ".hydra").exists()
+    ]
+    ends = [
+        (Path(r.source) / "finished.json").stat().st_mtime
+        for r in records
+        if (Path(r.source) / "finished.json").exists()
+    ]
+    text = f"Sweep: `{command}`."
+    if starts and ends:
+        text += f" Wall time {(max(ends) - min(starts)) / 60:.1f} min, from the first run's start to the last run's end."
+    return text
+
+
 def write_report(
     records: Sequence[RunRecord],
     out: Path,
@@ -253,6 +282,7 @@ def write_report(
         "# Run comparison",
         "",
         f"Produced by `{command}`." if command else "",
+        sweep_provenance(records),
         "",
         f"{len(records)} runs, {len(comparison.variants)} variants, seeds per variant: "
         + "; ".join(f"{v}: {len(s)}" for v, s in comparison.seeds.items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import compose_train
 
+import eopd.compare as compare_module
 import eopd.train
 from eopd.compare import CSV_COLUMNS, format_cell, main, table_metrics, write_report
 from eopd.compare_plots import curve_band, curve_bin_steps
@@ -547,3 +549,28 @@ def test_primary_metrics_fixed_in_the_sweep_config_lead_the_report_and_a_second_
     with open(tmp_path / "comparison_vs_eopd.csv") as handle:
         rows = {r["variant"]: r for r in csv.DictReader(handle) if r["metric"] == "pass@4"}
     assert float(rows["tip"]["diff_mean"]) == pytest.approx(expected)
+
+
+def test_a_sweep_folder_gives_the_report_its_command_and_wall_time(tmp_path):
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    hydra: [hydra/launcher=parallel]\n    task: [sweep=study, seed=0]\n"
+    )
+    records = []
+    for i, (start, end) in enumerate(((1000.0, 1300.0), (1010.0, 1600.0))):
+        run = tmp_path / f"{i}_opd-s{i}"
+        (run / ".hydra").mkdir(parents=True)
+        (run / "finished.json").write_text("{}")
+        os.utime(run / ".hydra", (start, start))
+        os.utime(run / "finished.json", (end, end))
+        record = _record("opd", i, 0.5)
+        record.source = str(run)
+        records.append(record)
+
+    text = compare_module.sweep_provenance(records)
+
+    assert text == (
+        "Sweep: `python -m eopd.train sweep=study seed=0 hydra/launcher=parallel`. "
+        "Wall time 10.0 min, from the first run's start to the last run's end."
+    )
+    records[1].source = str(tmp_path / "elsewhere" / "run")
+    assert compare_module.sweep_provenance(records) == ""  # runs from several folders: no one sweep
