@@ -264,19 +264,24 @@ class QuantileGate:
 
 
 @dataclass(frozen=True)
-class AllOf:
-    """The product of its gates' weights: for hard gates, the tokens every one of them opens."""
+class _Combination:
+    """Gates combined into one: what `AllOf` and `AnyOf` share."""
 
     gates: tuple
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gates", tuple(self.gates))
         if not self.gates:
-            raise ValueError("AllOf needs at least one gate")
+            raise ValueError(f"{type(self).__name__} needs at least one gate")
 
     @property
     def signals(self) -> frozenset[str]:
         return frozenset().union(*(g.signals for g in self.gates))
+
+
+@dataclass(frozen=True)
+class AllOf(_Combination):
+    """The product of its gates' weights: for hard gates, the tokens every one of them opens."""
 
     def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
         weight = mask.float()
@@ -286,23 +291,11 @@ class AllOf:
 
 
 @dataclass(frozen=True)
-class AnyOf:
+class AnyOf(_Combination):
     """The largest of its gates' weights: for hard gates, the tokens any one of them opens."""
 
-    gates: tuple
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "gates", tuple(self.gates))
-        if not self.gates:
-            raise ValueError("AnyOf needs at least one gate")
-
-    @property
-    def signals(self) -> frozenset[str]:
-        return frozenset().union(*(g.signals for g in self.gates))
-
     def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
-        weights = [gate(signals, mask, step=step) for gate in self.gates]
-        return torch.stack(weights).amax(0)
+        return torch.stack([gate(signals, mask, step=step) for gate in self.gates]).amax(0)
 
 
 @dataclass(frozen=True)
