@@ -202,32 +202,28 @@ def primary_metrics(records: Sequence[RunRecord]) -> list[str]:
 
 
 def sweep_provenance(records: Sequence[RunRecord]) -> str:
-    """How a local Hydra sweep was run, when every run lies in one sweep folder: its command (from
-    `multirun.yaml`) and its wall time, from the first run's start (its `.hydra` folder) to the last run's
-    end (its `finished.json`), by file times; "" otherwise."""
-    try:
-        folders = {Path(r.source).resolve().parent for r in records}
-    except (OSError, TypeError):
-        return ""
-    if len(folders) != 1 or not (next(iter(folders)) / "multirun.yaml").is_file():
-        return ""
-    folder = next(iter(folders))
+    """How the local Hydra sweeps behind `records` were run: per sweep folder (one holding
+    `multirun.yaml`), its command and its wall time, from its first run's start (the run's `.hydra`
+    folder) to its last run's end (its `finished.json`), by file times; "" when no run lies in one."""
     from omegaconf import OmegaConf
 
-    overrides = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
-    command = "python -m eopd.train " + shlex.join([*overrides.task, *overrides.hydra])
-    starts = [
-        (Path(r.source) / ".hydra").stat().st_mtime for r in records if (Path(r.source) / ".hydra").exists()
-    ]
-    ends = [
-        (Path(r.source) / "finished.json").stat().st_mtime
-        for r in records
-        if (Path(r.source) / "finished.json").exists()
-    ]
-    text = f"Sweep: `{command}`."
-    if starts and ends:
-        text += f" Wall time {(max(ends) - min(starts)) / 60:.1f} min, from the first run's start to the last run's end."
-    return text
+    by_folder: dict[Path, list[Path]] = {}
+    for record in records:
+        run = Path(record.source)
+        by_folder.setdefault(run.parent, []).append(run)
+    lines = []
+    for folder, runs in sorted(by_folder.items()):
+        if not (folder / "multirun.yaml").is_file():
+            continue
+        overrides = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
+        command = "python -m eopd.train " + shlex.join([*overrides.task, *overrides.hydra])
+        starts = [(r / ".hydra").stat().st_mtime for r in runs if (r / ".hydra").exists()]
+        ends = [(r / "finished.json").stat().st_mtime for r in runs if (r / "finished.json").exists()]
+        line = f"Sweep: `{command}` ({len(runs)} run{'s' if len(runs) != 1 else ''})."
+        if starts and ends:
+            line += f" Wall time {(max(ends) - min(starts)) / 60:.1f} min, from its first run's start to its last run's end."
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def write_report(

@@ -569,8 +569,10 @@ def test_a_sweep_folder_gives_the_report_its_command_and_wall_time(tmp_path):
     text = compare_module.sweep_provenance(records)
 
     assert text == (
-        "Sweep: `python -m eopd.train sweep=study seed=0 hydra/launcher=parallel`. "
-        "Wall time 10.0 min, from the first run's start to the last run's end."
+        "Sweep: `python -m eopd.train sweep=study seed=0 hydra/launcher=parallel` (2 runs). "
+        "Wall time 10.0 min, from its first run's start to its last run's end."
     )
-    records[1].source = str(tmp_path / "elsewhere" / "run")
-    assert compare_module.sweep_provenance(records) == ""  # runs from several folders: no one sweep
+    records[1].source = str(tmp_path / "elsewhere" / "run")  # not in a sweep folder: left out
+    assert "(1 run). Wall time 5.0 min" in compare_module.sweep_provenance(records)
+    records[0].source = str(tmp_path / "elsewhere" / "other")
+    assert compare_module.sweep_provenance(records) == ""
