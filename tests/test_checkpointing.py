@@ -273,7 +273,9 @@ def test_sigterm_to_a_training_process_saves_exits_cleanly_and_resumes_exactly(t
     steps = [*common, f"rollout_steps={stopped + 2}"]
     with caplog.at_level("WARNING", logger="eopd.train"):
         eopd.train.run(compose_train([*steps, "resume=auto"]), run_dir)
-    assert "differs from the run's in: rollout_steps, total_optimizer_steps" in caplog.text
+    # Every key that follows the run's length says so, the schedules of the later papers' presets too.
+    changed = "objective.anneal_steps, objective.switch_step, rollout_steps, total_optimizer_steps"
+    assert f"differs from the run's in: {changed}" in caplog.text
     eopd.train.run(compose_train(steps), tmp_path / "uninterrupted")
 
     assert_same_metrics(read_rows(tmp_path / "uninterrupted"), read_rows(run_dir))
