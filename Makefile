@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv venv-gpu train demo study test test-all test-gpu lint format bench clean
+.PHONY: help venv venv-gpu bench-venv train demo study test test-all test-gpu lint format bench bench-trl clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -79,6 +79,26 @@ format: $(VENV)/.installed ## ruff format and autofix
 
 bench: $(VENV)/.installed ## print time and peak memory of the objective, naive against fused
 	$(PY) scripts/bench_objectives.py
+
+# TRL lives in its own environment, never in the project's: the side-by-side step benchmark imports both.
+# Same CPU torch and the same transformers as .venv, so the two trainers run the same kernels.
+BENCH_VENV ?= .bench-venv
+TRL_VERSION := 1.16.0
+$(BENCH_VENV)/.installed: pyproject.toml $(VENV)/.installed
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip 2>/dev/null || true
+	$(BENCH_VENV)/bin/pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+	  || $(BENCH_VENV)/bin/pip install -q "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX) \
+	  || $(BENCH_VENV)/bin/pip install -q "torch==$(TORCH_VERSION)"
+	$(BENCH_VENV)/bin/pip install -q -e . "trl==$(TRL_VERSION)" \
+	  "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')" \
+	  2> >(grep -v "is ignored: it is neither" >&2)
+	touch $@
+
+bench-venv: $(BENCH_VENV)/.installed ## create .bench-venv: the project plus TRL, for make bench-trl only
+
+bench-trl: $(BENCH_VENV)/.installed ## eopd's training step against TRL's DistillationTrainer, side by side
+	$(BENCH_VENV)/bin/python scripts/bench_vs_trl.py $(ARGS)
 
 clean: ## remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

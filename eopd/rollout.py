@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from eopd.batch import RolloutBatch, pad_prompts
-from eopd.scoring import position_ids_from_mask
+from eopd.scoring import decoder_of, is_peft, position_ids_from_mask
 
 if TYPE_CHECKING:  # transformers' modeling code takes seconds to import; only types are needed here
     from transformers import DynamicCache, PreTrainedModel
@@ -58,6 +58,62 @@ def _forward_keywords(model: PreTrainedModel) -> tuple[str, bool]:
     # transformers 5 renamed `past_key_values` to `cache` (the old name warns, and goes in 5.40).
     cache_keyword = "cache" if "cache" in parameters else "past_key_values"
     return cache_keyword, "logits_to_keep" in parameters
+
+
+DecodeStep = Callable[[Tensor, Tensor, Tensor, Any], Tensor]
+
+
+def _direct_decode_step(model: PreTrainedModel, cache_keyword: str) -> DecodeStep | None:
+    """One decoding step through the decoder's own modules, or None where only `model(...)` is safe.
+
+    For a Llama/Qwen3-style decoder (embeddings, layers, final norm, rotary embedding, SDPA attention, no
+    sliding layers) this runs exactly the body of the model's `forward` for one new token per row:
+    the same modules in the same order on the same tensors, so the logits are bitwise those of
+    `model(...)`. What it skips is the per-call machinery around that body: building the causal mask
+    through transformers' general mask functions, output capturing, the output dataclasses. For one
+    token the causal part of the mask is all true, so the mask is the padding mask itself, (B, 1, 1, L)
+    bool, or None when nothing is padded, which is what `transformers.masking_utils.sdpa_mask` returns.
+    At a small model that machinery costs as much as the arithmetic (docs/performance.md).
+
+    Any other model (LoRA, a device map, FSDP, another attention, older transformers) gets None.
+    """
+    config = getattr(model, "config", None)
+    decoder = decoder_of(model)
+    if (
+        config is None
+        or decoder is None
+        or is_peft(model)
+        or cache_keyword != "cache"  # transformers < 5: the layers take cache_position too
+        or getattr(model, "hf_device_map", None) is not None
+        or getattr(config, "model_type", None) not in ("qwen3", "llama")
+        or getattr(config, "_attn_implementation", None) != "sdpa"
+        or any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ())
+        or any(type(m).__name__.startswith("FSDP") for m in (model, decoder))
+    ):
+        return None
+    parts = [getattr(decoder, name, None) for name in ("embed_tokens", "layers", "norm", "rotary_emb")]
+    if any(part is None for part in parts):
+        return None
+    embed, layers, norm, rotary = parts
+    layers = list(layers)[: config.num_hidden_layers]
+    head = model.get_output_embeddings()
+
+    def step(token: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any) -> Tensor:
+        hidden = embed(token[:, None])  # (B, 1, H)
+        mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
+        position_embeddings = rotary(hidden, position_ids)
+        for layer in layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+            )
+        return head(norm(hidden))  # (B, 1, V)
+
+    return step
 
 
 def _new_cache(model: PreTrainedModel) -> DynamicCache:
@@ -150,6 +206,7 @@ def sample(
     # Only the last position's logits are needed; at a 150k vocabulary the prompt's would not fit.
     prefill_extra = {"logits_to_keep": 1} if accepts_logits_to_keep else {}
 
+    direct_step = _direct_decode_step(model, cache_keyword)
     batch_size = input_ids.shape[0]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     tokens, valid, logprobs = [], [], []
@@ -166,9 +223,12 @@ def sample(
                 **{cache_keyword: cache},
                 **prefill_extra,
             )
+            next_logits = out.logits[:, -1, :vocab_size]
+            attended = attention_mask.sum(dim=1)  # (B,) tokens each row attends to
             for step in range(max_new_tokens):
-                next_logits = out.logits[:, -1, :vocab_size].float()  # (B, V)
-                token, logprob = _draw(next_logits, temperature=temperature, top_p=top_p, generator=generator)
+                token, logprob = _draw(
+                    next_logits.float(), temperature=temperature, top_p=top_p, generator=generator
+                )  # (B,) each
                 is_valid = ~finished
                 token = torch.where(is_valid, token, torch.full_like(token, pad_token_id))
                 tokens.append(token)
@@ -178,15 +238,21 @@ def sample(
                 if step == max_new_tokens - 1 or bool(finished.all()):
                     break
                 # Padding after a row's end is masked, as in the returned batch, so that the positions
-                # below are the ones scoring will compute.
+                # below are the ones scoring will compute: the count of attended tokens before this one.
                 attention_mask = torch.cat([attention_mask, is_valid.long()[:, None]], dim=1)
-                out = model(
-                    input_ids=token[:, None],
-                    attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask)[:, -1:],
-                    use_cache=True,
-                    **{cache_keyword: cache},
-                )
+                attended += is_valid.long()
+                position_ids = (attended - 1).clamp_min(0)[:, None]  # = position_ids_from_mask(...)[:, -1:]
+                if direct_step is not None:
+                    logits = direct_step(token, attention_mask, position_ids, cache)
+                else:
+                    logits = model(
+                        input_ids=token[:, None],
+                        attention_mask=attention_mask,
+                        position_ids=position_ids,
+                        use_cache=True,
+                        **{cache_keyword: cache},
+                    ).logits
+                next_logits = logits[:, -1, :vocab_size]
     finally:
         model.train(was_training)
 

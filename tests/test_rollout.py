@@ -7,7 +7,7 @@ import torch
 
 from eopd.batch import RolloutBatch, pad_prompts
 from eopd.models import build_causal_lm
-from eopd.rollout import _draw, _forward_keywords, sample
+from eopd.rollout import _direct_decode_step, _draw, _forward_keywords, sample
 from eopd.scoring import final_hidden_states, output_weight, response_logits
 
 PAD = 0
@@ -144,6 +144,31 @@ def test_seeded_generator_reproduces_the_rollout(model):
     assert torch.equal(first.input_ids, again.input_ids)
     assert torch.equal(first.sampler_logprobs, again.sampler_logprobs)
     assert not torch.equal(first.input_ids, other.input_ids)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # grouped-query attention packs the query in SDPA
+def test_the_direct_decode_step_samples_bitwise_like_the_model_forward(monkeypatch, kv_heads):
+    # The sampler calls the decoder's own modules for each new token instead of `model(...)`; tokens and
+    # log-probs must be exactly those of `model(...)`: left padding, rows ending early, several seeds.
+    model = build_causal_lm(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=kv_heads)
+    assert _direct_decode_step(model, "cache") is not None
+
+    def draw(prompts, seed):
+        return sample(
+            model, prompts, max_new_tokens=12, eos_token_ids=[3, 7], pad_token_id=PAD,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+
+    for prompts in (PROMPTS, [[5, 6, 7], [8, 9, 10]]):  # padded, then not padded
+        direct = [draw(prompts, seed) for seed in range(3)]
+        monkeypatch.setattr("eopd.rollout._direct_decode_step", lambda *args: None)
+        through_forward = [draw(prompts, seed) for seed in range(3)]
+        monkeypatch.undo()
+        for a, b in zip(direct, through_forward, strict=True):
+            assert torch.equal(a.input_ids, b.input_ids)
+            assert torch.equal(a.sampler_logprobs, b.sampler_logprobs)
+    ended_early = [int(b.response_mask[i].sum()) for b in direct for i in range(b.batch_size)]
+    assert min(ended_early) < 12  # some row stopped before the limit: its padding was masked
 
 
 def test_a_lora_student_gets_the_kv_cache_under_its_current_name():

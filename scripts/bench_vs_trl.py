@@ -1,0 +1,358 @@
+"""eopd's whole training step against TRL's `DistillationTrainer`, same pair, same prompts, side by side.
+
+    make bench-trl                                            # creates .bench-venv (eopd + TRL), both sizes
+    .bench-venv/bin/python scripts/bench_vs_trl.py --sizes tiny --repeats 5
+    .bench-venv/bin/python scripts/bench_vs_trl.py --sizes large --repeats 3 --steps 2
+    git archive main eopd | tar -x -C /tmp/base && .bench-venv/bin/python scripts/bench_vs_trl.py \
+        --baseline /tmp/base                     # also times another eopd source tree: before and after
+
+TRL is not a dependency of eopd: it lives in its own environment (`make bench-venv`: the CPU torch and the
+transformers of `.venv`, plus trl==1.16.0), which also holds eopd, so both trainers run on the same kernels.
+
+Both sides train a randomly initialised Qwen3 student from a Qwen3 teacher on the character vocabulary of
+the embedded task (`eopd.tasks.tokenizer`), fp32 on the CPU, on the same prompts (the embedded task's,
+plain text, tokenised the same way; the teacher reads the student's prompt): on-policy sampling at
+temperature 1 and top-p 1, the full-vocabulary forward KL (TRL: `beta=0`; eopd: `objective=fkl`), one
+optimizer step per rollout batch (TRL: one batch, no gradient accumulation; eopd: one mini-batch of the
+whole batch), AdamW, gradient clipping at 1, no gradient checkpointing on either side (TRL turns it on by
+default; off it is faster here), dropout off. eopd runs under a Lightning `Trainer` as `eopd.train` does.
+
+A step is timed from the start of a training step to its end on each side (TRL: `on_step_begin` to
+`on_step_end`, sampling included; eopd: `on_train_batch_start` to `on_train_batch_end`), after warm-up
+steps. Each repeat runs one side in a fresh process; the sides alternate (TRL, eopd, TRL, eopd, ...) so
+drifting machine load hits both alike. Printed: per side the median over repeats of each repeat's median
+step time (and the range), response tokens per second, and the ratio of the two step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Size:
+    student_layers: int
+    student_hidden: int
+    teacher_layers: int
+    teacher_hidden: int
+    batch_size: int
+    max_new_tokens: int
+
+
+SIZES = {
+    "tiny": Size(2, 128, 4, 256, batch_size=8, max_new_tokens=32),
+    "large": Size(6, 384, 6, 512, batch_size=64, max_new_tokens=128),
+}
+LR = 1e-4
+
+
+def build_pair(size: Size):
+    """The character tokenizer and a seeded random Qwen3 student and teacher (the same on both sides)."""
+    from eopd.models import build_causal_lm
+    from eopd.tasks.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.padding_side = "left"
+    ids = dict(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    student = build_causal_lm(
+        hidden_size=size.student_hidden,
+        num_layers=size.student_layers,
+        num_heads=size.student_hidden // 64,
+        seed=0,
+        **ids,
+    )
+    teacher = build_causal_lm(
+        hidden_size=size.teacher_hidden,
+        num_layers=size.teacher_layers,
+        num_heads=size.teacher_hidden // 64,
+        seed=1,
+        **ids,
+    )
+    return tokenizer, student, teacher
+
+
+def prompt_texts(n: int) -> list[str]:
+    from eopd.tasks.multipath import make_splits
+
+    return [f"Q: {p.prompt}\nA: " for p in make_splits(0, n, 0, 0)["train"]]
+
+
+def parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- one side, in its own process -------------------------------------------------------------------
+
+
+def run_trl(size: Size, steps: int, warmup: int, seed: int) -> dict:
+    import transformers
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    tokenizer, student, teacher = build_pair(size)
+    total = warmup + steps
+    dataset = Dataset.from_dict({"prompt": prompt_texts(size.batch_size * total)})
+    times: list[float] = []
+    tokens: list[int] = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    class CountingTrainer(DistillationTrainer):
+        def _generate(self, prompts):  # TRL's own sampling, counting the tokens it returns
+            out = super()._generate(prompts)
+            tokens.append(sum(len(ids) for ids in out[1]))
+            return out
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = DistillationConfig(
+            output_dir=out_dir,
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            per_device_train_batch_size=size.batch_size,
+            gradient_accumulation_steps=1,
+            max_steps=total,
+            max_completion_length=size.max_new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            beta=0.0,  # forward KL
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            disable_dropout=True,
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            dataloader_num_workers=0,
+        )
+        trainer = CountingTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[Timer()],
+        )
+        trainer.train()
+    return _summary("trl", times, tokens, warmup, student, teacher)
+
+
+def run_eopd(size: Size, steps: int, warmup: int, seed: int) -> dict:
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from eopd.module import DistillModule
+    from eopd.objectives import preset
+    from eopd.specs import LogSpec, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
+
+    tokenizer, student, teacher = build_pair(size)
+    total = warmup + steps
+    records = [
+        {"prompt": text, "prompt_ids": tokenizer(text)["input_ids"]}
+        for text in prompt_texts(size.batch_size * total)
+    ]
+    pair = PairSpec(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        student_eos_ids=(tokenizer.eos_token_id,),
+    )
+    module = DistillModule(
+        student,
+        teacher,
+        preset("fkl"),
+        pair=pair,
+        tokenizer=tokenizer,
+        rollout=RolloutSpec(max_new_tokens=size.max_new_tokens),
+        update=UpdateSpec(mini_batch_size=size.batch_size),
+        optim=OptimSpec(lr=LR, schedule="constant"),
+        logging=LogSpec(samples_every=0, histograms_every=0),
+        seed=seed,
+    )
+    times: list[float] = []
+    tokens: list[int] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            times.append(time.perf_counter() - self.start)
+            logs = pl_module.last_logs
+            tokens.append(round(logs["perf/tokens_per_s"] * logs["time/step"]))
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=total,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[Timer()],
+    )
+    loader = DataLoader(records, batch_size=size.batch_size, shuffle=False, collate_fn=list)
+    trainer.fit(module, train_dataloaders=loader)
+    return _summary("eopd", times, tokens, warmup, student, teacher)
+
+
+def _summary(side: str, times, tokens, warmup: int, student, teacher) -> dict:
+    times, tokens = times[warmup:], tokens[warmup:]
+    return {
+        "side": side,
+        "step_s": statistics.median(times),
+        "tokens_per_step": statistics.mean(tokens),
+        "tokens_per_s": sum(tokens) / sum(times),
+        "student_params": parameters(student),
+        "teacher_params": parameters(teacher),
+    }
+
+
+# ---- the driver ----------------------------------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    size = SIZES[args.worker_size]
+    run = run_trl if args.worker == "trl" else run_eopd
+    result = run(size, args.steps, args.warmup, args.seed)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def in_fresh_process(side: str, size: str, args: argparse.Namespace) -> dict:
+    """One side in a fresh process; "eopd-base" is eopd imported from the `--baseline` source tree."""
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "trl" if side == "trl" else "eopd",
+        "--worker-size",
+        size,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    if side == "eopd-base":
+        env["PYTHONPATH"] = os.path.abspath(args.baseline)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.stderr.write(done.stdout[-3000:] + done.stderr[-5000:])
+        raise SystemExit(f"the {side} worker failed at size {size} (exit {done.returncode})")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def describe(values: list[float], fmt: str) -> str:
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="processes per side (default 5 tiny, 3 large)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per process (default 20, 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="unmeasured first steps (default 3, 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--baseline", default=None, help="a directory holding another eopd package, timed as side eopd-base"
+    )
+    parser.add_argument("--worker", choices=["trl", "eopd"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-size", choices=list(SIZES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit(
+            "TRL is not installed here: make bench-venv, then run with .bench-venv/bin/python"
+        ) from None
+    import torch
+    import transformers
+
+    print(
+        f"trl {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
+        f"{args.threads} threads, fp32, cpu; load average at start {os.getloadavg()[0]:.1f}"
+    )
+    if args.baseline:
+        print(f"eopd-base: the eopd package in {os.path.abspath(args.baseline)}")
+    sides = ("trl", "eopd") + (("eopd-base",) if args.baseline else ())
+    table = []
+    for size in args.sizes:
+        defaults = (5, 20, 3) if size == "tiny" else (3, 2, 1)
+        repeats = args.repeats or defaults[0]
+        run_args = argparse.Namespace(**vars(args))
+        run_args.steps = args.steps or defaults[1]
+        run_args.warmup = args.warmup if args.warmup is not None else defaults[2]
+        results: dict[str, list[dict]] = {side: [] for side in sides}
+        for _ in range(repeats):
+            for side in sides:
+                results[side].append(in_fresh_process(side, size, run_args))
+                print(f"  {size} {side}: {results[side][-1]}", file=sys.stderr, flush=True)
+        table.append((size, repeats, run_args, results))
+    print(f"load average at end {os.getloadavg()[0]:.1f}\n")
+    header = (
+        f"{'size':<7}{'side':<10}{'s / step':>24}{'steps / s':>11}{'tokens / step':>15}{'tokens / s':>22}"
+    )
+    print(header)
+    print("-" * len(header))
+    for size, repeats, run_args, results in table:
+        spec = SIZES[size]
+        for side in sides:
+            rows = results[side]
+            steps = [r["step_s"] for r in rows]
+            print(
+                f"{size:<7}{side:<10}{describe(steps, '.3f'):>24}{1 / statistics.median(steps):>11.2f}"
+                f"{statistics.mean(r['tokens_per_step'] for r in rows):>15.0f}"
+                f"{describe([r['tokens_per_s'] for r in rows], '.0f'):>22}"
+            )
+        trl_s = statistics.median(r["step_s"] for r in results["trl"])
+        for side in sides[1:]:
+            side_s = statistics.median(r["step_s"] for r in results[side])
+            print(f"{size:<7}{side} is {trl_s / side_s:.2f}x TRL's speed (ratio of median step times)")
+        first = results["eopd"][0]
+        print(
+            f"{size:<7}student "
+            f"{first['student_params'] / 1e6:.1f}M params ({spec.student_layers} x {spec.student_hidden}), "
+            f"teacher {first['teacher_params'] / 1e6:.1f}M ({spec.teacher_layers} x {spec.teacher_hidden}), "
+            f"{spec.batch_size} prompts x <= {spec.max_new_tokens} new tokens, {repeats} processes per side x "
+            f"{run_args.steps} steps after {run_args.warmup} warm-up"
+        )
+    print(f"\n{json.dumps({s: asdict(SIZES[s]) for s in args.sizes})}")
+
+
+if __name__ == "__main__":
+    main()
