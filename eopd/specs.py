@@ -115,7 +115,8 @@ class UpdateSpec:
         if rollout_batch_size % self.mini_batch_size:
             raise ValueError(
                 f"the rollout batch of {rollout_batch_size} responses (data.batch_size x rollout.n_samples) is "
-                f"not a multiple of update.mini_batch_size={self.mini_batch_size}; make it a multiple"
+                f"not a multiple of update.mini_batch_size={self.mini_batch_size}; make data.batch_size x "
+                "rollout.n_samples a multiple of it"
             )
         return rollout_batch_size // self.mini_batch_size
 

@@ -92,7 +92,11 @@ CASES = {
     "mini-batch-does-not-divide-the-batch": Case(
         ["data.batch_size=6", "update.mini_batch_size=4"],
         ConfigError,
-        ["update.mini_batch_size=4", "data.batch_size", "make data.batch_size a multiple"],
+        [
+            "update.mini_batch_size=4",
+            "data.batch_size",
+            "make data.batch_size x rollout.n_samples a multiple",
+        ],
     ),
     "micro-batch-does-not-divide-mini-batch": Case(
         ["update.mini_batch_size=8", "update.micro_batch_size=3", "data.batch_size=8"],
