@@ -112,6 +112,10 @@ class DistillModule(Sampling, Placement, L.LightningModule):
                 "DistillModule(..., engine=VLLMEngine(model_path))"
             )
         self.reward = reward
+        if reward is not None and tokenizer is None:
+            raise ValueError(
+                "a reward function grades decoded responses: pass DistillModule(..., tokenizer=...)"
+            )
         if objective.needs_advantages and reward is None:
             raise ValueError(
                 f"objective {objective.name!r} trains on a task reward: pass DistillModule(..., reward=...)"

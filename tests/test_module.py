@@ -362,3 +362,5 @@ def test_grpo_samples_each_prompt_several_times_grades_them_and_trains_on_the_gr
         make_module("grpo", tokenizer=_IdsTokenizer(), reward=reward)
     with pytest.raises(ValueError, match="reward=..."):
         make_module("grpo", rollout=RolloutSpec(max_new_tokens=10, n_samples=2))
+    with pytest.raises(ValueError, match="tokenizer=..."):
+        make_module("grpo", rollout=RolloutSpec(max_new_tokens=10, n_samples=2), reward=reward)
