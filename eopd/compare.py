@@ -390,7 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, ValueError) as error:
         print(f"eopd.compare: {error}", file=sys.stderr)
         return 2
-    shown = args.metrics or table_metrics(records)
+    primary = primary_metrics(records)
+    shown = args.metrics or primary + [m for m in table_metrics(records) if m not in primary]
     print(markdown_tables(comparison, shown))
     print(f"\nwrote {out / 'report.md'}, comparison.csv, comparison.md and the plots", flush=True)
     return 0
