@@ -436,14 +436,7 @@ class DistillModule(Sampling, Placement, L.LightningModule):
         ranks' signals are gathered (`Placement._whole_batch`), gated once, and each rank keeps its own
         rows. A single process gets the same weights from the concatenated batch.
         """
-        full_mask, rows = None, slice(None)
-
-        def whole(values: Tensor) -> Tensor:
-            nonlocal full_mask, rows
-            full_values, full_mask, rows = self._whole_batch(values, mask)
-            return full_values
-
-        full = signals.map(whole)
+        full, full_mask, rows = self._whole_batch(signals, mask)
         gates = self.objective.gate_weights(full, full_mask, step=self.global_step)
         return gates[:, rows, : mask.shape[1]]
 

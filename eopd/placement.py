@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eopd.objectives import Metrics
+from eopd.objectives import Metrics, Signals
 from eopd.scoring import decoder_layers, output_weight, teacher_output_weight
 
 
@@ -131,23 +131,25 @@ class Placement:
             object.__setattr__(self, "_teacher_weight_cache", cached)
         return cached[1]
 
-    def _whole_batch(self, entropy: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, slice]:
-        """The (B, R) entropies and mask of the rollout batch of ALL ranks, and this rank's rows in it.
+    def _whole_batch(self, signals: Signals, mask: Tensor) -> tuple[Signals, Tensor, slice]:
+        """The (B, R) signals and mask of the rollout batch of ALL ranks, and this rank's rows in it.
 
         Under data parallelism the ranks' tensors are gathered and stacked in rank order as one batch
-        (responses right-padded to the longest); a single process gets its own batch and every row.
+        (responses right-padded to the longest; the mask once, each measured signal once); a single
+        process gets its own batch and every row.
         """
         if not self._distributed:
-            return entropy, mask, slice(None)
-        entropies, widths = _gather_padded(entropy.float())
-        masks, _ = _gather_padded(mask.to(torch.uint8))  # gloo gathers no bool tensors
-        masks = [m.bool() for m in masks]
-        rows = [e.shape[0] for e in entropies]
+            return signals, mask, slice(None)
+        masks, widths = _gather_padded(mask.to(torch.uint8))  # gloo gathers no bool tensors
         width = max(widths)
-        full_entropy = torch.cat([torch.nn.functional.pad(e, (0, width - e.shape[1])) for e in entropies])
-        full_mask = torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
-        start = sum(rows[: self.global_rank])
-        return full_entropy, full_mask, slice(start, start + entropy.shape[0])
+
+        def whole(parts: list[Tensor]) -> Tensor:
+            return torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1])) for part in parts])
+
+        full_mask = whole([m.bool() for m in masks])
+        full = signals.map(lambda values: whole(_gather_padded(values.float())[0]))
+        start = sum(m.shape[0] for m in masks[: self.global_rank])
+        return full, full_mask, slice(start, start + mask.shape[0])
 
     def _all_ranks(self, metrics: Metrics) -> Metrics:
         """The metrics merged over all ranks (exact: sums and weights add up); unchanged on one process."""

@@ -73,16 +73,13 @@ class Signals:
         """The `measured` signals (...) from per-token values (N,) at the valid positions of `mask`, zero
         elsewhere (all zero when no token is valid and `flat` holds nothing); the others None."""
 
-        def full(name: str) -> Tensor | None:
-            if name not in measured:
-                return None
+        def full(name: str) -> Tensor:
             values = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
             if name in flat:
                 values[mask] = flat[name].float()
             return values
 
-        names = ("student_entropy", "fkl", "rkl", "log_ratio")
-        return cls(teacher_entropy=teacher_entropy, **{name: full(name) for name in names})
+        return cls(teacher_entropy=teacher_entropy, **{name: full(name) for name in measured})
 
     def map(self, fn) -> Signals:
         """The same signals with `fn` applied to each measured tensor (e.g. a gather over ranks)."""
