@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from eopd.markdown import fmt_number, markdown_table
+
 BOOTSTRAP_REPLICATES = 2000
 BOOTSTRAP_SEED = 0
 
@@ -173,18 +175,11 @@ def bootstrap_comparison(
 # ---- output ----------------------------------------------------------------------------------------------
 
 
-def _fmt(x: float, signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    if x == 0 or 1e-3 <= abs(x) < 1e4:
-        return f"{x:{sign}.3f}"
-    return f"{x:{sign}.2e}"
-
-
 def format_bootstrap_cell(interval: BootstrapInterval | None, signed: bool = False) -> str:
     """`mean [low, high]`, or `-` where the per-problem results do not determine the metric."""
     if interval is None:
         return "-"
-    return f"{_fmt(interval.mean, signed)} [{_fmt(interval.low, signed)}, {_fmt(interval.high, signed)}]"
+    return f"{fmt_number(interval.mean, signed)} [{fmt_number(interval.low, signed)}, {fmt_number(interval.high, signed)}]"
 
 
 def _seeds_by_problems(intervals: Iterable[BootstrapInterval]) -> str:
@@ -212,20 +207,21 @@ def bootstrap_tables(comparison: Any, metrics: Sequence[str]) -> list[str]:
     percentiles = f"{(1 - comparison.confidence) / 2:.1%}, {(1 + comparison.confidence) / 2:.1%}".replace(
         ".0%", "%"
     )
-    header = "| variant | seeds×problems | " + " | ".join(f"`{m}`" for m in metrics) + " |"
-    rule = "|" + "---|" * (len(metrics) + 2)
     lines = [
         "",
         f"Bootstrap over problems within seeds, {level}: mean over seeds of the mean over problems "
         f"[{percentiles} percentiles of {comparison.replicates} replicates, each resampling every seed's "
         "problems with replacement]; `-` where the per-problem results do not determine the metric.",
         "",
-        header,
-        rule,
     ]
-    for variant, row in comparison.bootstrap.items():
-        cells = [format_bootstrap_cell(row.get(m)) for m in metrics]
-        lines.append(f"| {variant} | {_seeds_by_problems(row.values())} | " + " | ".join(cells) + " |")
+    lines += markdown_table(
+        "seeds×problems",
+        metrics,
+        (
+            (variant, _seeds_by_problems(row.values()), [format_bootstrap_cell(row.get(m)) for m in metrics])
+            for variant, row in comparison.bootstrap.items()
+        ),
+    )
     if comparison.bootstrap_difference:
         lines += [
             "",
@@ -233,12 +229,19 @@ def bootstrap_tables(comparison: Any, metrics: Sequence[str]) -> list[str]:
             f"{level}: variant - baseline on the same problems (paired by id) of the same seed, resampled "
             f"together; mean over seeds [{percentiles} percentiles].",
             "",
-            header.replace("| seeds×problems |", "| paired seeds×problems |"),
-            rule,
         ]
-        for variant, row in comparison.bootstrap_difference.items():
-            cells = [format_bootstrap_cell(row.get(m), signed=True) for m in metrics]
-            lines.append(f"| {variant} | {_seeds_by_problems(row.values())} | " + " | ".join(cells) + " |")
+        lines += markdown_table(
+            "paired seeds×problems",
+            metrics,
+            (
+                (
+                    variant,
+                    _seeds_by_problems(row.values()),
+                    [format_bootstrap_cell(row.get(m), signed=True) for m in metrics],
+                )
+                for variant, row in comparison.bootstrap_difference.items()
+            ),
+        )
     return lines
 
 

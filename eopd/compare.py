@@ -53,6 +53,7 @@ from eopd.comparison import (
     is_wandb_path,
     load_records,
 )
+from eopd.markdown import fmt_number, markdown_table
 
 # Final metrics shown in the markdown table unless --metrics names others (the CSV holds all of them).
 _TABLE_PATTERN = re.compile(
@@ -84,22 +85,13 @@ def _metric_order(name: str) -> tuple[int, int, str]:
     return rank, k, name
 
 
-def _fmt(x: float | None, signed: bool = False) -> str:
-    if x is None or not math.isfinite(x):
-        return "-"
-    sign = "+" if signed else ""
-    if x == 0 or 1e-3 <= abs(x) < 1e4:
-        return f"{x:{sign}.3f}"
-    return f"{x:{sign}.2e}"
-
-
 def format_cell(interval: Interval, signed: bool = False) -> str:
     """`mean ± half-width (n=N)`, or `mean (n=1)` where there is no interval."""
     if interval.n == 0:
         return "-"
     if interval.half_width is None:
-        return f"{_fmt(interval.mean, signed)} (n={interval.n})"
-    return f"{_fmt(interval.mean, signed)} ± {_fmt(interval.half_width)} (n={interval.n})"
+        return f"{fmt_number(interval.mean, signed)} (n={interval.n})"
+    return f"{fmt_number(interval.mean, signed)} ± {fmt_number(interval.half_width)} (n={interval.n})"
 
 
 def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None) -> str:
@@ -107,31 +99,38 @@ def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None
     the same two from the bootstrap over problems within seeds."""
     metrics = list(metrics or comparison.metrics)
     level = f"{comparison.confidence:.0%}"
-    header = "| variant | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |"
-    rule = "|" + "---|" * (len(metrics) + 2)
-    lines = [
-        f"Final metrics: mean ± {level} confidence half-width over seeds (t interval, n-1 dof).",
-        "",
-        header,
-        rule,
-    ]
-    for variant in comparison.variants:
-        seeds = ",".join(str(s) for s in comparison.seeds[variant])
-        cells = [format_cell(comparison.summary[variant][m]) for m in metrics]
-        lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + " |")
+    lines = [f"Final metrics: mean ± {level} confidence half-width over seeds (t interval, n-1 dof).", ""]
+    lines += markdown_table(
+        "seeds",
+        metrics,
+        (
+            (
+                variant,
+                ",".join(str(s) for s in comparison.seeds[variant]),
+                [format_cell(comparison.summary[variant][m]) for m in metrics],
+            )
+            for variant in comparison.variants
+        ),
+    )
     if comparison.difference:
         lines += [
             "",
             f"Paired difference against `{comparison.baseline}` (variant - baseline on the same seed; "
             f"mean ± {level} half-width over seeds both ran).",
             "",
-            header.replace("| seeds |", "| paired seeds |"),
-            rule,
         ]
-        for variant, diffs in comparison.difference.items():
-            n = max((d.n for d in diffs.values()), default=0)
-            cells = [format_cell(diffs[m], signed=True) for m in metrics]
-            lines.append(f"| {variant} | {n} | " + " | ".join(cells) + " |")
+        lines += markdown_table(
+            "paired seeds",
+            metrics,
+            (
+                (
+                    variant,
+                    str(max((d.n for d in diffs.values()), default=0)),
+                    [format_cell(diffs[m], signed=True) for m in metrics],
+                )
+                for variant, diffs in comparison.difference.items()
+            ),
+        )
     lines += bootstrap_tables(comparison, metrics)
     return "\n".join(lines)
 
