@@ -49,7 +49,7 @@ demo: $(VENV)/.installed ## the paper's comparison on the embedded default (opd,
 	$(PY) -m eopd.compare $(DEMO_DIR) --baseline opd --out docs/demo
 
 STUDY_DIR ?= outputs/sweeps/study/latest
-study: $(VENV)/.installed ## EOPD and its successors, RL baselines: 11 objectives x 5 seeds, report in docs/study
+study: $(VENV)/.installed ## EOPD and its successors, RL baselines: 12 objectives x 5 seeds, report in docs/study
 	$(PY) -m eopd.pretrain
 	rm -rf $(STUDY_DIR)
 	OMP_NUM_THREADS=1 $(PY) -m eopd.train sweep=study hydra/launcher=parallel hydra.sweep.dir=$(STUDY_DIR) $(ARGS)

@@ -4,6 +4,7 @@
     ResumeState          every global RNG state in each checkpoint, restored on resume
     PeriodicEvaluation   `eopd.evaluation.evaluate` every N rollout steps and at the end, logged under val/
     Preemption           SIGTERM / SIGUSR1: finish the step, save, stop (and requeue under SLURM)
+    Curriculum           the prompt curriculum's difficulty probe and competence gate (`eopd.curriculum`)
 
 Kept apart from `eopd.checkpointing` and `eopd.evaluation` so that the config checks, which use those,
 run without importing Lightning: a bad command line is answered in about a second.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,11 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from eopd.checkpointing import PREEMPTION_SIGNALS, capture_rng, restore_rng
+from eopd.curriculum import CurriculumBatches
 
 log = logging.getLogger("eopd.callbacks")
 validation_log = logging.getLogger("eopd.evaluation")  # where the validation lines have always been logged
+curriculum_log = logging.getLogger("eopd.curriculum")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -150,4 +155,102 @@ class Preemption(L.Callback):
             trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
 
 
-__all__ = ["AtomicCheckpointIO", "PeriodicEvaluation", "Preemption", "ResumeState"]
+class Curriculum(L.Callback):
+    """Measures the difficulties before the first update and advances the curriculum after every step.
+
+    Args:
+        sampler: the prompt loader's `CurriculumBatches`.
+        measure: for difficulty="pass_rate", `measure(model, indices) -> correct samples per prompt`, out of
+            `spec.probe_samples`, for the training prompts at `indices` (a sampling evaluation).
+        field_values: for difficulty="field", the difficulty of every training prompt.
+    """
+
+    def __init__(
+        self,
+        sampler: CurriculumBatches,
+        *,
+        measure: Callable[[Any, list[int]], Sequence[int]] | None = None,
+        field_values: Sequence[float] | None = None,
+    ) -> None:
+        self.sampler = sampler
+        self.measure = measure
+        self.field_values = field_values
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.sampler.difficulty is not None:  # restored from the checkpoint a resumed run continues
+            return
+        spec = self.sampler.spec
+        started = time.perf_counter()
+        if spec.difficulty == "field":
+            difficulty = list(self.field_values)
+        else:
+            rank, world = trainer.global_rank, trainer.world_size
+            mine = list(range(rank, self.sampler.n, world))
+            correct = pl_module.on_student(lambda model: list(self.measure(model, mine)), gathered=True)
+            counts = [0] * self.sampler.n
+            for indices, values in _gather((mine, correct), world):
+                for index, value in zip(indices, values, strict=True):
+                    counts[index] = int(value)
+            difficulty = [1.0 - c / spec.probe_samples for c in counts]
+        self.sampler.set_difficulty(difficulty)
+        seconds = time.perf_counter() - started
+        sizes = [len(self.sampler.pool(s)) for s in range(spec.stages)]
+        summary = {"time/curriculum_probe": seconds, "curriculum/difficulty_mean": _mean(difficulty)}
+        for logger in trainer.loggers:
+            logger.log_metrics(summary, step=trainer.global_step)
+        curriculum_log.info(
+            "curriculum: %s difficulty of %d prompts (mean %.3f) in %.1f s; stage pools %s",
+            spec.difficulty,
+            len(difficulty),
+            summary["curriculum/difficulty_mean"],
+            seconds,
+            sizes,
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sampler, spec = self.sampler, self.sampler.spec
+        trained = sampler.stage_of(sampler.served - 1)  # the batch this step trained on
+        logs = getattr(pl_module, "last_logs", {})
+        if spec.metric not in logs:
+            raise KeyError(
+                f"curriculum.metric={spec.metric!r} is not among the step's logs; pick one of: "
+                + ", ".join(sorted(logs))
+            )
+        value = logs[spec.metric]
+        recent = [*sampler.competence, value][-spec.window :]
+        advanced = sampler.observe(value)
+        metrics = {
+            "curriculum/stage": float(trained + 1),  # 1 = the easiest bucket alone
+            "curriculum/pool_size": float(len(sampler.pool(trained))),
+            "curriculum/competence": _mean(recent),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if advanced:
+            log.info(
+                "curriculum: stage %d of %d from rollout step %d (%s over the last steps %.3f): pool of %d prompts",
+                sampler.stage + 1,
+                spec.stages,
+                getattr(pl_module, "rollout_step", 0) + 1,
+                spec.metric,
+                _mean(recent),
+                len(sampler.pool()),
+            )
+
+
+def _gather(item: Any, world: int) -> list[Any]:
+    """`item` of every rank (torch.distributed's object gather), or [item] in a single process."""
+    if world == 1:
+        return [item]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, item)
+    return gathered
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+__all__ = ["AtomicCheckpointIO", "Curriculum", "PeriodicEvaluation", "Preemption", "ResumeState"]

@@ -119,8 +119,13 @@ class PromptDataset(Dataset):
         return self.items[index]
 
 
-def prompt_loader(dataset: Dataset, *, batch_size: int, seed: int = 0, shuffle: bool = True) -> DataLoader:
+def prompt_loader(
+    dataset: Dataset, *, batch_size: int, seed: int = 0, shuffle: bool = True, batches: Sampler | None = None
+) -> DataLoader:
     """Rollout batches of `batch_size` prompts (lists of item dicts), reshuffled each epoch from `seed`.
+
+    `batches` replaces the sampler of prompt indices, e.g. the curriculum's (`eopd.curriculum`); it must
+    be resumable as `ResumableBatches` is (`state_dict`, `load_state_dict`).
 
     The loader can resume mid-epoch: Lightning stores its `state_dict` (the batches handed out) in every
     checkpoint, and a resumed run continues with the prompts an uninterrupted run would have seen next.
@@ -129,7 +134,8 @@ def prompt_loader(dataset: Dataset, *, batch_size: int, seed: int = 0, shuffle: 
         raise ValueError(
             f"data.batch_size={batch_size} exceeds the {len(dataset)} training prompts; lower data.batch_size"
         )
-    batches = ResumableBatches(len(dataset), batch_size=batch_size, seed=seed, shuffle=shuffle)
+    if batches is None:
+        batches = ResumableBatches(len(dataset), batch_size=batch_size, seed=seed, shuffle=shuffle)
     return _ResumableLoader(dataset, batch_sampler=batches, collate_fn=list)
 
 
@@ -153,10 +159,10 @@ class ResumableBatches(Sampler[list[int]]):
         self.served = 0
 
     def __len__(self) -> int:
-        return self.n // (self.batch_size * _world()[1])
+        return self.n // (self.batch_size * rank_and_world()[1])
 
     def __iter__(self) -> Iterator[list[int]]:
-        rank, world = _world()
+        rank, world = rank_and_world()
         if len(self) == 0:
             raise ValueError(
                 f"data.batch_size={self.batch_size} x {world} ranks exceeds the {self.n} training prompts; "
@@ -180,8 +186,19 @@ class ResumableBatches(Sampler[list[int]]):
             order = torch.randperm(self.n, generator=generator)
         return order.tolist()
 
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_served": self.served}
 
-def _world() -> tuple[int, int]:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "curriculum" in state:
+            raise ValueError(
+                "the checkpoint's prompt loader holds a curriculum: resume with the run's curriculum config "
+                "(e.g. curriculum=sead)"
+            )
+        self.served = int(state["batches_served"])
+
+
+def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of this process's torch.distributed group; (0, 1) without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -191,11 +208,11 @@ def _world() -> tuple[int, int]:
 class _ResumableLoader(DataLoader):
     """A DataLoader whose position Lightning saves and restores (its `_Stateful` protocol)."""
 
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_served": self.batch_sampler.served}
+    def state_dict(self) -> dict[str, Any]:
+        return self.batch_sampler.state_dict()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.served = int(state["batches_served"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 def load_records(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:

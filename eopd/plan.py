@@ -43,6 +43,7 @@ class Plan:
     engine_options: Any = None
     benchmarks: dict[str, list[dict[str, Any]]] | None = None
     benchmark_protocol: Any = None
+    curriculum: Any = None  # eopd.curriculum.CurriculumSpec
     resume_from: Path | None = None  # set when the run claims its directory: the checkpoint it continues from
 
 
@@ -173,6 +174,7 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
             raise ConfigError(
                 f"config '{key}'={node.split!r} is not a data split; allowed: {', '.join(records)}"
             )
+    curriculum = _check_curriculum(cfg, records["train"])
     protocol = build(
         "eval.benchmark_protocol", lambda: BenchmarkProtocol(**plain(cfg.eval.benchmark_protocol))
     )
@@ -214,7 +216,32 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         engine_options=engine_options,
         benchmarks=benchmarks,
         benchmark_protocol=protocol,
+        curriculum=curriculum,
     )
+
+
+def _check_curriculum(cfg: DictConfig, train: list[dict[str, Any]]):
+    """The curriculum's spec, checked before a model loads (difficulty="field": every record's field too)."""
+    from eopd.curriculum import CurriculumSpec, field_difficulties
+
+    spec = build("curriculum", lambda: CurriculumSpec(**plain(cfg.get("curriculum"))))
+    if not spec.enabled:
+        return spec
+    smallest = len(train) // spec.stages
+    if smallest < cfg.data.batch_size:
+        raise ConfigError(
+            f"config 'curriculum.stages'={spec.stages}: the easiest stage holds {smallest} of the "
+            f"{len(train)} training prompts, fewer than data.batch_size={cfg.data.batch_size}; lower "
+            "curriculum.stages or data.batch_size"
+        )
+    if cfg.rollout.source != "student":
+        raise ConfigError(
+            f"config 'curriculum.enabled'=true with rollout.source={cfg.rollout.source!r}: the curriculum "
+            "follows the student's competence on its own samples; use rollout.source=student or curriculum=none"
+        )
+    if spec.difficulty == "field":
+        build("curriculum.field", lambda: field_difficulties(train, spec.field))
+    return spec
 
 
 def build(key: str, make):
@@ -342,6 +369,7 @@ def _check_types(cfg: DictConfig) -> None:
     from hydra.utils import get_object
 
     from eopd.benchmarks import BenchmarkProtocol
+    from eopd.curriculum import CurriculumSpec
     from eopd.evaluation import EvalSpec
     from eopd.models import ModelSource
     from eopd.specs import LogSpec, OptimSpec, RolloutSpec, UpdateSpec
@@ -355,6 +383,7 @@ def _check_types(cfg: DictConfig) -> None:
         "update": UpdateSpec,
         "optimizer": OptimSpec,
         "log": LogSpec,
+        "curriculum": CurriculumSpec,
         "eval": EvalSpec,
         "eval.final": EvalSpec,
         "eval.benchmark_protocol": BenchmarkProtocol,

@@ -154,7 +154,14 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
             train_set.dropped,
             train_set.truncated,
         )
-    loader = prompt_loader(train_set, batch_size=cfg.data.batch_size, seed=cfg.seed)
+    batches = None
+    if p.curriculum.enabled:  # batches from a pool of prompts that grows easy to hard
+        from eopd.curriculum import CurriculumBatches
+
+        batches = CurriculumBatches(
+            len(train_set), batch_size=cfg.data.batch_size, spec=p.curriculum, seed=cfg.seed
+        )
+    loader = prompt_loader(train_set, batch_size=cfg.data.batch_size, seed=cfg.seed, batches=batches)
 
     engine = None
     if p.rollout.engine != "hf":  # vLLM loads its copy of the student from disk, then gets pushed weights
@@ -219,6 +226,8 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     if p.benchmarks and "before" in p.benchmark_protocol.models:
         bench_runs["student before"] = _evaluate_benchmarks(p, student_side, vocab_size)
     callbacks = [ResumeState(), *_callbacks(cfg, p.run_dir, p.steps_per_rollout)]
+    if batches is not None:
+        callbacks.append(_curriculum(p, cfg.seed, batches, train_set.items, grader, student_side, vocab_size))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(progress_bar(cfg.rollout_steps))
     periodic = PeriodicEvaluation(  # on every rank under FSDP: student and teacher gathered whole
@@ -344,6 +353,36 @@ def _evaluate_benchmarks(p: Plan, side, vocab_size: int) -> dict[str, dict[str, 
     from eopd.benchmarks import evaluate_benchmarks
 
     return evaluate_benchmarks(side, p.benchmarks, p.benchmark_protocol, vocab_size=vocab_size)
+
+
+def _curriculum(p: Plan, seed: int, sampler, items, grader, student_side, vocab_size: int):
+    """The curriculum's callback: difficulties from a record field, or probed from the initial student."""
+    from dataclasses import replace
+
+    from eopd.callbacks import Curriculum
+    from eopd.curriculum import field_difficulties
+    from eopd.evaluation import EvalSpec, evaluate
+
+    spec = p.curriculum
+    if spec.difficulty == "field":
+        return Curriculum(sampler, field_values=field_difficulties(items, spec.field))
+    probe = EvalSpec(  # the training sampling settings, so that the pass rate is the rollouts' own
+        n_samples=spec.probe_samples,
+        temperature=p.rollout.temperature,
+        top_p=p.rollout.top_p,
+        max_new_tokens=p.rollout.max_new_tokens,
+        batch_size=p.eval_spec.batch_size,
+        seed=seed,
+    )
+
+    def measure(model, indices: list[int]) -> list[int]:
+        if not indices:  # more ranks than prompts: this rank probes none
+            return []
+        side = replace(student_side, model=model)
+        result = evaluate(side, [items[i] for i in indices], grader, probe, vocab_size=vocab_size)
+        return list(result.problems.correct)
+
+    return Curriculum(sampler, measure=measure)
 
 
 def _millions(model) -> float:

@@ -133,6 +133,42 @@ def test_run_stopped_mid_epoch_and_resumed_logs_what_an_uninterrupted_run_logs(
     assert samples == sorted(samples), "samples.jsonl repeats steps after the resume"
 
 
+def test_a_run_with_a_curriculum_resumed_after_a_stage_change_logs_what_an_uninterrupted_one_logs(
+    tmp_path, monkeypatch
+):
+    # 3 stages of 4, 8 and 12 prompts; a stage ends after 2 rollout steps (the random student never passes
+    # the competence gate): stopped after step 3, the run resumes in the second stage with its gate's state.
+    overrides = [
+        "rollout_steps=5",
+        "eval.every_n_rollout_steps=0",
+        "curriculum=sead",
+        "curriculum.stages=3",
+        "curriculum.probe_samples=2",
+        "curriculum.max_stage_steps=2",
+        "curriculum.window=1",
+        "curriculum.advance_at=0.5",
+    ]
+    eopd.train.run(compose_train(overrides), tmp_path / "uninterrupted")
+    run_dir = tmp_path / "run"
+    signal_after_rollout_step(monkeypatch, 3)
+    with pytest.raises(Preempted):
+        eopd.train.run(compose_train(overrides), run_dir)
+    monkeypatch.undo()
+
+    eopd.train.run(compose_train([*overrides, "resume=auto"]), run_dir)
+
+    expected, actual = read_rows(tmp_path / "uninterrupted"), read_rows(run_dir)
+    assert_same_metrics(expected, actual)
+    assert [r["curriculum/stage"] for r in actual if r.get("curriculum/stage")] == [
+        "1.0",
+        "1.0",
+        "2.0",
+        "2.0",
+        "3.0",
+    ]
+    assert sum(1 for r in actual if r.get("time/curriculum_probe")) == 1, "the resumed run probed again"
+
+
 def test_checkpoint_holds_every_rng_state_and_the_data_position(uninterrupted):
     checkpoint = torch.load(
         uninterrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
@@ -208,7 +244,7 @@ def test_ranks_share_each_epochs_permutation_and_draw_disjoint_batches(monkeypat
     import eopd.data
 
     def batches(rank: int, world: int, n_batches: int) -> list[list[int]]:
-        monkeypatch.setattr(eopd.data, "_world", lambda: (rank, world))
+        monkeypatch.setattr(eopd.data, "rank_and_world", lambda: (rank, world))
         sampler = ResumableBatches(20, batch_size=3, seed=5)
         drawn = []
         while len(drawn) < n_batches:  # epoch after epoch, as Lightning reads it

@@ -120,6 +120,7 @@ _RECIPES: dict[str, Callable[[_Knobs], tuple[Term, ...]]] = {
     "tip": lambda k: k.tip(SoftOr("student_entropy", "rkl"), k.rho),
     "tip_q3": lambda k: k.tip(Overconfident("fkl", "student_entropy"), k.rho_q3),
     "sead": lambda k: k.sead(),
+    "sead_tokens": lambda k: k.sead(),
     "reopold": lambda k: k.reopold(),
     "grpo": lambda k: (k.grpo,),
     "grpo_kd": lambda k: (k.grpo, Term("ppo_rkl", weight=k.kd_coef, options=k.clip)),
@@ -184,7 +185,10 @@ def preset(
             Every term averages over the supervised tokens. The paper's full text was not available: the
             zone shares (10% / 45% / 45%), full-vocabulary divergences, the full-vocabulary entropies and
             applying the anneal to the student-high zone only are choices made here from its abstract and
-            summaries; its prompt curriculum is not implemented.
+            summaries. Its easy-to-hard prompt curriculum is data-side, in `eopd.curriculum`: the training
+            config `objective=sead` selects `curriculum=sead`.
+        sead_tokens: sead under its own name, for the ablation without the curriculum: the loss is the
+            same, the prompts come from all training prompts (`objective=sead_tokens`).
         reopold: REOPOLD (2603.11137): the PPO-clipped sampled-token term with the reward
             log p_te(y) - log p_old(y) clipped below at log(mix_lambda) / (1 - mix_lambda) (Eq. 5); until
             `switch_step` on the tokens whose reward is above that floor (Eq. 9), from then on on the top
