@@ -41,6 +41,12 @@ from torch.utils.data import Sampler
 from eopd import data
 
 DIFFICULTIES = ("pass_rate", "field")
+# Step metrics every objective logs (train/reward: when the trainer grades, as `eopd.train` always does),
+# so that a curriculum's competence metric is checked with the config, before the probe's cost.
+COMPETENCE_METRICS = (
+    "train/reward", "entropy/student", "entropy/student_high_frac", "div/fkl", "div/rkl",
+    "div/fkl_high_entropy", "div/k1", "rollout/len_mean", "rollout/truncated_frac",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class CurriculumSpec:
         field: the record field read when difficulty="field"; larger is harder.
         probe_samples: samples per prompt of the pass-rate probe.
         stages: equal buckets of prompts by difficulty; the pool grows by one bucket per stage.
-        metric: the logged step metric that measures competence (a key of the training logs).
+        metric: the logged step metric that measures competence (one of `COMPETENCE_METRICS`).
         advance_at: the competence needed to take in the next bucket.
         higher_is_better: True: advance when the metric's window mean >= advance_at; False: <=.
         window: rollout steps of the current stage averaged; a stage lasts at least this long, unless
@@ -82,6 +88,11 @@ class CurriculumSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.metric not in COMPETENCE_METRICS:
+            raise ValueError(
+                f"metric={self.metric!r} is not a step metric every objective logs; allowed: "
+                + ", ".join(COMPETENCE_METRICS)
+            )
         if not math.isfinite(self.advance_at):
             raise ValueError(f"advance_at={self.advance_at!r} must be a finite number")
 

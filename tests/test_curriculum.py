@@ -181,6 +181,7 @@ def test_objective_sead_selects_the_curriculum_and_sead_tokens_does_not(tmp_path
         (["curriculum.difficulty=field"], r"set curriculum.field"),
         (["curriculum.difficulty=field", "curriculum.field=level"], r"curriculum.field='level'.*record 0"),
         (["curriculum.window=abc"], r"'curriculum.window'='abc' must be an integer"),
+        (["curriculum.metric=train/rewrd"], r"metric='train/rewrd' is not a step metric.*train/reward"),
         (["rollout=teacher"], r"rollout.source='teacher'.*curriculum=none"),
     ],
 )
