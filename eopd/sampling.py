@@ -89,6 +89,10 @@ class Sampling:
         return rollout, False
 
     def _stream(self, purpose: int) -> int:
-        """A seed for one purpose at this rollout step: reproducible, and the same after a resume."""
+        """A seed for one purpose at this rollout step: reproducible, and the same after a resume.
+
+        Reduced below 2**63 so that any run seed gives a valid generator seed; seeds below about 10**9
+        are unchanged by the reduction.
+        """
         rank = self.global_rank if self._distributed else 0
-        return (self.seed * 1_000_003 + self.rollout_step * 101 + purpose) * 7919 + rank
+        return ((self.seed * 1_000_003 + self.rollout_step * 101 + purpose) * 7919 + rank) % 2**63

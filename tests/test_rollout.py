@@ -326,3 +326,18 @@ def test_rollout_on_a_device_is_reproducible_and_scored_consistently(device):
     scored = full.gather(-1, batch.responses[..., None]).squeeze(-1)
     mask = batch.response_mask
     assert (batch.sampler_logprobs[mask] >= scored[mask] - 1e-4).all()
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40, 2**62])
+def test_every_run_seed_gives_a_generator_seed_and_small_seeds_keep_their_streams(seed):
+    from types import SimpleNamespace
+
+    from eopd.sampling import Sampling
+
+    module = SimpleNamespace(seed=seed, rollout_step=3, _distributed=False)
+
+    value = Sampling._stream(module, 2)
+
+    torch.Generator().manual_seed(value)  # raises for a seed outside [-2**63, 2**64)
+    if seed < 10**9:  # the streams runs have always drawn from
+        assert value == ((seed * 1_000_003 + 3 * 101 + 2) * 7919)
