@@ -180,6 +180,11 @@ class CurriculumBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         if self.difficulty is None:
             raise RuntimeError("the curriculum's difficulties are not set: the Curriculum callback sets them")
+        if len(self) == 0:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} x {data.rank_and_world()[1]} ranks exceeds the {self.n} "
+                "training prompts; lower data.batch_size"
+            )
         end = (self.served // len(self) + 1) * len(self)
         while self.served < end:  # each batch computed when drawn: an advance applies to the next one
             batch = self.batch(self.served)

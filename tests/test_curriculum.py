@@ -221,3 +221,11 @@ def test_a_run_probes_the_student_then_trains_easy_to_hard_and_logs_the_stages(t
     pools = [float(r["curriculum/pool_size"]) for r in rows if r.get("curriculum/pool_size")]
     assert stages == [1, 1, 2, 2, 3, 3]  # the random student is never competent: the deadlines move it on
     assert pools == [4, 4, 8, 8, 12, 12]
+
+
+def test_more_ranks_than_batches_of_prompts_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(eopd.data, "rank_and_world", lambda: (0, 4))
+    sampler = CurriculumBatches(12, batch_size=4, spec=spec(stages=3), difficulty=[0.0] * 12)
+
+    with pytest.raises(ValueError, match=r"data.batch_size=4 x 4 ranks exceeds the 12 training prompts"):
+        next(iter(sampler))
