@@ -212,7 +212,7 @@ class Curriculum(L.Callback):
         trained = sampler.stage_of(sampler.served - 1)  # the batch this step trained on
         logs = getattr(pl_module, "last_logs", {})
         if spec.metric not in logs:
-            raise KeyError(
+            raise ValueError(
                 f"curriculum.metric={spec.metric!r} is not among the step's logs; pick one of: "
                 + ", ".join(sorted(logs))
             )
@@ -227,7 +227,7 @@ class Curriculum(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if advanced:
-            log.info(
+            curriculum_log.info(
                 "curriculum: stage %d of %d from rollout step %d (%s over the last steps %.3f): pool of %d prompts",
                 sampler.stage + 1,
                 spec.stages,
