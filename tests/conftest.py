@@ -21,6 +21,21 @@ from pathlib import Path  # noqa: E402
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+# A whole training run in seconds: the random tiny pair, 12 embedded prompts in batches of 4 (an epoch is 3
+# rollout steps), 8-token responses, a small validation, no final table.
+TINY_RUN = (
+    "pair=tiny_random",
+    "logger=csv",
+    "data.batch_size=4",
+    "update.mini_batch_size=2",
+    "rollout.max_new_tokens=8",
+    "data.n_train=12",
+    "eval.n_problems=4",
+    "eval.n_samples=2",
+    "eval.final.enabled=false",
+)
+
+
 def compose_train(
     overrides: Sequence[str] = (),
     *,

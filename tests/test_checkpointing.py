@@ -42,17 +42,7 @@ from eopd.train import ConfigError
 CONF_DIR = Path(eopd.train.CONF_DIR)
 REPO = CONF_DIR.parent
 # 12 prompts in batches of 4: an epoch is 3 rollout steps, so 5 steps cross an epoch boundary.
-TINY = [
-    "pair=tiny_random",
-    "logger=csv",
-    "data.batch_size=4",
-    "update.mini_batch_size=2",
-    "rollout.max_new_tokens=8",
-    "data.n_train=12",
-    "eval.n_problems=4",
-    "eval.n_samples=2",
-    "eval.final.enabled=false",
-]
+TINY = conftest.TINY_RUN
 UNTIMED = ("time/", "perf/")  # wall-clock columns: the only ones allowed to differ
 compose_train = partial(conftest.compose_train, base=TINY)
 

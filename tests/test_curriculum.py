@@ -14,18 +14,7 @@ import eopd.train
 from eopd.curriculum import CurriculumBatches, CurriculumSpec, field_difficulties, stage_pools
 from eopd.plan import ConfigError, plan
 
-TINY = [
-    "pair=tiny_random",
-    "logger=csv",
-    "data.batch_size=4",
-    "update.mini_batch_size=2",
-    "rollout.max_new_tokens=8",
-    "data.n_train=12",
-    "eval.n_problems=4",
-    "eval.n_samples=2",
-    "eval.final.enabled=false",
-    "eval.every_n_rollout_steps=0",
-]
+TINY = [*conftest.TINY_RUN, "eval.every_n_rollout_steps=0"]
 compose_train = partial(conftest.compose_train, base=TINY)
 
 
