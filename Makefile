@@ -53,7 +53,7 @@ study: $(VENV)/.installed ## EOPD and its successors, RL baselines: 12 objective
 	$(PY) -m eopd.pretrain
 	rm -rf $(STUDY_DIR)
 	OMP_NUM_THREADS=1 $(PY) -m eopd.train sweep=study hydra/launcher=parallel hydra.sweep.dir=$(STUDY_DIR) $(ARGS)
-	$(PY) -m eopd.compare $(STUDY_DIR) --baseline opd --also-against eopd --also-against rkl --out docs/study
+	$(PY) -m eopd.compare $(STUDY_DIR) --baseline opd --also-against eopd --also-against rkl --also-against sead_tokens --out docs/study
 
 # The tests run in parallel processes (pytest-xdist), one per core up to 4, each file's tests in one
 # process (module fixtures are built once); every test runs single-threaded (tests/conftest.py).
