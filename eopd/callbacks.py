@@ -187,10 +187,12 @@ class Curriculum(L.Callback):
             rank, world = trainer.global_rank, trainer.world_size
             mine = list(range(rank, self.sampler.n, world))
             correct = pl_module.on_student(lambda model: list(self.measure(model, mine)), gathered=True)
-            counts = [0] * self.sampler.n
+            counts: list[int | None] = [None] * self.sampler.n
             for indices, values in _gather((mine, correct), world):
                 for index, value in zip(indices, values, strict=True):
                     counts[index] = int(value)
+            if None in counts:  # every prompt is one rank's share: a gap is a bug, not a pass rate of 0
+                raise RuntimeError(f"the curriculum probe missed {counts.count(None)} prompts")
             difficulty = [1.0 - c / spec.probe_samples for c in counts]
         self.sampler.set_difficulty(difficulty)
         seconds = time.perf_counter() - started

@@ -289,3 +289,36 @@ def test_two_cpu_processes_train_save_the_whole_student_and_resume_exactly(strat
     assert [float(r["step/rollout"]) for r in after] == [3.0]
     for column in ("train/loss", "div/fkl", "rollout/on_policy", "rollout/len_mean"):
         assert float(after[0][column]) == pytest.approx(float(rows[2][column]), rel=1e-5, abs=1e-7), column
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_share_the_curriculum_probe_and_its_stages(tmp_path):
+    # Each rank probes half of the 64 prompts; the counts are gathered so both ranks rank all of them.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eopd.train",
+            "rollout_steps=3",
+            *TINY,
+            "trainer=ddp",
+            *[o for o in ON_TWO_CPU_PROCESSES if not o.startswith("rollout=")],
+            "curriculum=sead",
+            "curriculum.probe_samples=2",
+            "curriculum.max_stage_steps=1",
+            f"output_root={tmp_path}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pass_rate difficulty of 64 prompts" in result.stdout + result.stderr
+    (run_dir,) = (tmp_path / "runs").glob("*/*")
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["curriculum/stage"]) for r in rows if r.get("curriculum/stage")] == [1.0, 2.0, 3.0]
+    assert [float(r["curriculum/pool_size"]) for r in rows if r.get("curriculum/pool_size")] == [16, 32, 48]
