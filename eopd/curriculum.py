@@ -23,8 +23,8 @@ reading, stated in docs/objectives.md.
 before the first update and reports each step's competence to it.
 
 The sampler keeps everything a resumed run needs in the dataloader's state (Lightning stores it in every
-checkpoint): the difficulties, the stage, the batch index at which each stage began and the competence
-values of the current stage. Batch b depends only on that state, the seed and b, so a resumed run draws
+checkpoint): the difficulties, the batch index at which each stage began (which gives the stage) and
+the competence values of the current stage. Batch b depends only on that state, the seed and b, so a resumed run draws
 what the uninterrupted run would have drawn.
 """
 
@@ -146,7 +146,6 @@ class CurriculumBatches(Sampler[list[int]]):
         self.spec = spec
         self.seed = seed
         self.served = 0
-        self.stage = 0
         self.stage_starts: list[int] = [0]  # the batch index at which each stage began
         self.competence: list[float] = []  # the metric's values in the current stage
         self.difficulty: list[float] | None = None
@@ -165,6 +164,11 @@ class CurriculumBatches(Sampler[list[int]]):
                 f"curriculum.stages={self.spec.stages}: the first stage holds {smallest} prompts, fewer than "
                 f"data.batch_size={self.batch_size}; lower curriculum.stages or data.batch_size"
             )
+
+    @property
+    def stage(self) -> int:
+        """The current stage: 0 until the first advance."""
+        return len(self.stage_starts) - 1
 
     def pool(self, stage: int | None = None) -> list[int]:
         """Indices of the prompts batches are drawn from in `stage` (default: the current one)."""
@@ -220,7 +224,6 @@ class CurriculumBatches(Sampler[list[int]]):
         )
         if not (competent or len(self.competence) >= spec.max_stage_steps):
             return False
-        self.stage += 1
         self.stage_starts.append(self.served)  # the next batch drawn is the new stage's first
         self.competence = []
         return True
@@ -230,7 +233,6 @@ class CurriculumBatches(Sampler[list[int]]):
             "batches_served": self.served,
             "curriculum": {
                 "difficulty": self.difficulty,
-                "stage": self.stage,
                 "stage_starts": list(self.stage_starts),
                 "competence": list(self.competence),
             },
@@ -246,7 +248,6 @@ class CurriculumBatches(Sampler[list[int]]):
             )
         if saved["difficulty"] is not None:
             self.set_difficulty(saved["difficulty"])
-        self.stage = int(saved["stage"])
         self.stage_starts = [int(s) for s in saved["stage_starts"]]
         self.competence = [float(c) for c in saved["competence"]]
 
