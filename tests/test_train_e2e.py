@@ -221,12 +221,14 @@ ON_TWO_CPU_PROCESSES = [
     "trainer.accelerator=cpu",
     "trainer.devices=2",
     "trainer.precision=32-true",
-    "rollout=mix",  # some rollout steps sample the student, others the teacher
     "callbacks.checkpoint_every_n_steps=2",  # one checkpoint per rollout step (2 optimizer steps)
 ]
 
 
-def train_on_two_cpu_processes(strategy: str, output_root: Path, *extra: str) -> subprocess.CompletedProcess:
+def train_on_two_cpu_processes(
+    strategy: str, output_root: Path, *extra: str, rollout: str = "mix"
+) -> subprocess.CompletedProcess:
+    """Three rollout steps on two CPU processes; rollout=mix: some steps sample the student, others the teacher."""
     return subprocess.run(
         [
             sys.executable,
@@ -236,6 +238,7 @@ def train_on_two_cpu_processes(strategy: str, output_root: Path, *extra: str) ->
             *TINY,
             f"trainer={strategy.removesuffix('_teacher')}",
             *ON_TWO_CPU_PROCESSES,
+            f"rollout={rollout}",
             *(["+pair.teacher.shard=true"] if strategy == "fsdp_teacher" else []),
             f"output_root={output_root}",
             *extra,
@@ -294,25 +297,13 @@ def test_two_cpu_processes_train_save_the_whole_student_and_resume_exactly(strat
 @pytest.mark.slow
 def test_two_ddp_processes_share_the_curriculum_probe_and_its_stages(tmp_path):
     # Each rank probes half of the 64 prompts; the counts are gathered so both ranks rank all of them.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eopd.train",
-            "rollout_steps=3",
-            *TINY,
-            "trainer=ddp",
-            *[o for o in ON_TWO_CPU_PROCESSES if not o.startswith("rollout=")],
-            "curriculum=sead",
-            "curriculum.probe_samples=2",
-            "curriculum.max_stage_steps=1",
-            f"output_root={tmp_path}",
-        ],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = train_on_two_cpu_processes(
+        "ddp",
+        tmp_path,
+        "curriculum=sead",
+        "curriculum.probe_samples=2",
+        "curriculum.max_stage_steps=1",
+        rollout="default",
     )
 
     assert result.returncode == 0, result.stdout + result.stderr
