@@ -150,6 +150,7 @@ class CurriculumBatches(Sampler[list[int]]):
         self.competence: list[float] = []  # the metric's values in the current stage
         self.difficulty: list[float] | None = None
         self._pools: list[list[int]] = []
+        self._shuffled: tuple[tuple[int, int], list[int]] | None = None  # (stage, pass) -> its order
         if difficulty is not None:
             self.set_difficulty(difficulty)
 
@@ -158,6 +159,7 @@ class CurriculumBatches(Sampler[list[int]]):
             raise ValueError(f"{len(difficulty)} difficulties for {self.n} prompts")
         self.difficulty = [float(d) for d in difficulty]
         self._pools = stage_pools(self.difficulty, self.spec.stages, self.seed)
+        self._shuffled = None
         smallest = len(self._pools[0])
         if smallest < self.batch_size:
             raise ValueError(
@@ -207,9 +209,18 @@ class CurriculumBatches(Sampler[list[int]]):
                 f"{self.batch_size} x {world} ranks; lower curriculum.stages or data.batch_size"
             )
         passes, k = divmod(batch_index - self.stage_starts[stage], per_pass)
-        order = random.Random(f"eopd-curriculum:{self.seed}:{stage}:{passes}").sample(pool, len(pool))
+        order = self._order(stage, passes)
         first = (k * world + rank) * self.batch_size
         return order[first : first + self.batch_size]
+
+    def _order(self, stage: int, passes: int) -> list[int]:
+        """The stage's pool shuffled for its pass `passes`; kept for the batches of the same pass."""
+        key = (stage, passes)
+        if self._shuffled is None or self._shuffled[0] != key:
+            pool = self._pools[stage]
+            seeded = random.Random(f"eopd-curriculum:{self.seed}:{stage}:{passes}")
+            self._shuffled = (key, seeded.sample(pool, len(pool)))
+        return self._shuffled[1]
 
     def observe(self, value: float) -> bool:
         """Record the competence metric of the step just trained; advance a stage when due. True if it did."""
