@@ -116,13 +116,73 @@ def _direct_decode_step(model: PreTrainedModel, cache_keyword: str) -> DecodeSte
     return step
 
 
-def _new_cache(model: PreTrainedModel) -> DynamicCache:
+def _new_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
+    """A `DynamicCache` whose full-attention layers write into storage reserved for `capacity` positions.
+
+    transformers' `DynamicLayer` concatenates every new key and value onto the whole cache, so decoding R
+    tokens copies O(R^2) cache entries: at 64 rows x 128 new tokens that copying was most of the sampler's
+    time (docs/performance.md). The reserved layers hold the same keys and values, as views of the first
+    `length` positions of their storage, so attention sees tensors of the same shapes and values.
+    """
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     try:
-        return DynamicCache(config=model.config)
+        cache = DynamicCache(config=model.config)
     except TypeError:  # older transformers: no config argument
         return DynamicCache()
+    layers = getattr(cache, "layers", None)
+    if layers:
+        for index, layer in enumerate(layers):
+            if type(layer) is DynamicLayer:  # sliding-window and other layer kinds keep their own
+                layers[index] = _reserved_layer_class()(capacity)
+    return cache
+
+
+_RESERVED_LAYER: type | None = None
+
+
+def _reserved_layer_class() -> type:
+    """`DynamicLayer` with reserved storage, defined on first use (transformers imports slowly)."""
+    global _RESERVED_LAYER
+    if _RESERVED_LAYER is not None:
+        return _RESERVED_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """Keys and values are views of the first `length` positions of (B, heads, capacity, D) storage.
+
+        `update` copies the new positions into place instead of concatenating; past the capacity the
+        storage doubles (one copy). Only `update` and the read methods are used by the sampler.
+        """
+
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity = capacity
+            self.storage: tuple[Tensor, Tensor] | None = None
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            start = self.get_seq_length()
+            end = start + key_states.shape[-2]
+            if self.storage is None or end > self.storage[0].shape[-2]:
+                size = max(end, self.capacity if self.storage is None else 2 * self.storage[0].shape[-2])
+                self.storage = tuple(
+                    torch.empty((*new.shape[:-2], size, new.shape[-1]), dtype=new.dtype, device=new.device)
+                    for new in (key_states, value_states)
+                )
+                if start:
+                    self.storage[0][..., :start, :].copy_(self.keys)
+                    self.storage[1][..., :start, :].copy_(self.values)
+            keys, values = self.storage
+            keys[..., start:end, :].copy_(key_states)
+            values[..., start:end, :].copy_(value_states)
+            self.keys, self.values = keys[..., :end, :], values[..., :end, :]
+            return self.keys, self.values
+
+    _RESERVED_LAYER = ReservedLayer
+    return ReservedLayer
 
 
 def _validate_sampling_arguments(
@@ -214,7 +274,7 @@ def sample(
     model.eval()
     try:
         with torch.no_grad():
-            cache = _new_cache(model)
+            cache = _new_cache(model, input_ids.shape[1] + max_new_tokens)
             out = model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

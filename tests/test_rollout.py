@@ -171,6 +171,43 @@ def test_the_direct_decode_step_samples_bitwise_like_the_model_forward(monkeypat
     assert min(ended_early) < 12  # some row stopped before the limit: its padding was masked
 
 
+@pytest.mark.parametrize("capacity", [None, 4])  # None: room for the whole rollout; 4: it must grow
+def test_the_reserved_kv_cache_samples_bitwise_like_the_concatenating_cache(monkeypatch, capacity):
+    # The cache writes each new key and value into reserved storage instead of concatenating them onto
+    # the whole cache (O(R^2) copies); attention must see the same tensors: the same tokens and log-probs.
+    from transformers import DynamicCache
+
+    import eopd.rollout
+
+    model = build_causal_lm(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2)
+    reserved_cache = eopd.rollout._new_cache
+    caches = []
+
+    def reserved(model, size):
+        caches.append(reserved_cache(model, size if capacity is None else capacity))
+        return caches[-1]
+
+    def draw(prompts, seed):
+        return sample(
+            model, prompts, max_new_tokens=12, eos_token_ids=[3, 7], pad_token_id=PAD,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+
+    for prompts in (PROMPTS, [[5, 6, 7], [8, 9, 10]]):
+        monkeypatch.setattr("eopd.rollout._new_cache", reserved)
+        with_reserved = [draw(prompts, seed) for seed in range(3)]
+        monkeypatch.setattr("eopd.rollout._new_cache", lambda model, size: DynamicCache(config=model.config))
+        concatenating = [draw(prompts, seed) for seed in range(3)]
+        monkeypatch.undo()
+        for a, b in zip(with_reserved, concatenating, strict=True):
+            assert torch.equal(a.input_ids, b.input_ids)
+            assert torch.equal(a.sampler_logprobs, b.sampler_logprobs)
+    layer = caches[-1].layers[0]
+    assert type(layer).__name__ == "ReservedLayer"
+    assert layer.keys.data_ptr() == layer.storage[0].data_ptr()  # a view of the storage, not a copy
+    assert layer.storage[0].shape[-2] >= layer.get_seq_length() > (capacity or 0)
+
+
 def test_a_lora_student_gets_the_kv_cache_under_its_current_name():
     # peft's wrapper forwards **kwargs; asked about its own signature, the sampler would fall back to
     # `past_key_values`, which transformers deprecates (removed in 5.40).
