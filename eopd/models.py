@@ -121,6 +121,27 @@ def build_causal_lm(
     return model
 
 
+def has_active_dropout(model: torch.nn.Module) -> bool:
+    """Whether a training-mode forward of `model` can differ from its eval-mode forward through dropout.
+
+    Counts dropout modules with p > 0 (LoRA's included) and the dropout rates a Hugging Face config hands
+    to functional calls (`attention_dropout`, `hidden_dropout`, `resid_pdrop`, ...).
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name, value in vars(config).items():
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ("dropout" in name or name.endswith("pdrop")) and numeric and value > 0:
+            return True
+    return False
+
+
 def vocab_size_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> int:
     """The effective vocabulary size: the ids a model can really be asked about.
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from eopd.batch import RolloutBatch
 from eopd.checkpointing import NonFiniteTraining
+from eopd.models import has_active_dropout
 from eopd.objectives import LinearLogits, Metrics, Objective, Signals, TeacherStats, teacher_token_stats
 from eopd.objectives.policy_gradient import group_advantages
 from eopd.objectives.terms import normalizer_weights
@@ -211,7 +212,10 @@ class DistillModule(Sampling, Placement, L.LightningModule):
             per_response = group_advantages(rewards, n_samples).to(self.device)  # (B,)
             advantages = per_response[:, None].expand_as(rollout.responses).float()
         with timer("old_logprobs"):
-            old_logprobs, diagnostics = self.score_old_policy(rollout, teacher_side)
+            # The first mini-batch's forward is at the rollout policy: where that is exact, its rows are
+            # scored there and this pass covers the other mini-batches only (none with one mini-batch).
+            first = self._first_mini_batch(rollout.batch_size) if self._reuse_on_policy_forward() else None
+            old_logprobs, diagnostics = self.score_old_policy(rollout, teacher_side, skip=first)
         if rewards is not None:
             diagnostics.add("train/reward", rewards)
             if n_samples > 1:  # the share of groups whose samples all score the same: no GRPO signal
@@ -219,7 +223,13 @@ class DistillModule(Sampling, Placement, L.LightningModule):
                 diagnostics.add("train/reward_flat_groups", (groups.amax(-1) == groups.amin(-1)).float())
         lr = self.optimizers().param_groups[0]["lr"]  # the rate this rollout's first update uses
         with timer("update"):
-            update_metrics = self.update(rollout, teacher_side, old_logprobs, advantages)
+            update_metrics = self.update(
+                rollout,
+                teacher_side,
+                old_logprobs,
+                advantages,
+                first_diagnostics=diagnostics if first is not None else None,
+            )
         with timer("sync"):
             self.engine.sync_weights(self.student)
         self.rollout_step += 1
@@ -277,13 +287,58 @@ class DistillModule(Sampling, Placement, L.LightningModule):
             gates = self._gate_weights(Signals(teacher_entropy=stats.entropy), rollout.response_mask)
         return _TeacherSide(stats=stats, hidden=hidden, gates=gates)
 
+    def _reuse_on_policy_forward(self) -> bool:
+        """Whether the first mini-batch's own forward can stand in for the pass at the rollout policy.
+
+        Before the first optimizer step the student is the rollout policy, so that forward gives log
+        pi_old(y_t) and the rollout-policy diagnostics of its rows. It is exact when the training-mode
+        forward computes the eval-mode policy (no active dropout) and no gate waits for the student's
+        signals of the whole batch (those are decided before any update).
+        """
+        return (
+            self.update_spec.reuse_on_policy_forward
+            and not self.objective.needs_student_signals
+            and not has_active_dropout(self.student)
+        )
+
+    def _row_order(self, epoch: int, n_rows: int) -> Tensor:
+        """The order in which `update` visits the rollout's rows in `epoch` (mini-batches are its slices)."""
+        if self.update_spec.shuffle:
+            return torch.randperm(n_rows, generator=torch.Generator().manual_seed(self._stream(2 + epoch)))
+        return torch.arange(n_rows)
+
+    def _first_mini_batch(self, n_rows: int) -> Tensor:
+        return self._row_order(0, n_rows)[: self.update_spec.mini_batch_size]
+
     @torch.no_grad()
-    def score_old_policy(self, rollout: RolloutBatch, teacher: _TeacherSide) -> tuple[Tensor, Metrics]:
+    def score_old_policy(
+        self, rollout: RolloutBatch, teacher: _TeacherSide, *, skip: Tensor | None = None
+    ) -> tuple[Tensor, Metrics]:
         """One student forward: log pi_old(y_t) and every diagnostic at the rollout policy (exact, full vocab).
 
         When a gate reads the student's side (its entropy, a divergence), the gates are decided here, from
         the signals this pass measures, and stored in `teacher.gates` for the update.
+
+        Args:
+            skip: rows left out (the first mini-batch, scored by its own forward in `update`); their
+                log-probs stay 0 until then. Only with the gates already decided.
         """
+        if skip is not None:
+            if teacher.gates is None:
+                raise ValueError("skip needs the gates decided before this pass (no gate reads the student)")
+            keep = torch.ones(rollout.batch_size, dtype=torch.bool)
+            keep[skip.cpu()] = False
+            rows = keep.nonzero().squeeze(-1).to(self.device)
+            old = torch.zeros(rollout.responses.shape, dtype=torch.float32, device=self.device)
+            if not len(rows):
+                return old, Metrics()
+            part = _TeacherSide(
+                stats=teacher.stats.rows(rows),
+                hidden=teacher.hidden[rows],
+                gates=teacher.gates[:, rows],
+            )
+            old[rows], diagnostics = self.score_old_policy(rollout.select(rows), part)
+            return old, diagnostics
         mask = rollout.response_mask
         teacher_full = LinearLogits(teacher.hidden, self._teacher_weight(), self.pair.vocab_size)
 
@@ -318,8 +373,16 @@ class DistillModule(Sampling, Placement, L.LightningModule):
         teacher: _TeacherSide,
         old_logprobs: Tensor,
         advantages: Tensor | None = None,
+        *,
+        first_diagnostics: Metrics | None = None,
     ) -> Metrics:
-        """ppo_epochs x mini-batches optimizer steps on the objective; returns their merged metrics."""
+        """ppo_epochs x mini-batches optimizer steps on the objective; returns their merged metrics.
+
+        Args:
+            first_diagnostics: when given, the first mini-batch is scored by its own forward at the
+                rollout policy (`score_old_policy` skipped its rows): its log-probs are written into
+                `old_logprobs` and its diagnostics (the teacher's full logits included) merged in here.
+        """
         spec = self.update_spec
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
@@ -331,13 +394,9 @@ class DistillModule(Sampling, Placement, L.LightningModule):
         teacher_weight = self._teacher_weight()
         metrics = Metrics()
         for epoch in range(spec.ppo_epochs):
-            if spec.shuffle:
-                order = torch.randperm(
-                    n_rows, generator=torch.Generator().manual_seed(self._stream(2 + epoch))
-                )
-            else:
-                order = torch.arange(n_rows)
+            order = self._row_order(epoch, n_rows)
             for k in range(steps_per_epoch):
+                on_policy = first_diagnostics is not None and epoch == 0 and k == 0
                 rows = order[k * spec.mini_batch_size : (k + 1) * spec.mini_batch_size].to(self.device)
                 count = rollout.response_mask[rows].sum()
                 # What each term divides by (`Term.normalize`), over the whole mini-batch of all ranks.
@@ -357,7 +416,12 @@ class DistillModule(Sampling, Placement, L.LightningModule):
                     part = rows[start : start + micro]
                     sub = rollout.select(part)
                     full_teacher = None
-                    if self.objective.needs_teacher_logits:
+                    own_logprobs = None
+                    if on_policy:  # log pi_old(y_t) from this very forward, at the rollout policy
+                        own_logprobs = torch.zeros(
+                            sub.responses.shape, dtype=torch.float32, device=self.device
+                        )
+                    if self.objective.needs_teacher_logits or on_policy:  # on-policy: the exact KLs
                         full_teacher = LinearLogits(
                             teacher.hidden[part], teacher_weight, self.pair.vocab_size
                         )
@@ -367,6 +431,7 @@ class DistillModule(Sampling, Placement, L.LightningModule):
                         sub=sub,
                         part=part,
                         full_teacher=full_teacher,
+                        own_logprobs=own_logprobs,
                         count=count,
                         normalizers=normalizers,
                         step_metrics=step_metrics,
@@ -384,7 +449,8 @@ class DistillModule(Sampling, Placement, L.LightningModule):
                             mask=sub.response_mask,
                             teacher_stats=teacher.stats.rows(part),
                             teacher=full_teacher,
-                            old_logprobs=old_logprobs[part],
+                            old_logprobs=None if own_logprobs is not None else old_logprobs[part],
+                            token_logprobs_out=own_logprobs,
                             gate_weights=teacher.gates[:, part],
                             step=self.global_step,
                             num_valid_tokens=count,
@@ -401,6 +467,9 @@ class DistillModule(Sampling, Placement, L.LightningModule):
                         loss, micro_metrics = self.on_student(micro_loss)
                         self.manual_backward(loss * world if world > 1 else loss)
                     step_metrics.merge([micro_metrics])
+                    if on_policy:
+                        old_logprobs[part] = own_logprobs
+                        first_diagnostics.merge([micro_metrics])
                 grad_norm = self._clip_and_step(optimizer, scheduler, step_metrics)
                 step_metrics.add_sums("train/grad_norm", grad_norm, 1.0)
                 metrics.merge([step_metrics])

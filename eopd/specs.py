@@ -82,6 +82,11 @@ class UpdateSpec:
         max_nonfinite_in_a_row: an update whose student hidden states, loss or gradient norm are not finite
             is skipped (counted and logged as fault/skipped_updates); after this many in a row the run stops
             with `NonFiniteTraining` (0 = never stop).
+        reuse_on_policy_forward: the first mini-batch of a rollout is trained before any optimizer step, at
+            the rollout policy: its log pi_old(y_t) and rollout-policy diagnostics come from its own
+            forward, and the separate pass at the rollout policy scores the other mini-batches only (with
+            one mini-batch, none). The same numbers as that pass where the forward is batch-invariant
+            (docs/performance.md); off where dropout is active or a gate reads the student's signals.
     """
 
     mini_batch_size: int = 32
@@ -90,6 +95,7 @@ class UpdateSpec:
     grad_clip: float = 1.0
     shuffle: bool = True
     max_nonfinite_in_a_row: int = 5
+    reuse_on_policy_forward: bool = True
 
     def __post_init__(self) -> None:
         for name in ("mini_batch_size", "ppo_epochs"):
@@ -101,6 +107,10 @@ class UpdateSpec:
             raise ValueError(
                 f"update.micro_batch_size={micro!r} must be a positive divisor of "
                 f"update.mini_batch_size={self.mini_batch_size} (or null for no accumulation)"
+            )
+        if not isinstance(self.reuse_on_policy_forward, bool):
+            raise ValueError(
+                f"update.reuse_on_policy_forward={self.reuse_on_policy_forward!r} must be true or false"
             )
         if self.grad_clip < 0:
             raise ValueError(f"update.grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")

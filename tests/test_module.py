@@ -364,3 +364,87 @@ def test_grpo_samples_each_prompt_several_times_grades_them_and_trains_on_the_gr
         make_module("grpo", rollout=RolloutSpec(max_new_tokens=10, n_samples=2))
     with pytest.raises(ValueError, match="tokenizer=..."):
         make_module("grpo", rollout=RolloutSpec(max_new_tokens=10, n_samples=2), reward=reward)
+
+
+# ---- the first mini-batch scored by its own forward ------------------------------------------------------
+
+
+def train_recording_the_old_pass(tmp_path, monkeypatch, reuse: bool, mini_batch_size: int, objective="eopd"):
+    """Two rollout steps; returns the logs of each step, the final weights and the rows each
+    rollout-policy pass (eval mode, no grad) scored."""
+    import eopd.module as module_file
+    import eopd.scoring
+
+    scored_rows = []
+    original = eopd.scoring.response_hidden_states
+
+    def recording(model, batch, **kw):
+        if not model.training:
+            scored_rows.append(batch.batch_size)
+        return original(model, batch, **kw)
+
+    monkeypatch.setattr(module_file, "response_hidden_states", recording)
+    module = make_module(
+        objective, update=UpdateSpec(mini_batch_size=mini_batch_size, reuse_on_policy_forward=reuse)
+    )
+    logs = []
+
+    class Keep(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            logs.append(dict(pl_module.last_logs))
+
+    loader = torch.utils.data.DataLoader(prompts(16), batch_size=8, collate_fn=list)
+    L.Trainer(
+        max_steps=2 * module.update_spec.steps_per_rollout(8),
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[Keep()],
+    ).fit(module, loader)
+    return logs, [p.detach().clone() for p in module.student.parameters()], scored_rows
+
+
+@pytest.mark.parametrize("objective", ["eopd", "fkl"])
+@pytest.mark.parametrize("mini_batch_size", [8, 4])
+def test_the_first_mini_batch_scored_by_its_own_forward_trains_and_logs_what_a_separate_pass_gives(
+    tmp_path, monkeypatch, mini_batch_size, objective
+):
+    reused, weights, rows = train_recording_the_old_pass(
+        tmp_path, monkeypatch, True, mini_batch_size, objective
+    )
+    separate, weights_separate, rows_separate = train_recording_the_old_pass(
+        tmp_path, monkeypatch, False, mini_batch_size, objective
+    )
+    # The pass at the rollout policy scores only the rows outside the first mini-batch: none with one.
+    assert rows_separate == [8, 8]
+    assert rows == ([] if mini_batch_size == 8 else [4, 4])
+    # The same training: the forward is the same arithmetic on the same rows, so the old log-probs agree.
+    for a, b in zip(weights, weights_separate, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for step, (logs, logs_separate) in enumerate(zip(reused, separate, strict=True)):
+        timing = {k for k in logs_separate if k.startswith(("time/", "perf/"))}
+        assert set(logs) == set(logs_separate), f"step {step}"
+        assert {"div/fkl", "div/rkl", "entropy/student", "gate/fraction"} <= set(logs)  # every row's
+        for key in sorted(set(logs) - timing):
+            assert logs[key] == pytest.approx(logs_separate[key], rel=1e-5, abs=1e-7), f"step {step} {key}"
+
+
+def test_a_student_with_dropout_keeps_the_separate_pass_at_the_rollout_policy(tmp_path, monkeypatch):
+    from eopd.models import has_active_dropout
+
+    student, _ = tiny_pair()
+    assert not has_active_dropout(student)
+    student.config.attention_dropout = 0.1  # a training-mode forward is not the rollout policy
+    assert has_active_dropout(student)
+    student.config.attention_dropout = 0.0
+    student.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.1))
+    assert has_active_dropout(student)
+
+    import eopd.module as module_file
+
+    monkeypatch.setattr(module_file, "has_active_dropout", lambda model: True)
+    _, _, rows = train_recording_the_old_pass(tmp_path, monkeypatch, True, 8)
+    assert rows == [8, 8]  # every row scored by the separate pass, as without reuse
