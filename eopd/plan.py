@@ -67,6 +67,11 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         )
     _check_types(cfg)
     _check_positive(cfg, "rollout_steps")
+    if not isinstance(cfg.get("keep_freed_memory", True), bool):
+        raise ConfigError(
+            f"config 'keep_freed_memory'={cfg.keep_freed_memory!r} must be true or false (false leaves the "
+            "C library's allocator as it is)"
+        )
     objective = build("objective", lambda: instantiate(cfg.objective))
     rollout_fields = plain(cfg.rollout)
     engine_options = rollout_fields.pop("engine_options", None) or {}

@@ -107,6 +107,12 @@ CASES = {
     "top_p": Case(["rollout.top_p=1.5"], ConfigError, ["rollout.top_p=1.5", "(0, 1]"]),
     "source": Case(["rollout.source=bogus"], ConfigError, ["rollout.source", "student, teacher, mix"]),
     "zero-rollout-steps": Case(["rollout_steps=0"], ConfigError, ["rollout_steps"]),
+    "keep-freed-memory-not-a-bool": Case(
+        ["keep_freed_memory=sometimes"], ConfigError, ["'keep_freed_memory'='sometimes'", "true or false"]
+    ),
+    "reuse-on-policy-forward-not-a-bool": Case(
+        ["update.reuse_on_policy_forward=2"], ConfigError, ["update.reuse_on_policy_forward", "2"]
+    ),
     "uncached-hub-id-offline": Case(
         ["pair.teacher.path=eopd-tests/not-a-cached-model"],
         ConfigError,
