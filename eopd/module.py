@@ -212,10 +212,7 @@ class DistillModule(Sampling, Placement, L.LightningModule):
             per_response = group_advantages(rewards, n_samples).to(self.device)  # (B,)
             advantages = per_response[:, None].expand_as(rollout.responses).float()
         with timer("old_logprobs"):
-            # The first mini-batch's forward is at the rollout policy: where that is exact, its rows are
-            # scored there and this pass covers the other mini-batches only (none with one mini-batch).
-            first = self._first_mini_batch(rollout.batch_size) if self._reuse_on_policy_forward() else None
-            old_logprobs, diagnostics = self.score_old_policy(rollout, teacher_side, skip=first)
+            old_logprobs, diagnostics, reused = self.old_policy_pass(rollout, teacher_side)
         if rewards is not None:
             diagnostics.add("train/reward", rewards)
             if n_samples > 1:  # the share of groups whose samples all score the same: no GRPO signal
@@ -228,7 +225,7 @@ class DistillModule(Sampling, Placement, L.LightningModule):
                 teacher_side,
                 old_logprobs,
                 advantages,
-                first_diagnostics=diagnostics if first is not None else None,
+                first_diagnostics=diagnostics if reused else None,
             )
         with timer("sync"):
             self.engine.sync_weights(self.student)
@@ -281,6 +278,7 @@ class DistillModule(Sampling, Placement, L.LightningModule):
             k=self.objective.top_k,
             temperature=self.objective.temperature,
             chunk_size=self.objective.chunk_size,
+            mask=rollout.response_mask,  # no tiles over the padding
         )
         gates = None
         if not self.objective.needs_student_signals:
@@ -307,8 +305,14 @@ class DistillModule(Sampling, Placement, L.LightningModule):
             return torch.randperm(n_rows, generator=torch.Generator().manual_seed(self._stream(2 + epoch)))
         return torch.arange(n_rows)
 
-    def _first_mini_batch(self, n_rows: int) -> Tensor:
-        return self._row_order(0, n_rows)[: self.update_spec.mini_batch_size]
+    def old_policy_pass(self, rollout: RolloutBatch, teacher: _TeacherSide) -> tuple[Tensor, Metrics, bool]:
+        """log pi_old(y_t) and the rollout-policy diagnostics before the update, and whether the update's
+        first mini-batch scores its own rows (`_reuse_on_policy_forward`): then this pass covers the other
+        mini-batches only (none with one mini-batch), and `update` needs `first_diagnostics=`."""
+        if not self._reuse_on_policy_forward():
+            return (*self.score_old_policy(rollout, teacher), False)
+        first = self._row_order(0, rollout.batch_size)[: self.update_spec.mini_batch_size]
+        return (*self.score_old_policy(rollout, teacher, skip=first), True)
 
     @torch.no_grad()
     def score_old_policy(

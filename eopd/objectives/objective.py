@@ -279,7 +279,12 @@ class Objective:
             if teacher is None:
                 raise ValueError("pass teacher_stats or the teacher's logits (teacher=...)")
             teacher_stats = teacher_token_stats(
-                teacher, tokens, k=self.top_k, temperature=self.temperature, chunk_size=self.chunk_size
+                teacher,
+                tokens,
+                k=self.top_k,
+                temperature=self.temperature,
+                chunk_size=self.chunk_size,
+                mask=mask,
             )
         elif teacher_stats.temperature != self.temperature:
             raise ValueError(

@@ -8,13 +8,14 @@ training step never holds full teacher logits.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from eopd.objectives.divergences import _check_temperature, check_top_k
-from eopd.objectives.fused import LogitSource, source_len, source_tile
+from eopd.objectives.fused import LogitSource, source_len, source_rows, source_tile
 
 
 @dataclass
@@ -51,6 +52,16 @@ class TeacherStats:
             temperature=self.temperature,
         )
 
+    def reshaped(self, lead: torch.Size) -> TeacherStats:
+        """The same statistics over leading shape `lead` (as many positions)."""
+        return TeacherStats(
+            token_logprobs=self.token_logprobs.reshape(lead),
+            entropy=self.entropy.reshape(lead),
+            topk_logprobs=self.topk_logprobs.reshape(*lead, self.k),
+            topk_indices=self.topk_indices.reshape(*lead, self.k),
+            temperature=self.temperature,
+        )
+
     def to(self, device) -> TeacherStats:
         return TeacherStats(
             **{f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "temperature"},
@@ -66,6 +77,7 @@ def teacher_token_stats(
     k: int = 16,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    mask: Tensor | None = None,
 ) -> TeacherStats:
     """Reduce teacher logits to `TeacherStats`, one tile of positions at a time.
 
@@ -75,6 +87,10 @@ def teacher_token_stats(
         k: how many of the teacher's top tokens to keep (the paper: 16).
         temperature: divide logits by this before the softmax (must equal the sampling temperature).
         chunk_size: positions per tile; peak memory is about chunk_size x V floats.
+        mask: (...) bool, the positions to compute (the valid response tokens); the tiles then cover those
+            only, which at a large vocabulary skips the padding's share of the work. The others get
+            placeholders that nothing reads (gates and metrics are masked): entropy and the token's
+            log-prob 0, a uniform top-k over ids 0..k-1. None computes every position.
 
     Returns:
         TeacherStats with leading shape equal to `tokens.shape`.
@@ -97,6 +113,23 @@ def teacher_token_stats(
         flat = type(teacher)(teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight, vocab)
     check_top_k(k, vocab)
     flat_tokens = tokens.reshape(-1)
+    if mask is not None:
+        if mask.shape != lead:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match tokens shape {tuple(lead)}")
+        index = mask.reshape(-1).bool()
+        valid = teacher_token_stats(
+            source_rows(flat, index), flat_tokens[index], k=k, temperature=temperature, chunk_size=chunk_size
+        )
+        stats = TeacherStats(
+            token_logprobs=torch.zeros(flat_tokens.shape, device=flat_tokens.device),
+            entropy=torch.zeros(flat_tokens.shape, device=flat_tokens.device),
+            topk_logprobs=torch.full((*flat_tokens.shape, k), -math.log(k), device=flat_tokens.device),
+            topk_indices=torch.arange(k, device=flat_tokens.device).expand(*flat_tokens.shape, k).clone(),
+            temperature=temperature,
+        )
+        for field in ("token_logprobs", "entropy", "topk_logprobs", "topk_indices"):
+            getattr(stats, field)[index] = getattr(valid, field)
+        return stats.reshaped(lead)
     n = source_len(flat)
     device = flat_tokens.device
     token_logprobs = torch.empty(n, device=device)

@@ -273,6 +273,27 @@ def test_teacher_stats_chunked_equal_direct_and_fused():
     assert torch.equal(chunked.topk_indices, direct.topk_indices)
 
 
+@pytest.mark.parametrize("source", ["logits", "linear"])
+def test_teacher_stats_over_the_valid_positions_only_equal_those_of_every_position(source):
+    # With a mask the tiles cover the valid response tokens only (no work on the padding); their
+    # statistics are those computed over every position, and the padding gets harmless placeholders.
+    d = make_batch(seed=7, hidden=True)
+    teacher = d["ht"] @ d["wt"].T if source == "logits" else LinearLogits(d["ht"], d["wt"])
+    mask = d["mask"]
+    assert not bool(mask.all())
+    every = teacher_token_stats(teacher, d["tokens"], k=5, chunk_size=3)
+    valid = teacher_token_stats(teacher, d["tokens"], k=5, chunk_size=3, mask=mask)
+    for field in ("token_logprobs", "entropy", "topk_logprobs", "topk_indices"):
+        assert getattr(valid, field).shape == getattr(every, field).shape
+        torch.testing.assert_close(
+            getattr(valid, field)[mask], getattr(every, field)[mask], rtol=1e-6, atol=1e-6
+        )
+    assert bool((valid.entropy[~mask] == 0).all()) and bool((valid.token_logprobs[~mask] == 0).all())
+    torch.testing.assert_close(valid.topk_mass[~mask], torch.ones(int((~mask).sum())))
+    with pytest.raises(ValueError, match="mask shape"):
+        teacher_token_stats(teacher, d["tokens"], k=5, mask=mask[:, :-1])
+
+
 def test_token_mean_with_global_count_and_masked_mean():
     values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 5.0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
