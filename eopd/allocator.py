@@ -2,19 +2,21 @@
 
 PyTorch allocates CPU tensors with malloc and caches nothing. glibc serves a block above its mmap
 threshold (32 MiB at most) with a fresh `mmap` and unmaps it on free, so each large tensor of a training
-step (activations, a tile of logits over a 150k vocabulary, a KV cache) is new memory that the kernel
-faults in and zeroes page by page, every step. On the benchmark machine that cost about 0.1 s per
-155 MB tensor: more than the exp over it (docs/performance.md).
+step (activations, a tile of logits over a 150k vocabulary) is new memory that the kernel faults in and
+zeroes page by page, every step: about 0.1 s per 155 MB tile on the benchmark machine, more than an exp
+over it (docs/performance.md).
 
 `keep_freed_memory` tells glibc to serve every block from its heap and to keep what is freed there, so
-the next step reuses the same pages: the arithmetic is unchanged, the peak resident memory is the peak
-in use (plus fragmentation), and freed memory is not given back until the process ends. `eopd.train`
-applies it unless `keep_freed_memory=false`; it is the process-wide equivalent of
+later tensors reuse the same pages. The arithmetic is unchanged. The cost: freed memory is not given
+back until the process ends, and the heap can fragment (PyTorch's 64-byte-aligned blocks do not always
+fit a freed hole of their own size), so the resident set can exceed the peak in use. `eopd.train` applies
+it with `keep_freed_memory=true` (off by default); it is the in-process form of
 `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large>` in the environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 
@@ -35,3 +37,12 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def return_freed_memory() -> None:
+    """Give the memory kept by `keep_freed_memory` back to the system now (`malloc_trim`), e.g. before
+    measuring how much a computation adds to the resident set. A no-op where not glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -67,7 +67,7 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
         )
     _check_types(cfg)
     _check_positive(cfg, "rollout_steps")
-    if not isinstance(cfg.get("keep_freed_memory", True), bool):
+    if not isinstance(cfg.get("keep_freed_memory", False), bool):
         raise ConfigError(
             f"config 'keep_freed_memory'={cfg.keep_freed_memory!r} must be true or false (false leaves the "
             "C library's allocator as it is)"

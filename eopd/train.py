@@ -88,7 +88,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     if primary:
         OmegaConf.save(cfg, p.run_dir / "config.yaml", resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.get("keep_freed_memory", True):
+    if cfg.get("keep_freed_memory", False):
         from eopd.allocator import keep_freed_memory
 
         keep_freed_memory()  # large CPU tensors reuse freed pages instead of faulting in new ones

@@ -13,10 +13,12 @@ measurement runs in a fresh process, so one variant's peak memory cannot hide be
 is the growth above the memory held once the inputs exist (CPU: VmHWM after resetting it through
 /proc/self/clear_refs; CUDA: max_memory_allocated). Before timing, a separate process runs both variants
 on the same inputs and prints how far their loss and the gradients of the student's hidden states and
-output weight are apart. The bare variant times only the fused path's matrix products, tile by tile
-over the valid positions (student and teacher logits, then the two products of the backward pass with a
-stand-in gradient), with no softmax, loss or bookkeeping: the floor the fused path is measured against. Wall time on a shared machine is noisy: the cpu-seconds column and the printed
-load average help judge it.
+output weight are apart. The bare variant times only the matrix products the fused path makes, tile by
+tile over the valid positions (the teacher's logits for its statistics, the student's logits, for fkl
+the teacher's logits again in the loss tiles, then the two products of the backward pass with a
+stand-in gradient), with no softmax, loss or bookkeeping: the floor the fused path is measured against.
+`--keep-freed-memory` runs every variant with the allocator setting of `eopd.train
+keep_freed_memory=true` (`eopd/allocator.py`). Wall time on a shared machine is noisy: the cpu-seconds column and the printed load average help judge it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from multiprocessing import get_context
 import torch
 from torch import Tensor
 
+from eopd.allocator import keep_freed_memory, return_freed_memory
 from eopd.objectives import LinearLogits, preset, teacher_token_stats
 
 
@@ -68,6 +71,7 @@ class Job:
     seed: int
     threads: int
     rollout: tuple | None = None  # (tokens, old_logprobs, lengths) as lists, from the "rollout" job
+    keep_freed_memory: bool = False  # the C allocator keeps freed memory (eopd/allocator.py)
 
 
 @dataclass
@@ -174,7 +178,7 @@ def fused_loss(objective: str, x: Inputs, chunk_size: int) -> tuple[Tensor, dict
     if objective == "fkl":
         loss, metrics = loss_fn(student=student, tokens=x.tokens, mask=x.mask, teacher=teacher)
     else:
-        stats = teacher_token_stats(teacher, x.tokens, k=TOP_K, chunk_size=chunk_size)
+        stats = teacher_token_stats(teacher, x.tokens, k=TOP_K, chunk_size=chunk_size, mask=x.mask)
         loss, metrics = loss_fn(
             student=student, tokens=x.tokens, mask=x.mask, teacher_stats=stats, old_logprobs=x.old_logprobs
         )
@@ -182,21 +186,26 @@ def fused_loss(objective: str, x: Inputs, chunk_size: int) -> tuple[Tensor, dict
 
 
 @torch.no_grad()
-def bare_products(x: Inputs, chunk_size: int) -> None:
+def bare_products(objective: str, x: Inputs, chunk_size: int) -> None:
     """The fused path's matrix products and nothing else, tile by tile over the valid positions.
 
-    Per tile: student logits h_s W_s^T and teacher logits h_t W_t^T (n, V); then what the backward pass
-    multiplies, G W_s (n, H) and G^T h_s (V, H) accumulated, with the student logits standing in for the
-    gradient G of the logits. No softmax, no loss, no gather.
+    Per tile: teacher logits h_t W_t^T (n, V) for the teacher's statistics; student logits h_s W_s^T;
+    for fkl the teacher's logits once more (its loss tiles read the full distribution, which is not kept
+    between the two passes); then what the backward pass multiplies, G W_s (n, H) and G^T h_s (V, H)
+    accumulated, with the student logits standing in for the gradient G of the logits. No softmax, no
+    loss, no gather, no top-k.
     """
     hidden_s, hidden_t = x.hidden_s[x.mask], x.hidden_t[x.mask]  # (N, H)
+    for start in range(0, hidden_t.shape[0], chunk_size):  # the statistics pass
+        hidden_t[start : start + chunk_size] @ x.weight_t.T  # (n, V), dropped
     grad_hidden = torch.empty_like(hidden_s)
     grad_weight = torch.zeros_like(x.weight_s)
     for start in range(0, hidden_s.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         logits_s = hidden_s[rows] @ x.weight_s.T  # (n, V)
-        logits_t = hidden_t[rows] @ x.weight_t.T  # (n, V): the teacher's tile
-        del logits_t
+        if objective == "fkl":
+            logits_t = hidden_t[rows] @ x.weight_t.T  # (n, V): the loss tile's teacher logits
+            del logits_t
         torch.mm(logits_s, x.weight_s, out=grad_hidden[rows])
         grad_weight.addmm_(logits_s.T, hidden_s[rows])
 
@@ -248,6 +257,8 @@ def run_job(job: Job) -> dict:
     """Entry point of the worker process: one rollout, one timed variant, or one agreement check."""
     torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)
+    if job.keep_freed_memory:  # every variant alike: eopd.train keep_freed_memory=true
+        keep_freed_memory()
     if job.variant == "rollout":
         return {"rollout": make_rollout(job)}
     x = make_inputs(job)
@@ -257,7 +268,7 @@ def run_job(job: Job) -> dict:
     def step() -> None:
         x.hidden_s.grad = x.weight_s.grad = None
         if job.variant == "bare":
-            bare_products(x, job.chunk_size)
+            bare_products(job.objective, x, job.chunk_size)
             return
         if job.variant == "naive":
             loss = naive_loss(job.objective, x)
@@ -270,6 +281,8 @@ def run_job(job: Job) -> dict:
         # that one-time cost would dominate. At the large size on CPU it is negligible and a call is slow.
         step()
         x.hidden_s.grad = x.weight_s.grad = None
+    if job.keep_freed_memory:
+        return_freed_memory()  # the kept heap would otherwise hide the variant's own growth
     memory = PeakMemory(job.device)
     memory.start()
     times, cpu_times = [], []
@@ -413,6 +426,9 @@ def main() -> None:
         "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)"
     )
     parser.add_argument("--no-check", action="store_true", help="skip the naive/fused agreement check")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="every variant: eopd.train keep_freed_memory=true"
+    )
     args = parser.parse_args()
 
     print(
@@ -425,8 +441,9 @@ def main() -> None:
     for size in args.sizes:
         repeats = args.repeats or (5 if size == "small" else 1)
         base = Job(
-            size, "", "rollout", DEFAULT_CHUNK, args.dtype, args.device, repeats, args.seed, args.threads
-        )
+            size, "", "rollout", DEFAULT_CHUNK, args.dtype, args.device, repeats, args.seed, args.threads,
+            keep_freed_memory=args.keep_freed_memory,
+        )  # fmt: skip
         base = replace(base, rollout=in_fresh_process(base)["rollout"])
         # Both variants see the same right-padded batch; the naive one computes logits at padding too.
         print(f"{size}: {sum(base.rollout[2])} of {SIZES[size].tokens} positions are valid response tokens")

@@ -175,9 +175,9 @@ def main() -> None:
         mark(marks)
         teacher_side = module.score_teacher(rollout, batch)
         mark(marks)
-        old, _ = module.score_old_policy(rollout, teacher_side)
+        old, diagnostics, reused = module.old_policy_pass(rollout, teacher_side)
         mark(marks)
-        module.update(rollout, teacher_side, old)
+        module.update(rollout, teacher_side, old, first_diagnostics=diagnostics if reused else None)
         mark(marks)
         module.engine.sync_weights(student)  # vLLM: push the updated weights; HF: nothing
         mark(marks)

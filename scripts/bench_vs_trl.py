@@ -19,9 +19,8 @@ default; off it is faster here), dropout off. eopd runs under a Lightning `Train
 
 A step is timed from the start of a training step to its end on each side (TRL: `on_step_begin` to
 `on_step_end`, sampling included; eopd: `on_train_batch_start` to `on_train_batch_end`), after warm-up
-steps. The eopd side sets the C allocator as `eopd.train` does (`eopd/allocator.py`: freed memory is
-kept for reuse); `--trl-keep-freed-memory` gives TRL the same setting. Each repeat runs one side in a
-fresh process; the sides alternate (TRL, eopd, TRL, eopd, ...) so drifting machine load hits both alike. Printed: per side the median over repeats of each repeat's median
+steps. `--keep-freed-memory` sets both sides' C allocator as `eopd.train keep_freed_memory=true` does
+(`eopd/allocator.py`: freed memory is kept for reuse). Each repeat runs one side in a fresh process; the sides alternate (TRL, eopd, TRL, eopd, ...) so drifting machine load hits both alike. Printed: per side the median over repeats of each repeat's median
 step time (and the range), response tokens per second, and the ratio of the two step times.
 """
 
@@ -235,13 +234,12 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.worker == "eopd" or args.trl_keep_freed_memory:
-        try:  # what `eopd.train` does (keep_freed_memory=true); TRL only when asked
-            from eopd.allocator import keep_freed_memory
-        except ImportError:  # a --baseline tree from before eopd.train set the allocator: as it ran
-            pass
-        else:
-            keep_freed_memory()
+    if args.keep_freed_memory:  # both sides: what `eopd.train keep_freed_memory=true` does
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")  # as eopd/allocator.py, which a --baseline tree may not have
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
     size = SIZES[args.worker_size]
     run = run_trl if args.worker == "trl" else run_eopd
     result = run(size, args.steps, args.warmup, args.seed)
@@ -266,8 +264,8 @@ def in_fresh_process(side: str, size: str, args: argparse.Namespace) -> dict:
         "--seed",
         str(args.seed),
     ]
-    if args.trl_keep_freed_memory:
-        command.append("--trl-keep-freed-memory")
+    if args.keep_freed_memory:
+        command.append("--keep-freed-memory")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
     if side == "eopd-base":
         env["PYTHONPATH"] = os.path.abspath(args.baseline)
@@ -299,9 +297,9 @@ def main() -> None:
         "--baseline", default=None, help="a directory holding another eopd package, timed as side eopd-base"
     )
     parser.add_argument(
-        "--trl-keep-freed-memory",
+        "--keep-freed-memory",
         action="store_true",
-        help="give TRL's process the allocator setting eopd.train applies (eopd/allocator.py)",
+        help="both sides keep freed memory in the C allocator (eopd.train keep_freed_memory=true)",
     )
     parser.add_argument("--worker", choices=["trl", "eopd"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-size", choices=list(SIZES), help=argparse.SUPPRESS)
@@ -323,8 +321,12 @@ def main() -> None:
         f"{args.threads} threads, fp32, cpu; load average at start {os.getloadavg()[0]:.1f}"
     )
     print(
-        "allocator: eopd keeps freed memory (as eopd.train does); TRL "
-        + ("too (--trl-keep-freed-memory)" if args.trl_keep_freed_memory else "as the C library sets it")
+        "allocator: "
+        + (
+            "both sides keep freed memory (--keep-freed-memory)"
+            if args.keep_freed_memory
+            else "glibc's default"
+        )
     )
     if args.baseline:
         print(f"eopd-base: the eopd package in {os.path.abspath(args.baseline)}")
