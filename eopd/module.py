@@ -23,7 +23,6 @@ metrics is in `eopd.step_logs`.
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -37,6 +36,7 @@ from torch import Tensor
 from eopd.batch import RolloutBatch
 from eopd.checkpointing import NonFiniteTraining
 from eopd.models import has_active_dropout
+from eopd.nonfinite import NonFiniteGuard
 from eopd.objectives import LinearLogits, Metrics, Objective, Signals, TeacherStats, teacher_token_stats
 from eopd.objectives.policy_gradient import group_advantages
 from eopd.objectives.terms import normalizer_weights
@@ -58,7 +58,7 @@ class _TeacherSide:
     # while a gate reads the student's side, decided after the pass at the rollout policy
 
 
-class DistillModule(Sampling, Placement, L.LightningModule):
+class DistillModule(Sampling, Placement, NonFiniteGuard, L.LightningModule):
     """On-policy distillation of `student` from a frozen `teacher` with any `Objective`.
 
     Args:
@@ -336,11 +336,7 @@ class DistillModule(Sampling, Placement, L.LightningModule):
             old = torch.zeros(rollout.responses.shape, dtype=torch.float32, device=self.device)
             if not len(rows):
                 return old, Metrics()
-            part = _TeacherSide(
-                stats=teacher.stats.rows(rows),
-                hidden=teacher.hidden[rows],
-                gates=teacher.gates[:, rows],
-            )
+            part = _TeacherSide(teacher.stats.rows(rows), teacher.hidden[rows], teacher.gates[:, rows])
             old[rows], diagnostics = self.score_old_policy(rollout.select(rows), part)
             return old, diagnostics
         mask = rollout.response_mask
@@ -420,11 +416,9 @@ class DistillModule(Sampling, Placement, L.LightningModule):
                     part = rows[start : start + micro]
                     sub = rollout.select(part)
                     full_teacher = None
-                    own_logprobs = None
-                    if on_policy:  # log pi_old(y_t) from this very forward, at the rollout policy
-                        own_logprobs = torch.zeros(
-                            sub.responses.shape, dtype=torch.float32, device=self.device
-                        )
+                    own_logprobs = None  # on-policy: log pi_old(y_t) from this very forward
+                    if on_policy:
+                        own_logprobs = torch.zeros(sub.responses.shape, device=self.device)
                     if self.objective.needs_teacher_logits or on_policy:  # on-policy: the exact KLs
                         full_teacher = LinearLogits(
                             teacher.hidden[part], teacher_weight, self.pair.vocab_size
@@ -472,35 +466,15 @@ class DistillModule(Sampling, Placement, L.LightningModule):
                         self.manual_backward(loss * world if world > 1 else loss)
                     step_metrics.merge([micro_metrics])
                     if on_policy:
+                        if "student/hidden_states" in step_metrics.sums:  # not finite: say so, as the
+                            own_logprobs.fill_(float("nan"))  # separate pass's NaNs would have
+                            first_diagnostics.add_sums("student/hidden_states", float("nan"), 1.0)
                         old_logprobs[part] = own_logprobs
                         first_diagnostics.merge([micro_metrics])
                 grad_norm = self._clip_and_step(optimizer, scheduler, step_metrics)
                 step_metrics.add_sums("train/grad_norm", grad_norm, 1.0)
                 metrics.merge([step_metrics])
         return metrics
-
-    def _clip_and_step(self, optimizer, scheduler, metrics: Metrics) -> float:
-        params = [p for p in self.student.parameters() if p.grad is not None]
-        max_norm = self.update_spec.grad_clip if self.update_spec.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        # Sharded gradients are DTensors: their norm is the global one, reduced over the shards.
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        checked = ("loss/", "train/", "student/")
-        losses = [metrics.sums[k] for k in metrics.sums if k.startswith(checked)]
-        finite = math.isfinite(grad_norm) and (not losses or bool(torch.stack(losses).isfinite().all()))
-        if self._any_rank(not finite):
-            values = {**metrics.means(), "train/grad_norm": grad_norm}
-            bad = {k: v for k, v in values.items() if k.startswith(checked) and not math.isfinite(v)}
-            # Skip the update but still take the step: with no gradients AdamW changes nothing, and the
-            # step count, LR schedule and checkpoints stay on the run's plan.
-            optimizer.zero_grad(set_to_none=True)
-            self._count_nonfinite(bad)
-        else:
-            self.nonfinite_in_a_row = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return grad_norm
 
     def _gate_weights(self, signals: Signals, mask: Tensor) -> Tensor:
         """Gate weights (n_terms, B, R) of this rank's rows, decided over the batch of ALL ranks.
@@ -512,20 +486,6 @@ class DistillModule(Sampling, Placement, L.LightningModule):
         full, full_mask, rows = self._whole_batch(signals, mask)
         gates = self.objective.gate_weights(full, full_mask, step=self.global_step)
         return gates[:, rows, : mask.shape[1]]
-
-    def _count_nonfinite(self, bad: dict[str, float]) -> None:
-        self.skipped_updates += 1
-        self.nonfinite_in_a_row += 1
-        limit = self.update_spec.max_nonfinite_in_a_row
-        values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) or "non-finite on another rank"
-        where = f"optimizer step {self.global_step} (rollout step {self.rollout_step + 1})"
-        if limit and self.nonfinite_in_a_row >= limit:
-            raise NonFiniteTraining(
-                f"{self.nonfinite_in_a_row} updates in a row were not finite, the last at {where}: {values}. "
-                f"Stopped (update.max_nonfinite_in_a_row={limit}); the weights are those of the last finite "
-                "update. Lower optimizer.lr or set update.grad_clip, then resume from the last checkpoint"
-            )
-        log.warning("skipped the update at %s: %s (%d in a row)", where, values, self.nonfinite_in_a_row)
 
 
 __all__ = [
