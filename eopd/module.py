@@ -311,12 +311,12 @@ class DistillModule(Sampling, Placement, NonFiniteGuard, L.LightningModule):
         mini-batches only (none with one mini-batch), and `update` needs `first_diagnostics=`."""
         if not self._reuse_on_policy_forward():
             return (*self.score_old_policy(rollout, teacher), False)
-        first = self._row_order(0, rollout.batch_size)[: self.update_spec.mini_batch_size]
-        return (*self.score_old_policy(rollout, teacher, skip=first), True)
+        others = self._row_order(0, rollout.batch_size)[self.update_spec.mini_batch_size :].sort().values
+        return (*self.score_old_policy(rollout, teacher, rows=others), True)
 
     @torch.no_grad()
     def score_old_policy(
-        self, rollout: RolloutBatch, teacher: _TeacherSide, *, skip: Tensor | None = None
+        self, rollout: RolloutBatch, teacher: _TeacherSide, *, rows: Tensor | None = None
     ) -> tuple[Tensor, Metrics]:
         """One student forward: log pi_old(y_t) and every diagnostic at the rollout policy (exact, full vocab).
 
@@ -324,15 +324,13 @@ class DistillModule(Sampling, Placement, NonFiniteGuard, L.LightningModule):
         the signals this pass measures, and stored in `teacher.gates` for the update.
 
         Args:
-            skip: rows left out (the first mini-batch, scored by its own forward in `update`); their
-                log-probs stay 0 until then. Only with the gates already decided.
+            rows: only these rows (the others are the first mini-batch, scored by its own forward in
+                `update`; their log-probs stay 0 until then). Only with the gates already decided.
         """
-        if skip is not None:
+        if rows is not None:
             if teacher.gates is None:
-                raise ValueError("skip needs the gates decided before this pass (no gate reads the student)")
-            keep = torch.ones(rollout.batch_size, dtype=torch.bool)
-            keep[skip.cpu()] = False
-            rows = keep.nonzero().squeeze(-1).to(self.device)
+                raise ValueError("rows needs the gates decided before this pass (no gate reads the student)")
+            rows = rows.to(self.device)
             old = torch.zeros(rollout.responses.shape, dtype=torch.float32, device=self.device)
             if not len(rows):
                 return old, Metrics()

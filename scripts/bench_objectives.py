@@ -18,7 +18,8 @@ tile over the valid positions (the teacher's logits for its statistics, the stud
 the teacher's logits again in the loss tiles, then the two products of the backward pass with a
 stand-in gradient), with no softmax, loss or bookkeeping: the floor the fused path is measured against.
 `--keep-freed-memory` runs every variant with the allocator setting of `eopd.train
-keep_freed_memory=true` (`eopd/allocator.py`). Wall time on a shared machine is noisy: the cpu-seconds column and the printed load average help judge it.
+keep_freed_memory=true` (`eopd/allocator.py`). Wall time on a shared machine is noisy: the cpu-seconds
+column and the printed load average help judge it.
 """
 
 from __future__ import annotations
@@ -204,8 +205,7 @@ def bare_products(objective: str, x: Inputs, chunk_size: int) -> None:
         rows = slice(start, start + chunk_size)
         logits_s = hidden_s[rows] @ x.weight_s.T  # (n, V)
         if objective == "fkl":
-            logits_t = hidden_t[rows] @ x.weight_t.T  # (n, V): the loss tile's teacher logits
-            del logits_t
+            hidden_t[rows] @ x.weight_t.T  # (n, V), dropped: the loss tile's teacher logits
         torch.mm(logits_s, x.weight_s, out=grad_hidden[rows])
         grad_weight.addmm_(logits_s.T, hidden_s[rows])
 

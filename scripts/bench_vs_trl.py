@@ -20,8 +20,10 @@ default; off it is faster here), dropout off. eopd runs under a Lightning `Train
 A step is timed from the start of a training step to its end on each side (TRL: `on_step_begin` to
 `on_step_end`, sampling included; eopd: `on_train_batch_start` to `on_train_batch_end`), after warm-up
 steps. `--keep-freed-memory` sets both sides' C allocator as `eopd.train keep_freed_memory=true` does
-(`eopd/allocator.py`: freed memory is kept for reuse). Each repeat runs one side in a fresh process; the sides alternate (TRL, eopd, TRL, eopd, ...) so drifting machine load hits both alike. Printed: per side the median over repeats of each repeat's median
-step time (and the range), response tokens per second, and the ratio of the two step times.
+(`eopd/allocator.py`: freed memory is kept for reuse). Each repeat runs one side in a fresh process; the
+sides alternate (TRL, eopd, TRL, eopd, ...) so drifting machine load hits both alike. Printed: per side
+the median over repeats of each repeat's median step time (and the range), response tokens per second,
+and the ratio of the two step times.
 """
 
 from __future__ import annotations
@@ -234,12 +236,6 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:  # both sides: what `eopd.train keep_freed_memory=true` does
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")  # as eopd/allocator.py, which a --baseline tree may not have
-        libc.mallopt(-4, 0)  # M_MMAP_MAX
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
     size = SIZES[args.worker_size]
     run = run_trl if args.worker == "trl" else run_eopd
     result = run(size, args.steps, args.warmup, args.seed)
@@ -264,9 +260,10 @@ def in_fresh_process(side: str, size: str, args: argparse.Namespace) -> dict:
         "--seed",
         str(args.seed),
     ]
-    if args.keep_freed_memory:
-        command.append("--keep-freed-memory")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    if args.keep_freed_memory:  # glibc reads these at start-up: what eopd/allocator.py sets in-process,
+        # for both sides alike and for a --baseline tree that has no eopd.allocator
+        env.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
     if side == "eopd-base":
         env["PYTHONPATH"] = os.path.abspath(args.baseline)
     done = subprocess.run(command, capture_output=True, text=True, env=env)

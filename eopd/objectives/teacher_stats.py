@@ -127,8 +127,9 @@ def teacher_token_stats(
             topk_indices=torch.arange(k, device=flat_tokens.device).expand(*flat_tokens.shape, k).clone(),
             temperature=temperature,
         )
-        for field in ("token_logprobs", "entropy", "topk_logprobs", "topk_indices"):
-            getattr(stats, field)[index] = getattr(valid, field)
+        for field in fields(stats):
+            if field.name != "temperature":
+                getattr(stats, field.name)[index] = getattr(valid, field.name)
         return stats.reshaped(lead)
     n = source_len(flat)
     device = flat_tokens.device
@@ -143,10 +144,5 @@ def teacher_token_stats(
         token_logprobs[start:end] = logp.gather(-1, flat_tokens[start:end, None]).squeeze(-1)
         entropy[start:end] = -torch.einsum("nv,nv->n", logp.exp(), logp)  # a row-wise dot, no (n, V) product
         topk_logprobs[start:end], topk_indices[start:end] = logp.topk(k, dim=-1)
-    return TeacherStats(
-        token_logprobs=token_logprobs.reshape(lead),
-        entropy=entropy.reshape(lead),
-        topk_logprobs=topk_logprobs.reshape(*lead, k),
-        topk_indices=topk_indices.reshape(*lead, k),
-        temperature=temperature,
-    )
+    flat_stats = TeacherStats(token_logprobs, entropy, topk_logprobs, topk_indices, temperature=temperature)
+    return flat_stats.reshaped(lead)
