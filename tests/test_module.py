@@ -52,7 +52,7 @@ def make_module(objective="eopd", **kw):
     )
 
 
-def fit(module, tmp_path, rollout_steps=1, batch_size=8):
+def fit(module, tmp_path, rollout_steps=1, batch_size=8, callbacks=()):
     loader = torch.utils.data.DataLoader(
         prompts(batch_size * rollout_steps), batch_size=batch_size, collate_fn=list
     )
@@ -64,7 +64,10 @@ def fit(module, tmp_path, rollout_steps=1, batch_size=8):
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
-        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)],
+        callbacks=[
+            L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True),
+            *callbacks,
+        ],
     )
     trainer.fit(module, loader)
     return trainer
@@ -393,17 +396,7 @@ def train_recording_the_old_pass(tmp_path, monkeypatch, reuse: bool, mini_batch_
         def on_train_batch_end(self, trainer, pl_module, *args):
             logs.append(dict(pl_module.last_logs))
 
-    loader = torch.utils.data.DataLoader(prompts(16), batch_size=8, collate_fn=list)
-    L.Trainer(
-        max_steps=2 * module.update_spec.steps_per_rollout(8),
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[Keep()],
-    ).fit(module, loader)
+    fit(module, tmp_path / ("reused" if reuse else "separate"), rollout_steps=2, callbacks=[Keep()])
     return logs, [p.detach().clone() for p in module.student.parameters()], scored_rows
 
 
