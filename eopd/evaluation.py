@@ -228,7 +228,7 @@ def evaluate(
                     [grader.path(record, texts[i]) if correct[-1][j] else None for j, i in enumerate(block)]
                 )
             truncated += float(batch.truncated.float().sum())
-            hidden = response_hidden_states(model, batch)[mask]
+            hidden = response_hidden_states(model, batch, pack=True)[mask]
             s_source = LinearLogits(hidden, output_weight(model), vocab_size)
             s_stats = teacher_token_stats(s_source, batch.responses[mask], k=1, temperature=spec.temperature)
             entropy_sum += float(s_stats.entropy.sum())
@@ -237,7 +237,12 @@ def evaluate(
             if teacher is not None:
                 t_prompts = [teacher.prompt_format.encode(teacher.tokenizer, r["prompt"]) for r in rows]
                 t_hidden = teacher_hidden_states(
-                    teacher.model, batch, t_prompts, pad_token_id=pad, remap_end_token_ids=remap_end_token_ids
+                    teacher.model,
+                    batch,
+                    t_prompts,
+                    pad_token_id=pad,
+                    remap_end_token_ids=remap_end_token_ids,
+                    pack=True,
                 )[mask]
                 t_weight = teacher_output_weight(teacher.model, remap_end_token_ids)
                 t_source = LinearLogits(t_hidden, t_weight, vocab_size)

@@ -269,6 +269,7 @@ class DistillModule(Sampling, Placement, NonFiniteGuard, L.LightningModule):
                 teacher_prompts,
                 pad_token_id=self.pair.pad_token_id,
                 remap_end_token_ids=self.pair.remap_end_token,
+                pack=self.update_spec.pack_sequences,
             )
         ).to(self.device)  # a teacher placed by a device_map may end its forward on another device
         source = LinearLogits(hidden, self._teacher_weight(), self.pair.vocab_size)
@@ -342,7 +343,7 @@ class DistillModule(Sampling, Placement, NonFiniteGuard, L.LightningModule):
 
         def old_policy(model) -> tuple[Tensor, Metrics, Tensor]:
             # Everything that reads the student's output layer stays inside: FSDP frees it afterwards.
-            hidden = response_hidden_states(model, rollout)  # (B, R, H)
+            hidden = response_hidden_states(model, rollout, pack=self.update_spec.pack_sequences)  # (B, R, H)
             student = LinearLogits(hidden, output_weight(model), self.pair.vocab_size)
             # One pass over the vocabulary: the diagnostics at the rollout policy, which is the old
             # policy itself (ratio 1), and log pi_old(y_t) kept from the same tiles.
@@ -432,7 +433,7 @@ class DistillModule(Sampling, Placement, NonFiniteGuard, L.LightningModule):
                         normalizers=normalizers,
                         step_metrics=step_metrics,
                     ):
-                        hidden = response_hidden_states(model, sub)  # (b, R, H)
+                        hidden = response_hidden_states(model, sub, pack=self.update_spec.pack_sequences)
                         if not bool(torch.isfinite(hidden[sub.response_mask]).all()):
                             # The update is skipped below; a finite stand-in keeps every rank's backward
                             # (and, sharded, every collective) in step.

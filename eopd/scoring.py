@@ -9,6 +9,7 @@ objective, never full (B, R, V) logits at a real vocabulary). The teacher reads 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -88,21 +89,137 @@ def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
     return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
-def final_hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def packable(model: PreTrainedModel) -> bool:
+    """Whether `final_hidden_states` may run this model on packed rows with a block-diagonal mask.
+
+    Llama/Qwen3-style decoders with SDPA or eager attention and no sliding-window layers: their mask
+    functions take a prepared (B, 1, L, L) mask as it is, and nothing else in them reads the row layout.
+    """
+    config = getattr(model.get_base_model() if is_peft(model) else model, "config", None)
+    return (
+        config is not None
+        and decoder_of(model) is not None
+        and getattr(config, "model_type", None) in ("qwen3", "llama")
+        and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+        and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
+    )
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each real token of a padded (B, L) batch sits in packed (N, C) rows.
+
+    Sequences (the real tokens of each row, in order) are placed whole, longest first, into the first
+    packed row with room (first-fit decreasing), so N <= B rows of C = the longest sequence hold them.
+    Attention stays inside each sequence through a block-diagonal causal mask; every packed position
+    after the last sequence of its row attends to itself only, so no row of the mask is empty.
+
+    Attributes:
+        rows, columns: (T,) where each real token sits in the padded batch.
+        offsets: (T,) its position in its sequence, 0 .. n - 1: its position id.
+        packed_rows, packed_columns: (T,) where it sits in the packed rows.
+        shape: (N, C).
+    """
+
+    rows: Tensor
+    columns: Tensor
+    offsets: Tensor
+    packed_rows: Tensor
+    packed_columns: Tensor
+    shape: tuple[int, int]
+
+    @staticmethod
+    def plan(attention_mask: Tensor) -> Packing | None:
+        """The packing of a (B, L) mask, or None when it would not save a position."""
+        real = attention_mask.bool()
+        lengths = real.sum(dim=1).tolist()
+        capacity = max(lengths, default=0)
+        if capacity == 0:
+            return None
+        room: list[int] = []  # free positions left in each packed row
+        start: list[tuple[int, int]] = [(0, 0)] * len(lengths)  # (packed row, first column) per sequence
+        for row in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+            target = next((i for i, free in enumerate(room) if free >= lengths[row]), len(room))
+            if target == len(room):
+                room.append(capacity)
+            start[row] = (target, capacity - room[target])
+            room[target] -= lengths[row]
+        if len(room) * capacity >= real.numel():
+            return None
+        rows, columns = real.nonzero(as_tuple=True)  # row-major: each row's real tokens in order
+        device = attention_mask.device
+        lengths_t = torch.as_tensor(lengths, device=device)
+        first = torch.cumsum(lengths_t, 0) - lengths_t  # index of each row's first real token in `rows`
+        offsets = torch.arange(rows.numel(), device=device) - first[rows]
+        starts = torch.as_tensor(start, device=device).reshape(-1, 2)
+        return Packing(
+            rows=rows,
+            columns=columns,
+            offsets=offsets,
+            packed_rows=starts[rows, 0],
+            packed_columns=starts[rows, 1] + offsets,
+            shape=(len(room), capacity),
+        )
+
+    def pack(self, values: Tensor, fill: int | float = 0) -> Tensor:
+        """(B, L, ...) -> (N, C, ...), `fill` where no sequence sits."""
+        packed = values.new_full((*self.shape, *values.shape[2:]), fill)
+        packed[self.packed_rows, self.packed_columns] = values[self.rows, self.columns]
+        return packed
+
+    def unpack(self, packed: Tensor, like: Tensor) -> Tensor:
+        """(N, C, ...) -> (B, L, ...) shaped as `like` with zeros at padding; differentiable."""
+        out = packed.new_zeros((*like.shape[:2], *packed.shape[2:]))
+        return out.index_put((self.rows, self.columns), packed[self.packed_rows, self.packed_columns])
+
+    def position_ids_and_mask(self) -> tuple[Tensor, Tensor]:
+        """Position ids (N, C), counting from 0 in each sequence, and the (N, 1, C, C) bool mask."""
+        device = self.rows.device
+        sequence = torch.full(self.shape, -1, dtype=torch.long, device=device)
+        sequence[self.packed_rows, self.packed_columns] = self.rows
+        positions = torch.zeros(self.shape, dtype=torch.long, device=device)
+        positions[self.packed_rows, self.packed_columns] = self.offsets
+        # Unused tail positions get a sequence of their own each, so they attend to themselves only.
+        columns = torch.arange(self.shape[1], device=device)
+        sequence = torch.where(sequence < 0, -2 - columns.expand_as(sequence), sequence)
+        same = sequence[:, :, None] == sequence[:, None, :]
+        causal = columns[None, :, None] >= columns[None, None, :]
+        return positions, (same & causal)[:, None]
+
+
+def final_hidden_states(
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, *, pack: bool = False
+) -> Tensor:
     """The last hidden states after the final norm: what the output layer multiplies.
 
     Position ids come from the attention mask (`position_ids_from_mask`), so a left-padded sequence gets
     the same hidden states at its real tokens as the same sequence unpadded, and the same positions as
     `eopd.rollout.sample` used when it drew the tokens.
 
+    With `pack=True` (and a `packable` model) the real tokens of all rows are first packed into fewer,
+    full rows (`Packing`): the decoder computes no padded positions. The result is the same up to
+    floating-point rounding (the products and the attention run over other shapes), not bitwise.
+
     Args:
         model: a causal LM.
         input_ids: (B, L) token ids.
         attention_mask: (B, L) 1 for real tokens, 0 for padding.
+        pack: pack the rows first where that saves positions.
 
     Returns:
         (B, L, H) in the model's dtype. Values at padded positions are meaningless.
     """
+    packing = Packing.plan(attention_mask) if pack and packable(model) else None
+    if packing is not None:
+        positions, mask = packing.position_ids_and_mask()
+        decoder = decoder_of(model)
+        out = decoder(
+            input_ids=packing.pack(input_ids),
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=False,
+        )
+        return packing.unpack(out.last_hidden_state, input_ids)
     position_ids = position_ids_from_mask(attention_mask)
     decoder = decoder_of(model)
     if decoder is not None:
@@ -121,7 +238,7 @@ def final_hidden_states(model: PreTrainedModel, input_ids: Tensor, attention_mas
 
 
 def response_hidden_states(
-    model: PreTrainedModel, batch: RolloutBatch, *, input_ids: Tensor | None = None
+    model: PreTrainedModel, batch: RolloutBatch, *, input_ids: Tensor | None = None, pack: bool = False
 ) -> Tensor:
     """Hidden states at the positions that predict each response token.
 
@@ -133,6 +250,7 @@ def response_hidden_states(
         batch: the rollout to score.
         input_ids: (B, P + R) ids to score instead of `batch.input_ids`, e.g. the teacher's copy from
             `remap_end_token`; the batch's attention mask is used either way.
+        pack: run the decoder on packed rows (`final_hidden_states`).
 
     Returns:
         (B, R, H); rows where `batch.response_mask` is False are meaningless.
@@ -140,7 +258,7 @@ def response_hidden_states(
     ids = batch.input_ids if input_ids is None else input_ids
     if ids.shape != batch.input_ids.shape:
         raise ValueError(f"input_ids has shape {tuple(ids.shape)}, the batch {tuple(batch.input_ids.shape)}")
-    hidden = final_hidden_states(model, ids, batch.attention_mask)  # (B, P + R, H)
+    hidden = final_hidden_states(model, ids, batch.attention_mask, pack=pack)  # (B, P + R, H)
     start = batch.prompt_length - 1
     return hidden[:, start : start + batch.response_mask.shape[1]]
 
@@ -184,12 +302,13 @@ def teacher_hidden_states(
     *,
     pad_token_id: int,
     remap_end_token_ids: tuple[int, int] | None = None,
+    pack: bool = False,
 ) -> Tensor:
     """The teacher's hidden states (B, R, H_t) at the response positions of a rollout, in its own format.
 
     The teacher reads the same response tokens behind its own prompt (`with_prompts`); with
     `remap_end_token_ids = (student_end, teacher_end)` the student's end token is replaced by the
-    teacher's on that copy (PAPER.md section 3). Pair with `teacher_output_weight` so that the
+    teacher's on that copy (PAPER.md section 3); `pack` as in `final_hidden_states`. Pair with `teacher_output_weight` so that the
     teacher's log-probs come out in the student's token ids.
     """
     copy = with_prompts(batch, teacher_prompts, pad_token_id=pad_token_id)
@@ -197,4 +316,4 @@ def teacher_hidden_states(
     if remap_end_token_ids is not None:
         from_id, to_id = remap_end_token_ids
         ids = remap_end_token(ids, copy.response_mask, from_id=from_id, to_id=to_id)
-    return response_hidden_states(teacher, copy, input_ids=ids)
+    return response_hidden_states(teacher, copy, input_ids=ids, pack=pack)

@@ -87,6 +87,10 @@ class UpdateSpec:
             forward, and the separate pass at the rollout policy scores the other mini-batches only (with
             one mini-batch, none). The same numbers as that pass where the forward is batch-invariant
             (docs/performance.md); off where dropout is active or a gate reads the student's signals.
+        pack_sequences: the teacher's forward, the pass at the rollout policy and the update's forwards
+            run on the rows' real tokens packed into fewer rows (`eopd.scoring.Packing`): no padded
+            positions computed. Forwards give the same values; gradients differ in the last bits (their
+            sums over positions run in another order). Llama/Qwen3-style models only; others unpacked.
     """
 
     mini_batch_size: int = 32
@@ -96,6 +100,7 @@ class UpdateSpec:
     shuffle: bool = True
     max_nonfinite_in_a_row: int = 5
     reuse_on_policy_forward: bool = True
+    pack_sequences: bool = True
 
     def __post_init__(self) -> None:
         for name in ("mini_batch_size", "ppo_epochs"):
@@ -108,10 +113,9 @@ class UpdateSpec:
                 f"update.micro_batch_size={micro!r} must be a positive divisor of "
                 f"update.mini_batch_size={self.mini_batch_size} (or null for no accumulation)"
             )
-        if not isinstance(self.reuse_on_policy_forward, bool):
-            raise ValueError(
-                f"update.reuse_on_policy_forward={self.reuse_on_policy_forward!r} must be true or false"
-            )
+        for name in ("reuse_on_policy_forward", "pack_sequences"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"update.{name}={getattr(self, name)!r} must be true or false")
         if self.grad_clip < 0:
             raise ValueError(f"update.grad_clip={self.grad_clip!r} must be >= 0 (0 disables clipping)")
         if not isinstance(self.max_nonfinite_in_a_row, int) or self.max_nonfinite_in_a_row < 0:

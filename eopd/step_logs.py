@@ -105,7 +105,8 @@ def log_samples(module, batch: list[dict[str, Any]], rollout: RolloutBatch, teac
 @torch.no_grad()
 def _student_entropy(module, rollout: RolloutBatch) -> Tensor:
     def entropy(model) -> Tensor:
-        hidden = response_hidden_states(model, rollout)[rollout.response_mask]
+        hidden = response_hidden_states(model, rollout, pack=module.update_spec.pack_sequences)
+        hidden = hidden[rollout.response_mask]
         source = LinearLogits(hidden, output_weight(model), module.pair.vocab_size)
         tokens = rollout.responses[rollout.response_mask]
         return teacher_token_stats(source, tokens, k=1, temperature=module.objective.temperature).entropy

@@ -113,6 +113,9 @@ CASES = {
     "reuse-on-policy-forward-not-a-bool": Case(
         ["update.reuse_on_policy_forward=2"], ConfigError, ["update.reuse_on_policy_forward", "2"]
     ),
+    "pack-sequences-not-a-bool": Case(
+        ["update.pack_sequences=sometimes"], ConfigError, ["update.pack_sequences", "sometimes"]
+    ),
     "uncached-hub-id-offline": Case(
         ["pair.teacher.path=eopd-tests/not-a-cached-model"],
         ConfigError,
