@@ -181,8 +181,32 @@ def _reserved_layer_class() -> type:
             self.keys, self.values = keys[..., :end, :], values[..., :end, :]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices: Tensor) -> None:
+            """Keep the rows `indices` (in that order), in storage of the same capacity."""
+            if self.storage is None:
+                return
+            end = self.get_seq_length()
+            self.storage = tuple(
+                torch.empty((len(indices), *old.shape[1:]), dtype=old.dtype, device=old.device)
+                for old in self.storage
+            )
+            self.storage[0][..., :end, :].copy_(self.keys[indices])
+            self.storage[1][..., :end, :].copy_(self.values[indices])
+            self.keys, self.values = self.storage[0][..., :end, :], self.storage[1][..., :end, :]
+
     _RESERVED_LAYER = ReservedLayer
     return ReservedLayer
+
+
+def _should_drop(finished: Tensor, decoding: Tensor) -> bool:
+    """Drop the ended rows from the model's batch once they are a quarter of it or more.
+
+    Each drop copies the cache of the rows that stay, so dropping at every end would copy it up to B
+    times; waiting for a quarter bounds the copying by a few times the cache while the model computes
+    at most a third more rows than are still decoding.
+    """
+    ended = int(finished[decoding].sum())
+    return ended > 0 and 4 * ended >= len(decoding)
 
 
 def _validate_sampling_arguments(
@@ -283,11 +307,16 @@ def sample(
                 **{cache_keyword: cache},
                 **prefill_extra,
             )
-            next_logits = out.logits[:, -1, :vocab_size]
+            # Every row is drawn from at every step, ended or not, so that the random stream (one
+            # exponential per row and id in torch.multinomial) is the same whichever rows the model
+            # still computes; an ended row keeps its last logits, and its draw is discarded.
+            next_logits = out.logits[:, -1, :vocab_size].float()  # (B, V)
             attended = attention_mask.sum(dim=1)  # (B,) tokens each row attends to
+            decoding = torch.arange(batch_size, device=device)  # the rows in the model's batch and cache
+            can_drop = hasattr(cache, "batch_select_indices")
             for step in range(max_new_tokens):
                 token, logprob = _draw(
-                    next_logits.float(), temperature=temperature, top_p=top_p, generator=generator
+                    next_logits, temperature=temperature, top_p=top_p, generator=generator
                 )  # (B,) each
                 is_valid = ~finished
                 token = torch.where(is_valid, token, torch.full_like(token, pad_token_id))
@@ -301,18 +330,26 @@ def sample(
                 # below are the ones scoring will compute: the count of attended tokens before this one.
                 attention_mask = torch.cat([attention_mask, is_valid.long()[:, None]], dim=1)
                 attended += is_valid.long()
-                position_ids = (attended - 1).clamp_min(0)[:, None]  # = position_ids_from_mask(...)[:, -1:]
+                if can_drop and _should_drop(finished, decoding):
+                    # Ended rows leave the model's batch: their keys and values too. Each row's
+                    # arithmetic is its own, so the rows that go on decode as before.
+                    keep = (~finished[decoding]).nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    decoding = decoding[keep]
+                position_ids = (attended[decoding] - 1).clamp_min(0)[
+                    :, None
+                ]  # = position_ids_from_mask(...)[:, -1:]
                 if direct_step is not None:
-                    logits = direct_step(token, attention_mask, position_ids, cache)
+                    logits = direct_step(token[decoding], attention_mask[decoding], position_ids, cache)
                 else:
                     logits = model(
-                        input_ids=token[:, None],
-                        attention_mask=attention_mask,
+                        input_ids=token[decoding, None],
+                        attention_mask=attention_mask[decoding],
                         position_ids=position_ids,
                         use_cache=True,
                         **{cache_keyword: cache},
                     ).logits
-                next_logits = logits[:, -1, :vocab_size]
+                next_logits[decoding] = logits[:, -1, :vocab_size].float()
     finally:
         model.train(was_training)
 

@@ -208,6 +208,43 @@ def test_the_reserved_kv_cache_samples_bitwise_like_the_concatenating_cache(monk
     assert layer.storage[0].shape[-2] >= layer.get_seq_length() > (capacity or 0)
 
 
+def test_ended_rows_leave_the_decoding_batch_and_the_rest_sample_as_before(monkeypatch, model):
+    # Rows that have ended stop being computed (their cache rows go too); every row is still drawn from
+    # at every step, so the random stream and therefore the draws of the other rows stay the same. The
+    # per-row arithmetic may differ in the last bits at another batch size (CPU attention splits its work
+    # by batch size), hence close log-probs rather than equal ones.
+    import eopd.rollout
+
+    prompts = [[5 + i, 6, 7 + i % 3][: 1 + i % 3] for i in range(12)]
+    kept: list[int] = []
+    select = eopd.rollout._new_cache(model, 8).__class__.batch_select_indices
+
+    def spy(cache, indices):
+        kept.append(len(indices))
+        return select(cache, indices)
+
+    def draw(seed):
+        return sample(
+            model, prompts, max_new_tokens=16, eos_token_ids=[3, 7, 11], pad_token_id=PAD,
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+
+    monkeypatch.setattr(type(eopd.rollout._new_cache(model, 8)), "batch_select_indices", spy)
+    dropping = [draw(seed) for seed in range(4)]
+    assert kept and min(kept) < len(prompts)  # rows did leave the batch
+    monkeypatch.setattr("eopd.rollout._should_drop", lambda finished, decoding: False)
+    kept.clear()
+    keeping = [draw(seed) for seed in range(4)]
+    assert not kept
+    lengths = [int(b.response_mask[i].sum()) for b in keeping for i in range(b.batch_size)]
+    assert min(lengths) < 8 and max(lengths) > 8  # rows ended at different steps
+    for a, b in zip(dropping, keeping, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids)
+        assert torch.equal(a.attention_mask, b.attention_mask)
+        assert torch.equal(a.truncated, b.truncated)
+        torch.testing.assert_close(a.sampler_logprobs, b.sampler_logprobs, rtol=1e-5, atol=1e-5)
+
+
 def test_a_lora_student_gets_the_kv_cache_under_its_current_name():
     # peft's wrapper forwards **kwargs; asked about its own signature, the sampler would fall back to
     # `past_key_values`, which transformers deprecates (removed in 5.40).
