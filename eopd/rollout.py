@@ -198,15 +198,16 @@ def _reserved_layer_class() -> type:
     return ReservedLayer
 
 
-def _should_drop(finished: Tensor, decoding: Tensor) -> bool:
+def _should_drop(finished: Tensor, decoding: Tensor | None) -> bool:
     """Drop the ended rows from the model's batch once they are a quarter of it or more.
 
     Each drop copies the cache of the rows that stay, so dropping at every end would copy it up to B
     times; waiting for a quarter bounds the copying by a few times the cache while the model computes
     at most a third more rows than are still decoding.
     """
-    ended = int(finished[decoding].sum())
-    return ended > 0 and 4 * ended >= len(decoding)
+    rows = finished if decoding is None else finished[decoding]
+    ended = int(rows.sum())
+    return ended > 0 and 4 * ended >= len(rows)
 
 
 def _validate_sampling_arguments(
@@ -256,8 +257,8 @@ def sample(
 
     Prompts are left-padded and position ids come from the attention mask, exactly as
     `eopd.scoring.final_hidden_states` computes them, so scoring the returned batch sees the positions
-    the sampler saw. Rows that have ended receive `pad_token_id`, masked out; the loop stops when every
-    row has ended. The model runs in eval mode under `torch.no_grad()` and gets its mode back afterwards.
+    the sampler saw. Rows that have ended receive `pad_token_id`, masked out, and leave the model's batch
+    once they are a quarter of it (`_should_drop`); the loop stops when every row has ended. The model runs in eval mode under `torch.no_grad()` and gets its mode back afterwards.
 
     Args:
         model: a causal LM.
@@ -312,7 +313,7 @@ def sample(
             # still computes; an ended row keeps its last logits, and its draw is discarded.
             next_logits = out.logits[:, -1, :vocab_size].float()  # (B, V)
             attended = attention_mask.sum(dim=1)  # (B,) tokens each row attends to
-            decoding = torch.arange(batch_size, device=device)  # the rows in the model's batch and cache
+            decoding: Tensor | None = None  # the rows in the model's batch and cache; None: every row
             can_drop = hasattr(cache, "batch_select_indices")
             for step in range(max_new_tokens):
                 token, logprob = _draw(
@@ -331,25 +332,35 @@ def sample(
                 attention_mask = torch.cat([attention_mask, is_valid.long()[:, None]], dim=1)
                 attended += is_valid.long()
                 if can_drop and _should_drop(finished, decoding):
-                    # Ended rows leave the model's batch: their keys and values too. Each row's
-                    # arithmetic is its own, so the rows that go on decode as before.
-                    keep = (~finished[decoding]).nonzero().squeeze(-1)
+                    # Ended rows leave the model's batch, their keys and values too. The rows that stay
+                    # compute what they did, up to the last bits where a kernel divides its work by batch
+                    # size (CPU attention over 2 threads does).
+                    rows = torch.arange(batch_size, device=device) if decoding is None else decoding
+                    keep = (~finished[rows]).nonzero().squeeze(-1)
                     cache.batch_select_indices(keep)
-                    decoding = decoding[keep]
-                position_ids = (attended[decoding] - 1).clamp_min(0)[
+                    decoding = rows[keep]
+                if decoding is None:
+                    step_token, step_mask, step_attended = token, attention_mask, attended
+                else:
+                    step_token, step_mask = token[decoding], attention_mask[decoding]
+                    step_attended = attended[decoding]
+                position_ids = (step_attended - 1).clamp_min(0)[
                     :, None
                 ]  # = position_ids_from_mask(...)[:, -1:]
                 if direct_step is not None:
-                    logits = direct_step(token[decoding], attention_mask[decoding], position_ids, cache)
+                    logits = direct_step(step_token, step_mask, position_ids, cache)
                 else:
                     logits = model(
-                        input_ids=token[decoding, None],
-                        attention_mask=attention_mask[decoding],
+                        input_ids=step_token[:, None],
+                        attention_mask=step_mask,
                         position_ids=position_ids,
                         use_cache=True,
                         **{cache_keyword: cache},
                     ).logits
-                next_logits[decoding] = logits[:, -1, :vocab_size].float()
+                if decoding is None:
+                    next_logits = logits[:, -1, :vocab_size].float()
+                else:
+                    next_logits[decoding] = logits[:, -1, :vocab_size].float()
     finally:
         model.train(was_training)
 
