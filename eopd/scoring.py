@@ -92,15 +92,17 @@ def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
 def packable(model: PreTrainedModel) -> bool:
     """Whether `final_hidden_states` may run this model on packed rows with a block-diagonal mask.
 
-    Llama/Qwen3-style decoders with SDPA or eager attention and no sliding-window layers: their mask
-    functions take a prepared (B, 1, L, L) mask as it is, and nothing else in them reads the row layout.
+    Llama/Qwen3-style decoders with SDPA attention and no sliding-window layers: their mask functions
+    take a prepared (B, 1, L, L) mask as it is, SDPA reads a bool one, and nothing else in them reads
+    the row layout. Eager attention adds the mask to the scores, so it would need an additive mask;
+    flash-attention kernels take packed rows through position ids instead (not done here).
     """
     config = getattr(model.get_base_model() if is_peft(model) else model, "config", None)
     return (
         config is not None
         and decoder_of(model) is not None
         and getattr(config, "model_type", None) in ("qwen3", "llama")
-        and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+        and getattr(config, "_attn_implementation", None) == "sdpa"
         and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
     )
 

@@ -90,7 +90,7 @@ class UpdateSpec:
         pack_sequences: the teacher's forward, the pass at the rollout policy and the update's forwards
             run on the rows' real tokens packed into fewer rows (`eopd.scoring.Packing`): no padded
             positions computed. Forwards give the same values; gradients differ in the last bits (their
-            sums over positions run in another order). Llama/Qwen3-style models only; others unpacked.
+            sums over positions run in another order). Llama/Qwen3 models with SDPA attention; others unpacked.
     """
 
     mini_batch_size: int = 32

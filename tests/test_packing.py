@@ -104,6 +104,7 @@ def test_only_models_whose_mask_path_takes_the_block_mask_are_packed(model, monk
     assert packable(model)
     for key, value in [
         ("_attn_implementation", "flex_attention"),
+        ("_attn_implementation", "eager"),
         ("layer_types", ["sliding_attention", "full_attention"]),
         ("model_type", "gpt2"),
     ]:
