@@ -67,13 +67,14 @@ def _direct_decode_step(model: PreTrainedModel, cache_keyword: str) -> DecodeSte
     """One decoding step through the decoder's own modules, or None where only `model(...)` is safe.
 
     For a Llama/Qwen3-style decoder (embeddings, layers, final norm, rotary embedding, SDPA attention, no
-    sliding layers) this runs exactly the body of the model's `forward` for one new token per row:
-    the same modules in the same order on the same tensors, so the logits are bitwise those of
-    `model(...)`. What it skips is the per-call machinery around that body: building the causal mask
-    through transformers' general mask functions, output capturing, the output dataclasses. For one
-    token the causal part of the mask is all true, so the mask is the padding mask itself, (B, 1, 1, L)
-    bool, or None when nothing is padded, which is what `transformers.masking_utils.sdpa_mask` returns.
-    At a small model that machinery costs as much as the arithmetic (docs/performance.md).
+    sliding layers) this runs the body of the model's `forward` for one new token per row, each layer
+    through `_fused_layer` where the layer is the plain kind (else through the layer module), so the
+    logits are bitwise those of `model(...)`. What it skips is the per-call machinery around that body:
+    building the causal mask through transformers' general mask functions, output capturing, the output
+    dataclasses. For one token the causal part of the mask is all true, so the mask is the padding mask
+    itself, (B, 1, 1, L) bool, or None when nothing is padded, which is what
+    `transformers.masking_utils.sdpa_mask` returns. At a small model that machinery costs as much as the
+    arithmetic (docs/performance.md).
 
     Any other model (LoRA, a device map, FSDP, another attention, older transformers) gets None.
     """
@@ -97,11 +98,18 @@ def _direct_decode_step(model: PreTrainedModel, cache_keyword: str) -> DecodeSte
     embed, layers, norm, rotary = parts
     layers = list(layers)[: config.num_hidden_layers]
     head = model.get_output_embeddings()
+    fused = [_fused_layer(layer, config) for layer in layers]
+    if any(f is None for f in fused):
+        fused = None
 
     def step(token: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any) -> Tensor:
         hidden = embed(token[:, None])  # (B, 1, H)
         mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
         position_embeddings = rotary(hidden, position_ids)
+        if fused is not None:
+            for layer_step in fused:
+                hidden = layer_step(hidden, mask, position_embeddings, cache)
+            return head(norm(hidden))
         for layer in layers:
             hidden = layer(
                 hidden,
@@ -114,6 +122,92 @@ def _direct_decode_step(model: PreTrainedModel, cache_keyword: str) -> DecodeSte
         return head(norm(hidden))  # (B, 1, V)
 
     return step
+
+
+def _fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
+    """One Llama/Qwen3 decoder layer for one new token per row with fewer, larger operations, or None.
+
+    The layer's own arithmetic with less dispatch: q, k and v come from one product with their weights
+    stacked (and gate and up from another), and in float32 the RMSNorms run as `torch.rms_norm`, whose
+    result equals transformers' five-operation RMSNorm there (in other dtypes that RMSNorm rounds
+    through float32, so its module runs). Attention, the rotary embedding and the cache update are the
+    model's own functions. A product with stacked weights computes every output from the same row and
+    column as the separate products do. `tests/test_rollout.py` holds the logits bitwise equal to the
+    module path. At a small model each operation's fixed cost is most of the decoding time
+    (docs/performance.md); the stacked weights are built when sampling starts, so they are the
+    current weights, and cost a copy of those matrices while it runs (CPU only; elsewhere the
+    separate products run).
+
+    None for layers that are not the plain kind: biases, another activation, tensor-parallel slicing,
+    missing parts.
+    """
+    import sys
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    rotate = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+    if (
+        rotate is None
+        or getattr(config, "hidden_act", None) != "silu"
+        or getattr(config, "attention_bias", False)
+        or getattr(config, "mlp_bias", False)
+        or getattr(config, "pretraining_tp", 1) != 1
+        or any(
+            not isinstance(getattr(parent, name, None), torch.nn.Linear)
+            for parent, name in [
+                (attention, "q_proj"),
+                (attention, "k_proj"),
+                (attention, "v_proj"),
+                (attention, "o_proj"),
+                (mlp, "gate_proj"),
+                (mlp, "up_proj"),
+                (mlp, "down_proj"),
+            ]
+        )
+        or any(getattr(layer, name, None) is None for name in ("input_layernorm", "post_attention_layernorm"))
+    ):
+        return None
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    head_dim = attention.head_dim
+    weight = attention.q_proj.weight
+    widths = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
+    qkv = gate_up = None
+    if weight.device.type == "cpu":
+        with torch.no_grad():
+            qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+
+    def rms(module: torch.nn.Module | None, x: Tensor) -> Tensor:
+        if module is None:
+            return x
+        if x.dtype == torch.float32 and hasattr(module, "variance_epsilon"):
+            return torch.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+        return module(x)
+
+    def layer_step(hidden: Tensor, mask: Tensor | None, position_embeddings, cache: Any) -> Tensor:
+        batch = hidden.shape[0]
+        x = rms(layer.input_layernorm, hidden)
+        if qkv is not None:
+            q, k, v = torch.nn.functional.linear(x, qkv).split(widths, dim=-1)
+        else:
+            q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+        q = rms(q_norm, q.view(batch, 1, -1, head_dim)).transpose(1, 2)
+        k = rms(k_norm, k.view(batch, 1, -1, head_dim)).transpose(1, 2)
+        v = v.view(batch, 1, -1, head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = rotate(q, k, cos, sin)
+        k, v = cache.update(k, v, attention.layer_idx)
+        out, _ = sdpa_attention_forward(attention, q, k, v, mask, dropout=0.0, scaling=attention.scaling)
+        hidden = hidden + attention.o_proj(out.reshape(batch, 1, -1))
+        x = rms(layer.post_attention_layernorm, hidden)
+        if gate_up is not None:
+            gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+
+    return layer_step
 
 
 def _new_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:

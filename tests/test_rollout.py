@@ -7,8 +7,8 @@ import torch
 
 from eopd.batch import RolloutBatch, pad_prompts
 from eopd.models import build_causal_lm
-from eopd.rollout import _direct_decode_step, _draw, _forward_keywords, sample
-from eopd.scoring import final_hidden_states, output_weight, response_logits
+from eopd.rollout import _direct_decode_step, _draw, _forward_keywords, _fused_layer, sample
+from eopd.scoring import final_hidden_states, output_weight, position_ids_from_mask, response_logits
 
 PAD = 0
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]  # different lengths: left padding is exercised
@@ -146,12 +146,17 @@ def test_seeded_generator_reproduces_the_rollout(model):
     assert not torch.equal(first.input_ids, other.input_ids)
 
 
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
 @pytest.mark.parametrize("kv_heads", [4, 2])  # grouped-query attention packs the query in SDPA
-def test_the_direct_decode_step_samples_bitwise_like_the_model_forward(monkeypatch, kv_heads):
-    # The sampler calls the decoder's own modules for each new token instead of `model(...)`; tokens and
-    # log-probs must be exactly those of `model(...)`: left padding, rows ending early, several seeds.
-    model = build_causal_lm(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=kv_heads)
+def test_the_direct_decode_step_samples_bitwise_like_the_model_forward(monkeypatch, kv_heads, family):
+    # The sampler runs each new token through a fused body of the decoder's layers (stacked q/k/v and
+    # gate/up products, torch.rms_norm in float32) instead of `model(...)`; tokens and log-probs must be
+    # exactly those of `model(...)`: left padding, rows ending early, several seeds.
+    model = build_causal_lm(
+        family=family, vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=kv_heads
+    )
     assert _direct_decode_step(model, "cache") is not None
+    assert all(_fused_layer(layer, model.config) is not None for layer in model.model.layers)
 
     def draw(prompts, seed):
         return sample(
@@ -169,6 +174,39 @@ def test_the_direct_decode_step_samples_bitwise_like_the_model_forward(monkeypat
             assert torch.equal(a.sampler_logprobs, b.sampler_logprobs)
     ended_early = [int(b.response_mask[i].sum()) for b in direct for i in range(b.batch_size)]
     assert min(ended_early) < 12  # some row stopped before the limit: its padding was masked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_fused_layer_step_equals_the_layer_modules(dtype):
+    """One decoding step's logits, bitwise, against the same step through the layers' own modules."""
+    import eopd.rollout
+
+    model = build_causal_lm(vocab_size=50, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2).to(
+        dtype
+    )
+    input_ids, attention_mask = pad_prompts(PROMPTS, PAD)
+    logits = {}
+    for fused in (True, False):
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            if not fused:
+                patch.setattr(eopd.rollout, "_fused_layer", lambda layer, config: None)
+            step = _direct_decode_step(model, "cache")
+            cache = eopd.rollout._new_cache(model, 16)
+            model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
+                  position_ids=position_ids_from_mask(attention_mask))  # fmt: skip
+            mask = torch.cat([attention_mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+            position_ids = (mask.sum(dim=1) - 1)[:, None]
+            logits[fused] = step(torch.tensor([4, 5, 6]), mask, position_ids, cache)
+    assert torch.equal(logits[True], logits[False])
+
+
+def test_layers_with_biases_or_another_activation_decode_through_their_modules():
+    for overrides in ({"attention_bias": True}, {"mlp_bias": True}, {"hidden_act": "gelu"}):
+        model = build_causal_lm(family="llama", vocab_size=50, hidden_size=32, num_layers=1, num_heads=4)
+        for key, value in overrides.items():
+            setattr(model.config, key, value)
+        assert _fused_layer(model.model.layers[0], model.config) is None, overrides
+        assert _direct_decode_step(model, "cache") is not None  # the module path still runs
 
 
 @pytest.mark.parametrize("capacity", [None, 4])  # None: room for the whole rollout; 4: it must grow
