@@ -88,8 +88,8 @@ class UpdateSpec:
             one mini-batch, none). The same numbers as that pass where the forward is batch-invariant
             (docs/performance.md); off where dropout is active or a gate reads the student's signals.
         pack_sequences: the teacher's forward, the pass at the rollout policy and the update's forwards
-            run on the rows' real tokens packed into fewer rows (`eopd.scoring.Packing`): no padded
-            positions computed. Forwards give the same values; gradients differ in the last bits (their
+            run on the rows' real tokens packed into fewer rows (`eopd.scoring.Packing`) where that
+            computes at least a fifth fewer positions. Forwards give the same values; gradients differ in the last bits (their
             sums over positions run in another order). Llama/Qwen3 models with SDPA attention; others unpacked.
     """
 

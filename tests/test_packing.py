@@ -50,11 +50,16 @@ def test_the_plan_places_every_real_token_once_in_fewer_rows():
     assert torch.equal(packing.pack(ids)[packing.packed_rows, packing.packed_columns], ids[MASK.bool()])
 
 
-def test_nothing_is_packed_when_it_saves_no_position():
-    assert Packing.plan(torch.ones(3, 4, dtype=torch.long)) is None
-    assert Packing.plan(torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])) is None  # 4 + 3 > 4: two rows of 4 again
-    trimmed = Packing.plan(torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]]))  # two rows of 3 instead of 4
-    assert trimmed is not None and trimmed.shape == (2, 3)
+def test_nothing_is_packed_when_it_saves_less_than_a_fifth_of_the_positions():
+    def mask(*lengths: int, width: int) -> torch.Tensor:  # left-padded rows of these lengths
+        return torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+
+    assert Packing.plan(mask(4, 4, 4, width=4)) is None  # nothing padded
+    assert Packing.plan(mask(4, 3, width=4)) is None  # 4 + 3 > 4: two rows of 4 again
+    assert Packing.plan(mask(9, 9, width=10)) is None  # two rows of 9 instead of 10: a tenth saved
+    assert Packing.plan(mask(4, 4, width=5)).shape == (2, 4)  # exactly a fifth saved
+    assert Packing.plan(mask(3, 3, width=4)).shape == (2, 3)
+    assert Packing.plan(mask(6, 3, 3, width=6)).shape == (2, 6)  # the two short rows share one row
 
 
 def test_the_mask_keeps_attention_causal_and_inside_each_sequence():
