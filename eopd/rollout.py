@@ -352,7 +352,8 @@ def sample(
     Prompts are left-padded and position ids come from the attention mask, exactly as
     `eopd.scoring.final_hidden_states` computes them, so scoring the returned batch sees the positions
     the sampler saw. Rows that have ended receive `pad_token_id`, masked out, and leave the model's batch
-    once they are a quarter of it (`_should_drop`); the loop stops when every row has ended. The model runs in eval mode under `torch.no_grad()` and gets its mode back afterwards.
+    once they are a quarter of it (`_should_drop`); the loop stops when every row has ended. The model
+    runs in eval mode under `torch.no_grad()` and gets its mode back afterwards.
 
     Args:
         model: a causal LM.
@@ -438,9 +439,8 @@ def sample(
                 else:
                     step_token, step_mask = token[decoding], attention_mask[decoding]
                     step_attended = attended[decoding]
-                position_ids = (step_attended - 1).clamp_min(0)[
-                    :, None
-                ]  # = position_ids_from_mask(...)[:, -1:]
+                # = position_ids_from_mask(...)[:, -1:] of the rows still decoding
+                position_ids = (step_attended - 1).clamp_min(0)[:, None]
                 if direct_step is not None:
                     logits = direct_step(step_token, step_mask, position_ids, cache)
                 else:

@@ -135,7 +135,7 @@ class Packing:
 
     @staticmethod
     def plan(attention_mask: Tensor) -> Packing | None:
-        """The packing of a (B, L) mask, or None when it would save less than `MIN_SAVING` of the positions.
+        """The packing of a (B, L) mask, or None where it would save less than `MIN_SAVING` of the positions.
 
         Packing has a fixed cost (the plan, the gathers, the block mask, their backward): at the embedded
         default, 8 rows of 40 packed into 8 rows of 38, the student's forward and backward took 26.5 ms
@@ -207,8 +207,8 @@ def final_hidden_states(
     `eopd.rollout.sample` used when it drew the tokens.
 
     With `pack=True` (and a `packable` model) the real tokens of all rows are first packed into fewer,
-    full rows (`Packing`): the decoder computes no padded positions. The result is the same up to
-    floating-point rounding (the products and the attention run over other shapes), not bitwise.
+    fuller rows (`Packing`) where that computes at least `MIN_SAVING` fewer positions. The result is the
+    same up to floating-point rounding (the products and the attention run over other shapes).
 
     Args:
         model: a causal LM.
@@ -318,8 +318,8 @@ def teacher_hidden_states(
 
     The teacher reads the same response tokens behind its own prompt (`with_prompts`); with
     `remap_end_token_ids = (student_end, teacher_end)` the student's end token is replaced by the
-    teacher's on that copy (PAPER.md section 3); `pack` as in `final_hidden_states`. Pair with `teacher_output_weight` so that the
-    teacher's log-probs come out in the student's token ids.
+    teacher's on that copy (PAPER.md section 3); `pack` as in `final_hidden_states`. Pair with
+    `teacher_output_weight` so that the teacher's log-probs come out in the student's token ids.
     """
     copy = with_prompts(batch, teacher_prompts, pad_token_id=pad_token_id)
     ids = copy.input_ids
