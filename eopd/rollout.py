@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from eopd.batch import RolloutBatch, pad_prompts
-from eopd.scoring import decoder_of, is_peft, position_ids_from_mask
+from eopd.scoring import decoder_of, is_full_attention_sdpa_llama, is_peft, position_ids_from_mask
 
 if TYPE_CHECKING:  # transformers' modeling code takes seconds to import; only types are needed here
     from transformers import DynamicCache, PreTrainedModel
@@ -86,9 +86,7 @@ def _direct_decode_step(model: PreTrainedModel, cache_keyword: str) -> DecodeSte
         or is_peft(model)
         or cache_keyword != "cache"  # transformers < 5: the layers take cache_position too
         or getattr(model, "hf_device_map", None) is not None
-        or getattr(config, "model_type", None) not in ("qwen3", "llama")
-        or getattr(config, "_attn_implementation", None) != "sdpa"
-        or any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ())
+        or not is_full_attention_sdpa_llama(config)
         or any(type(m).__name__.startswith("FSDP") for m in (model, decoder))
     ):
         return None

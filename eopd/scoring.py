@@ -98,9 +98,16 @@ def packable(model: PreTrainedModel) -> bool:
     flash-attention kernels take packed rows through position ids instead (not done here).
     """
     config = getattr(model.get_base_model() if is_peft(model) else model, "config", None)
+    return decoder_of(model) is not None and is_full_attention_sdpa_llama(config)
+
+
+def is_full_attention_sdpa_llama(config) -> bool:
+    """A Llama/Qwen3 config with SDPA attention and only full-attention layers (none sliding).
+
+    The shape of decoder whose layers `eopd.scoring` packs and `eopd.rollout` runs directly.
+    """
     return (
         config is not None
-        and decoder_of(model) is not None
         and getattr(config, "model_type", None) in ("qwen3", "llama")
         and getattr(config, "_attn_implementation", None) == "sdpa"
         and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
@@ -157,11 +164,8 @@ class Packing:
         if len(room) * capacity > (1 - MIN_SAVING) * real.numel():
             return None
         rows, columns = real.nonzero(as_tuple=True)  # row-major: each row's real tokens in order
-        device = attention_mask.device
-        lengths_t = torch.as_tensor(lengths, device=device)
-        first = torch.cumsum(lengths_t, 0) - lengths_t  # index of each row's first real token in `rows`
-        offsets = torch.arange(rows.numel(), device=device) - first[rows]
-        starts = torch.as_tensor(start, device=device).reshape(-1, 2)
+        offsets = position_ids_from_mask(attention_mask)[rows, columns]  # 0 .. n - 1 in each sequence
+        starts = torch.as_tensor(start, device=attention_mask.device).reshape(-1, 2)
         return Packing(
             rows=rows,
             columns=columns,
@@ -219,10 +223,10 @@ def final_hidden_states(
     Returns:
         (B, L, H) in the model's dtype. Values at padded positions are meaningless.
     """
+    decoder = decoder_of(model)
     packing = Packing.plan(attention_mask) if pack and packable(model) else None
     if packing is not None:
         positions, mask = packing.position_ids_and_mask()
-        decoder = decoder_of(model)
         out = decoder(
             input_ids=packing.pack(input_ids),
             attention_mask=mask,
@@ -231,7 +235,6 @@ def final_hidden_states(
         )
         return packing.unpack(out.last_hidden_state, input_ids)
     position_ids = position_ids_from_mask(attention_mask)
-    decoder = decoder_of(model)
     if decoder is not None:
         out = decoder(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
