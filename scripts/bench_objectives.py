@@ -38,6 +38,7 @@ from torch import Tensor
 
 from eopd.allocator import keep_freed_memory, return_freed_memory
 from eopd.objectives import LinearLogits, preset, teacher_token_stats
+from eopd.objectives.fused import TileBuffers, product_into
 
 
 @dataclass(frozen=True)
@@ -197,17 +198,23 @@ def bare_products(objective: str, x: Inputs, chunk_size: int) -> None:
     loss, no gather, no top-k.
     """
     hidden_s, hidden_t = x.hidden_s[x.mask], x.hidden_t[x.mask]  # (N, H)
+    # Like the fused path, each pass writes its tiles into buffers reused from tile to tile (TileBuffers).
+    buffers = TileBuffers()
     for start in range(0, hidden_t.shape[0], chunk_size):  # the statistics pass
-        hidden_t[start : start + chunk_size] @ x.weight_t.T  # (n, V), dropped
+        rows = hidden_t[start : start + chunk_size]
+        product_into(rows, x.weight_t, buffers.take("t", rows.shape[0], x.weight_t.shape[0], rows.device))
+    buffers = TileBuffers()
     grad_hidden = torch.empty_like(hidden_s)
     grad_weight = torch.zeros_like(x.weight_s)
     for start in range(0, hidden_s.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        logits_s = hidden_s[rows] @ x.weight_s.T  # (n, V)
-        if objective == "fkl":
-            hidden_t[rows] @ x.weight_t.T  # (n, V), dropped: the loss tile's teacher logits
-        torch.mm(logits_s, x.weight_s, out=grad_hidden[rows])
-        grad_weight.addmm_(logits_s.T, hidden_s[rows])
+        h_s, h_t = hidden_s[start : start + chunk_size], hidden_t[start : start + chunk_size]
+        logits_s = product_into(
+            h_s, x.weight_s, buffers.take("s", h_s.shape[0], x.weight_s.shape[0], h_s.device)
+        )
+        if objective == "fkl":  # the loss tile's teacher logits, dropped
+            product_into(h_t, x.weight_t, buffers.take("t", h_t.shape[0], x.weight_t.shape[0], h_t.device))
+        torch.mm(logits_s, x.weight_s, out=grad_hidden[start : start + chunk_size])
+        grad_weight.addmm_(logits_s.T, h_s)
 
 
 # ---- measurement (each call runs in a fresh process) ---------------------------------------------

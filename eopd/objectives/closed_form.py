@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from eopd.objectives.diagnostics import student_metrics
+from eopd.objectives.fused import TileBuffers, log_softmax_
 from eopd.objectives.reduction import Metrics
 from eopd.objectives.terms import Term, Tile
 
@@ -25,6 +26,7 @@ def loss_and_grad(
     keep: Callable[[dict[str, Tensor]], None],
     need_grad: bool,
     token_logp_out: Tensor | None = None,
+    buffers: TileBuffers | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """One tile's loss and d loss / d logits in closed form, for objectives of closed-form terms only.
 
@@ -39,11 +41,14 @@ def loss_and_grad(
         logits: (n, V) float32 student logits of the tile; overwritten (with the log-probs).
         coefficients: (n_terms, n) weight x gate / N_valid per term and token.
         keep: receives the per-token values of the diagnostics (for the gates and their metrics).
+        buffers: where the student's probabilities (and the returned gradient, built in their memory)
+            are written, reused from tile to tile; None allocates them.
     """
     # In place: at a 150k vocabulary each (n, V) float32 tensor is what bounds the chunk size.
     z = logits if temperature == 1.0 else logits.div_(temperature)
-    logp = z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # (n, V)
-    p = logp.exp()
+    p = torch.empty_like(z) if buffers is None else buffers.take("p", *z.shape, z.device)
+    logp = log_softmax_(z, scratch=p)  # (n, V)
+    p = torch.exp(logp, out=p)
     student_entropy = -torch.einsum("nv,nv->n", p, logp)
     token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
     if token_logp_out is not None:

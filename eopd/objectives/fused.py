@@ -15,6 +15,7 @@ Two engines:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -63,12 +64,44 @@ class LinearLogits:
         """The positions selected by a boolean mask over the leading dims, flattened: (N, H)."""
         return LinearLogits(self.hidden[index], self.weight, self.vocab_size)
 
-    def logits(self, start: int = 0, end: int | None = None) -> Tensor:
-        """Float32 logits of rows [start, end) of a flat (N, H) hidden: (n, V)."""
-        return (self.hidden[start:end] @ self.weight.T).float()
+    def logits(self, start: int = 0, end: int | None = None, out: Tensor | None = None) -> Tensor:
+        """Float32 logits of rows [start, end) of a flat (N, H) hidden: (n, V), written into `out` if given."""
+        return product_into(self.hidden[start:end], self.weight, out)
 
 
 LogitSource = Tensor | LinearLogits
+
+
+def product_into(hidden: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
+    """Float32 logits hidden @ weight^T, (n, V), written into `out` (float32, (n, V)) when it is given."""
+    if out is None:
+        return (hidden @ weight.T).float()
+    if hidden.dtype == weight.dtype == torch.float32:
+        return torch.mm(hidden, weight.T, out=out)
+    return out.copy_(hidden @ weight.T)
+
+
+class TileBuffers:
+    """Float32 (rows, V) buffers that each tile of one pass writes into, instead of fresh tensors.
+
+    At a 150k vocabulary one tile's logits, log-probs or probabilities is 155 MB (256 rows). glibc serves
+    a block that large with a fresh `mmap` and unmaps it on free, so a fresh tensor per tile is new memory
+    that the kernel faults in and zeroes page by page, which took longer than the exp over it
+    (docs/performance.md). A named buffer is allocated at the first tile (the largest) and its leading
+    rows are handed to the later ones, so a pass pays that once. A view stays valid until its name is
+    asked for again; the caller must be done with it by then.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, rows: int, columns: int, device: torch.device) -> Tensor:
+        """A float32 (rows, columns) view of the buffer `name`, of unspecified contents."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != columns or buffer.device != device:
+            buffer = torch.empty((rows, columns), dtype=torch.float32, device=device)
+            self._buffers[name] = buffer
+        return buffer[:rows]
 
 
 def source_rows(source: LogitSource, index: Tensor) -> LogitSource:
@@ -76,9 +109,49 @@ def source_rows(source: LogitSource, index: Tensor) -> LogitSource:
     return source.rows(index) if isinstance(source, LinearLogits) else source[index]
 
 
-def source_tile(source: LogitSource, start: int, end: int) -> Tensor:
-    """Float32 logits of rows [start, end) of a flat source: (n, V)."""
-    return source.logits(start, end) if isinstance(source, LinearLogits) else source[start:end].float()
+def source_tile(
+    source: LogitSource, start: int, end: int, buffers: TileBuffers | None = None, name: str = "logits"
+) -> Tensor:
+    """Float32 logits of rows [start, end) of a flat source: (n, V).
+
+    With `buffers` the tile is written into the buffer `name` and the caller may overwrite it; without,
+    materialised float32 logits come back as a view of the source.
+    """
+    if buffers is None:
+        return source.logits(start, end) if isinstance(source, LinearLogits) else source[start:end].float()
+    out = buffers.take(name, end - start, source.shape[-1], source_device(source))
+    return (
+        source.logits(start, end, out) if isinstance(source, LinearLogits) else out.copy_(source[start:end])
+    )
+
+
+def tile_log_probs(
+    source: LogitSource, start: int, end: int, temperature: float, buffers: TileBuffers, prefix: str = ""
+) -> tuple[Tensor, Tensor]:
+    """log_softmax(logits / temperature) of rows [start, end) of a flat source, in the buffer `prefix +
+    "logp"`, and the buffer its logits were in (`prefix + "logits"`, the same shape), free for reuse."""
+    logits = source_tile(source, start, end, buffers, prefix + "logits")
+    if temperature != 1.0:
+        logits.div_(temperature)
+    logp = torch.log_softmax(logits, dim=-1, out=buffers.take(prefix + "logp", *logits.shape, logits.device))
+    return logp, logits
+
+
+def source_device(source: LogitSource) -> torch.device:
+    return source.hidden.device if isinstance(source, LinearLogits) else source.device
+
+
+def log_softmax_(logits: Tensor, scratch: Tensor) -> Tensor:
+    """log_softmax over the last dim, in place, using `scratch` (the same shape) for exp(logits - max).
+
+    The same operations as `logits - torch.logsumexp(logits, -1, keepdim=True)` (a max, with infinite
+    maxima taken as 0, then the log of the sum of exp(logits - max), plus the max), so the same values,
+    without the (n, V) temporary that `torch.logsumexp` allocates.
+    """
+    maxes = logits.amax(dim=-1, keepdim=True)
+    maxes.masked_fill_(maxes.abs() == math.inf, 0.0)
+    torch.sub(logits, maxes, out=scratch).exp_()
+    return logits.sub_(scratch.sum(dim=-1, keepdim=True).log_().add_(maxes))
 
 
 def source_len(source: LogitSource) -> int:
@@ -91,8 +164,8 @@ TileLoss = Callable[[Tensor, int, int], Tensor]
 TileValueAndGrad = Callable[[Tensor, int, int, bool], tuple[Tensor, Tensor | None]]
 """tile_fn(logits (n, V) float32, start, end, need_grad) -> (scalar loss, d loss / d logits or None).
 
-The logits tile is a fresh tensor that the function owns: it may overwrite it (and save the memory of a
-second (n, V) tensor)."""
+The logits tile is the function's to overwrite (saving the memory of a second (n, V) tensor); it is a
+buffer that the next tile reuses, so neither it nor a view of it may be kept past the call."""
 
 
 def tiled_loss(
@@ -146,10 +219,11 @@ class _LinearTiledLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        buffers = TileBuffers()
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:end]
-            logits = (h @ weight.T).float()  # (n, V)
+            logits = product_into(h, weight, buffers.take("logits", end - start, weight.shape[0], h.device))
             value, grad = value_and_grad(logits, start, end, need_grad)
             total += value
             if need_grad:
@@ -179,9 +253,10 @@ class _LogitsTiledLoss(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad_logits = torch.zeros_like(logits) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        buffers = TileBuffers()
         for start in range(0, logits.shape[0], chunk_size):
             end = min(start + chunk_size, logits.shape[0])
-            tile = logits[start:end].to(torch.float32, copy=True)  # the tile function may overwrite it
+            tile = source_tile(logits, start, end, buffers)  # a copy: the tile function may overwrite it
             value, grad = value_and_grad(tile, start, end, need_grad)
             total += value
             if need_grad:

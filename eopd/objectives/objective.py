@@ -23,7 +23,15 @@ from torch import Tensor
 from eopd.objectives import divergences as D
 from eopd.objectives.closed_form import loss_and_grad
 from eopd.objectives.diagnostics import gate_metrics, student_metrics, teacher_metrics
-from eopd.objectives.fused import LinearLogits, LogitSource, detached, source_rows, source_tile, tiled_loss
+from eopd.objectives.fused import (
+    LinearLogits,
+    LogitSource,
+    TileBuffers,
+    detached,
+    source_rows,
+    tile_log_probs,
+    tiled_loss,
+)
 from eopd.objectives.gates import FULL_VOCABULARY_SIGNALS, PAPER_TAU, STUDENT_SIGNALS, Signals, as_signals
 from eopd.objectives.reduction import Metrics
 from eopd.objectives.teacher_stats import TeacherStats, teacher_token_stats
@@ -348,9 +356,10 @@ class Objective:
                 )
             flat_token_logp = flat_tokens.new_zeros(flat_tokens.shape, dtype=torch.float32)
 
-        def teacher_log_probs(start: int, end: int) -> Tensor:
-            logits = source_tile(flat_teacher, start, end)
-            return torch.log_softmax(logits if self.temperature == 1.0 else logits / self.temperature, -1)
+        buffers = TileBuffers()  # the teacher's and the student's (n, V) tiles, reused from tile to tile
+
+        def teacher_log_probs(start: int, end: int) -> tuple[Tensor, Tensor]:
+            return tile_log_probs(flat_teacher, start, end, self.temperature, buffers, "teacher_")
 
         def tile_loss(student_logits: Tensor, start: int, end: int) -> Tensor:
             logp = torch.log_softmax(student_logits / self.temperature, dim=-1)  # (n, V)
@@ -366,7 +375,7 @@ class Objective:
                 flat_token_logp[start:end] = token_logp.detach()
             tile.old_logprobs = token_logp.detach() if flat_old is None else flat_old[start:end]
             if flat_teacher is not None:
-                tile.teacher_logp = teacher_log_probs(start, end)
+                tile.teacher_logp, _ = teacher_log_probs(start, end)
             total = logp.new_zeros(())
             for i, term in enumerate(self.terms):
                 values = term.spec.fn(logp, tile, term.options)
@@ -394,8 +403,8 @@ class Objective:
                 advantages=None if flat_advantages is None else flat_advantages[start:end],
             )
             if flat_teacher is not None:
-                tile.teacher_logp = teacher_log_probs(start, end)
-                tile.teacher_p = tile.teacher_logp.exp()
+                tile.teacher_logp, spare = teacher_log_probs(start, end)
+                tile.teacher_p = torch.exp(tile.teacher_logp, out=spare)
             return loss_and_grad(
                 self.terms,
                 self.temperature,
@@ -408,6 +417,7 @@ class Objective:
                 keep,
                 need_grad,
                 None if flat_token_logp is None else flat_token_logp[start:end],
+                buffers,
             )
 
         if all(term.closed_form for term in self.terms):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from eopd.objectives.divergences import _check_temperature, check_top_k
-from eopd.objectives.fused import LogitSource, source_len, source_rows, source_tile
+from eopd.objectives.fused import LogitSource, TileBuffers, source_len, source_rows, tile_log_probs
 
 
 @dataclass
@@ -137,12 +137,13 @@ def teacher_token_stats(
     entropy = torch.empty(n, device=device)
     topk_logprobs = torch.empty(n, k, device=device)
     topk_indices = torch.empty(n, k, dtype=torch.long, device=device)
+    buffers = TileBuffers()  # each tile's logits, log-probs and probabilities reuse the first tile's memory
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        logits = source_tile(flat, start, end)  # (n, V)
-        logp = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+        logp, spare = tile_log_probs(flat, start, end, temperature, buffers)  # (n, V) each
         token_logprobs[start:end] = logp.gather(-1, flat_tokens[start:end, None]).squeeze(-1)
-        entropy[start:end] = -torch.einsum("nv,nv->n", logp.exp(), logp)  # a row-wise dot, no (n, V) product
+        p = torch.exp(logp, out=spare)
+        entropy[start:end] = -torch.einsum("nv,nv->n", p, logp)  # a row-wise dot, no (n, V) product
         topk_logprobs[start:end], topk_indices[start:end] = logp.topk(k, dim=-1)
     flat_stats = TeacherStats(token_logprobs, entropy, topk_logprobs, topk_indices, temperature=temperature)
     return flat_stats.reshaped(lead)
