@@ -55,19 +55,19 @@ def loss_and_grad(
         token_logp_out.copy_(token_logp)
     if tile.old_logprobs is None:
         tile.old_logprobs = token_logp
-    # Diagnostics first: the last dense term may build its gradient in the teacher's tensors.
-    keep(
-        student_metrics(
-            metrics,
-            logp,
-            token_logp,
-            tile,
-            student_entropy=student_entropy,
-            student_p=p,
-            terms=terms,
-            diagnostic_tau=diagnostic_tau,
-        )
+    # Diagnostics first: the last dense term may build its gradient in the teacher's tensors. The exact
+    # KLs they compute are the dense KL terms' values, by the same expressions: those terms reuse them.
+    tile.known = student_metrics(
+        metrics,
+        logp,
+        token_logp,
+        tile,
+        student_entropy=student_entropy,
+        student_p=p,
+        terms=terms,
+        diagnostic_tau=diagnostic_tau,
     )
+    keep(tile.known)
     total = logp.new_zeros(())
     supports, grads = [], []
     with torch.enable_grad():

@@ -33,6 +33,13 @@ class Tile:
     teacher_logp: Tensor | None  # (n, V) teacher log-probs when the full teacher is available
     teacher_p: Tensor | None = None  # (n, V) their exp, on the closed-form path
     advantages: Tensor | None = None  # (n,) a task reward's advantage, for "ppo_reward"
+    # (n,) per-token values the diagnostics already computed from these tensors ("fkl", "rkl": the exact
+    # KLs, by the same expressions as the dense terms), so that a dense term need not recompute them
+    known: Mapping[str, Tensor] | None = None
+
+
+def _known(tile: Tile, name: str) -> Tensor | None:
+    return None if tile.known is None else tile.known.get(name)
 
 
 # A term function maps the student's log-probs of a tile (n, V), differentiable, to per-token values (n,).
@@ -143,18 +150,22 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
 # returns the representative with sum_v G_v = 0 (c = -sum_v G_v), which is also the gradient itself up to
 # 1/T and avoids subtracting two large, nearly equal rows: p - p_t, p (log p - log p_t - KL), p (log p + H).
 def _forward_kl_dense(logp, p, tile: Tile, opt, need_grad: bool, consume: bool):
-    values = dot(tile.teacher_p, tile.teacher_logp) - dot(tile.teacher_p, logp)
+    values = _known(tile, "fkl")
+    if values is None:
+        values = dot(tile.teacher_p, tile.teacher_logp) - dot(tile.teacher_p, logp)
     if not need_grad:
         return values, None
     if consume:  # p - p_t in p_t's memory
-        tile.teacher_logp = None
-        grad, tile.teacher_p = tile.teacher_p.neg_().add_(p), None
+        grad = torch.sub(p, tile.teacher_p, out=tile.teacher_p)
+        tile.teacher_logp, tile.teacher_p = None, None
         return values, grad
     return values, p - tile.teacher_p
 
 
 def _reverse_kl_dense(logp, p, tile: Tile, opt, need_grad: bool, consume: bool):
-    values = dot(p, logp) - dot(p, tile.teacher_logp)
+    values = _known(tile, "rkl")
+    if values is None:
+        values = dot(p, logp) - dot(p, tile.teacher_logp)
     if not need_grad:
         return values, None
     if consume:  # in log p_t's memory
