@@ -38,7 +38,7 @@ from torch import Tensor
 
 from eopd.allocator import keep_freed_memory, return_freed_memory
 from eopd.objectives import LinearLogits, preset, teacher_token_stats
-from eopd.objectives.fused import TileBuffers, product_into
+from eopd.objectives.fused import TileBuffers, source_tile
 
 
 @dataclass(frozen=True)
@@ -198,23 +198,21 @@ def bare_products(objective: str, x: Inputs, chunk_size: int) -> None:
     loss, no gather, no top-k.
     """
     hidden_s, hidden_t = x.hidden_s[x.mask], x.hidden_t[x.mask]  # (N, H)
+    student, teacher = LinearLogits(hidden_s, x.weight_s), LinearLogits(hidden_t, x.weight_t)
     # Like the fused path, each pass writes its tiles into buffers reused from tile to tile (TileBuffers).
     buffers = TileBuffers()
     for start in range(0, hidden_t.shape[0], chunk_size):  # the statistics pass
-        rows = hidden_t[start : start + chunk_size]
-        product_into(rows, x.weight_t, buffers.take("t", rows.shape[0], x.weight_t.shape[0], rows.device))
+        source_tile(teacher, start, min(start + chunk_size, hidden_t.shape[0]), buffers)  # (n, V), dropped
     buffers = TileBuffers()
     grad_hidden = torch.empty_like(hidden_s)
     grad_weight = torch.zeros_like(x.weight_s)
     for start in range(0, hidden_s.shape[0], chunk_size):
-        h_s, h_t = hidden_s[start : start + chunk_size], hidden_t[start : start + chunk_size]
-        logits_s = product_into(
-            h_s, x.weight_s, buffers.take("s", h_s.shape[0], x.weight_s.shape[0], h_s.device)
-        )
+        end = min(start + chunk_size, hidden_s.shape[0])
+        logits_s = source_tile(student, start, end, buffers, "s")  # (n, V)
         if objective == "fkl":  # the loss tile's teacher logits, dropped
-            product_into(h_t, x.weight_t, buffers.take("t", h_t.shape[0], x.weight_t.shape[0], h_t.device))
-        torch.mm(logits_s, x.weight_s, out=grad_hidden[start : start + chunk_size])
-        grad_weight.addmm_(logits_s.T, h_s)
+            source_tile(teacher, start, end, buffers, "t")
+        torch.mm(logits_s, x.weight_s, out=grad_hidden[start:end])
+        grad_weight.addmm_(logits_s.T, hidden_s[start:end])
 
 
 # ---- measurement (each call runs in a fresh process) ---------------------------------------------

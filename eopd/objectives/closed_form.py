@@ -26,7 +26,8 @@ def loss_and_grad(
     keep: Callable[[dict[str, Tensor]], None],
     need_grad: bool,
     token_logp_out: Tensor | None = None,
-    buffers: TileBuffers | None = None,
+    *,
+    buffers: TileBuffers,
 ) -> tuple[Tensor, Tensor | None]:
     """One tile's loss and d loss / d logits in closed form, for objectives of closed-form terms only.
 
@@ -42,11 +43,11 @@ def loss_and_grad(
         coefficients: (n_terms, n) weight x gate / N_valid per term and token.
         keep: receives the per-token values of the diagnostics (for the gates and their metrics).
         buffers: where the student's probabilities (and the returned gradient, built in their memory)
-            are written, reused from tile to tile; None allocates them.
+            are written, reused from tile to tile.
     """
     # In place: at a 150k vocabulary each (n, V) float32 tensor is what bounds the chunk size.
     z = logits if temperature == 1.0 else logits.div_(temperature)
-    p = torch.empty_like(z) if buffers is None else buffers.take("p", *z.shape, z.device)
+    p = buffers.take("p", *z.shape, z.device)
     logp = log_softmax_(z, scratch=p)  # (n, V)
     p = torch.exp(logp, out=p)
     student_entropy = -torch.einsum("nv,nv->n", p, logp)

@@ -65,20 +65,17 @@ class LinearLogits:
         return LinearLogits(self.hidden[index], self.weight, self.vocab_size)
 
     def logits(self, start: int = 0, end: int | None = None, out: Tensor | None = None) -> Tensor:
-        """Float32 logits of rows [start, end) of a flat (N, H) hidden: (n, V), written into `out` if given."""
-        return product_into(self.hidden[start:end], self.weight, out)
+        """Float32 logits of rows [start, end) of a flat (N, H) hidden: (n, V), written into `out` (float32,
+        (n, V)) when it is given."""
+        hidden = self.hidden[start:end]
+        if out is None:
+            return (hidden @ self.weight.T).float()
+        if hidden.dtype == self.weight.dtype == torch.float32:
+            return torch.mm(hidden, self.weight.T, out=out)
+        return out.copy_(hidden @ self.weight.T)
 
 
 LogitSource = Tensor | LinearLogits
-
-
-def product_into(hidden: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
-    """Float32 logits hidden @ weight^T, (n, V), written into `out` (float32, (n, V)) when it is given."""
-    if out is None:
-        return (hidden @ weight.T).float()
-    if hidden.dtype == weight.dtype == torch.float32:
-        return torch.mm(hidden, weight.T, out=out)
-    return out.copy_(hidden @ weight.T)
 
 
 class TileBuffers:
@@ -219,11 +216,11 @@ class _LinearTiledLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        buffers = TileBuffers()
+        source, buffers = LinearLogits(hidden, weight), TileBuffers()
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:end]
-            logits = product_into(h, weight, buffers.take("logits", end - start, weight.shape[0], h.device))
+            logits = source_tile(source, start, end, buffers)  # (n, V)
             value, grad = value_and_grad(logits, start, end, need_grad)
             total += value
             if need_grad:

@@ -417,7 +417,7 @@ class Objective:
                 keep,
                 need_grad,
                 None if flat_token_logp is None else flat_token_logp[start:end],
-                buffers,
+                buffers=buffers,
             )
 
         if all(term.closed_form for term in self.terms):
