@@ -179,12 +179,7 @@ class DistillModule(Sampling, Placement, NonFiniteGuard, L.LightningModule):
 
     def configure_optimizers(self):
         spec = self.optim_spec
-        optimizer = torch.optim.AdamW(
-            [p for p in self.student.parameters() if p.requires_grad],
-            lr=spec.lr,
-            weight_decay=spec.weight_decay,
-            betas=spec.betas,
-        )
+        optimizer = spec.adamw([p for p in self.student.parameters() if p.requires_grad])
         total = self._total_optimizer_steps()
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: spec.factor(step, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

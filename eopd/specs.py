@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from eopd.rollout_engines import ENGINES
 
 ROLLOUT_SOURCES = ("student", "teacher", "mix")
@@ -149,7 +151,16 @@ def optimizer_steps_per_rollout(ppo_epochs: int, rollout_batch_size: int, mini_b
 
 @dataclass(frozen=True)
 class OptimSpec:
-    """AdamW with an optional linear warm-up and a cosine or constant schedule (paper: 3e-6, cosine, wd 0.01)."""
+    """AdamW with an optional linear warm-up and a cosine or constant schedule (paper: 3e-6, cosine, wd 0.01).
+
+    Attributes:
+        fused: update every parameter in one fused kernel (`torch.optim.AdamW(fused=True)`) where torch
+            has one for all of them (floating-point parameters on the CPU or a CUDA device); elsewhere,
+            or with False, torch's default implementation (a loop over parameters on the CPU, `foreach`
+            on CUDA). The same update up to rounding (about one float32 ulp per step in some elements);
+            on the CPU the fused kernel took 0.7 ms against 4.1 ms per step at a 0.6M-parameter student
+            and 19 ms against 87 ms at 16M (docs/performance.md).
+    """
 
     lr: float = 3e-6
     weight_decay: float = 0.01
@@ -157,6 +168,7 @@ class OptimSpec:
     warmup_steps: int = 0
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0
+    fused: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -172,6 +184,19 @@ class OptimSpec:
             raise ValueError(f"optimizer.warmup_steps={self.warmup_steps!r} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optimizer.min_lr_ratio={self.min_lr_ratio!r} must lie in [0, 1]")
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"optimizer.fused={self.fused!r} must be true or false")
+
+    def adamw(self, params: list) -> torch.optim.AdamW:
+        """AdamW over `params` with these settings, fused where torch has a fused kernel for all of them."""
+        fused = self.fused and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(
+            params,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+            **({"fused": True} if fused else {}),
+        )
 
     def factor(self, step: int, total_steps: int) -> float:
         """The learning-rate multiplier at an optimizer step."""

@@ -246,6 +246,43 @@ def test_lr_schedule_warmup_and_cosine():
     assert OptimSpec(schedule="constant").factor(50, 10) == 1.0
 
 
+def adamw_reference(params, grads_per_step, spec):
+    """AdamW from its definition in float64: decoupled weight decay, bias-corrected moments."""
+    (b1, b2), eps = spec.betas, 1e-8
+    params = [p.detach().double().clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for p, g, m_i, v_i in zip(params, grads, m, v):
+            g = g.double()
+            m_i.mul_(b1).add_((1 - b1) * g)
+            v_i.mul_(b2).add_((1 - b2) * g * g)
+            p.mul_(1 - spec.lr * spec.weight_decay)
+            p.sub_(spec.lr * (m_i / (1 - b1**t)) / ((v_i / (1 - b2**t)).sqrt() + eps))
+    return params
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_is_fused_on_the_cpu_unless_turned_off_and_steps_as_its_definition(fused):
+    spec = OptimSpec(lr=1e-3, weight_decay=0.1, fused=fused)
+    model = build_causal_lm(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    params = list(model.parameters())
+    start = [p.detach().clone() for p in params]
+    optimizer = spec.adamw(params)
+    assert bool(optimizer.defaults["fused"]) is fused
+    g = torch.Generator().manual_seed(0)
+    steps = [[torch.randn(p.shape, generator=g) * 10.0**-k for p in params] for k in range(1, 4)]
+    for grads in steps:
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        optimizer.step()
+    expected = adamw_reference(start, steps, spec)
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="optimizer.fused='yes'"):
+        OptimSpec(fused="yes")
+
+
 def test_the_teacher_scores_the_student_end_token_as_its_own():
     """With the remap, log p_te(y_t) at the student's end token is the teacher's log-prob of ITS end token."""
     module = make_module()
