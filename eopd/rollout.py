@@ -43,8 +43,21 @@ def _draw(
         drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logprobs = torch.log_softmax(logprobs.masked_fill(drop, float("-inf")), dim=-1)
-    tokens = torch.multinomial(logprobs.exp(), num_samples=1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    # torch.multinomial's draw of one sample (ATen's path for it): the argmax of p / q with q ~ Exp(1),
+    # from the same generator, so the same tokens; without its checks of the probabilities (several
+    # reductions and synchronisations at every step). A NaN or infinite logit leaves the drawn token a
+    # non-finite log-probability, checked instead.
+    probs = logprobs.exp()
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    tokens = torch.div(probs, race, out=race).argmax(dim=-1)
+    drawn = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    if not bool(torch.isfinite(drawn).all()):
+        raise ValueError(
+            "sampling met non-finite logits (NaN or inf) in rows "
+            f"{(~torch.isfinite(drawn)).nonzero().flatten().tolist()}: the model's weights or inputs "
+            "hold NaN or inf"
+        )
+    return tokens, drawn
 
 
 def _forward_keywords(model: PreTrainedModel) -> tuple[str, bool]:
@@ -63,7 +76,9 @@ def _forward_keywords(model: PreTrainedModel) -> tuple[str, bool]:
 DecodeStep = Callable[[Tensor, Tensor, Tensor, Any], Tensor]
 
 
-def _direct_decode_step(model: PreTrainedModel, cache_keyword: str) -> DecodeStep | None:
+def _direct_decode_step(
+    model: PreTrainedModel, cache_keyword: str, max_positions: int | None = None
+) -> DecodeStep | None:
     """One decoding step through the decoder's own modules, or None where only `model(...)` is safe.
 
     For a Llama/Qwen3-style decoder (embeddings, layers, final norm, rotary embedding, SDPA attention, no
@@ -75,6 +90,11 @@ def _direct_decode_step(model: PreTrainedModel, cache_keyword: str) -> DecodeSte
     itself, (B, 1, 1, L) bool, or None when nothing is padded, which is what
     `transformers.masking_utils.sdpa_mask` returns. At a small model that machinery costs as much as the
     arithmetic (docs/performance.md).
+
+    With `max_positions`, the rotary embedding's cos and sin for positions 0 .. max_positions - 1 are
+    computed once, by the model's own rotary module, and each step looks its positions up: the same
+    values (each is a function of its position alone), without the module's operations at every step.
+    Rotary kinds that rescale with the sequence length (dynamic, longrope) are computed at every step.
 
     Any other model (LoRA, a device map, FSDP, another attention, older transformers) gets None.
     """
@@ -99,15 +119,25 @@ def _direct_decode_step(model: PreTrainedModel, cache_keyword: str) -> DecodeSte
     fused = [_fused_layer(layer, config) for layer in layers]
     if any(f is None for f in fused):
         fused = None
+    table = None
+    rope_type = str(getattr(rotary, "rope_type", "default"))
+    if max_positions is not None and "dynamic" not in rope_type and rope_type != "longrope":
+        with torch.no_grad():
+            like = embed.weight[:1]  # the rotary module reads only the dtype and device of its input
+            positions = torch.arange(max_positions, device=like.device)[None]
+            table = [t[0] for t in rotary(like, positions)]  # cos, sin: (max_positions, D) each
 
     def step(token: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any) -> Tensor:
         hidden = embed(token[:, None])  # (B, 1, H)
         mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
-        position_embeddings = rotary(hidden, position_ids)
+        if table is not None:
+            position_embeddings = (table[0][position_ids], table[1][position_ids])  # (B, 1, D) each
+        else:
+            position_embeddings = rotary(hidden, position_ids)
         if fused is not None:
             for layer_step in fused:
                 hidden = layer_step(hidden, mask, position_embeddings, cache)
-            return head(norm(hidden))
+            return head(_rms(norm, hidden))
         for layer in layers:
             hidden = layer(
                 hidden,
@@ -134,7 +164,9 @@ def _fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
     module path. At a small model each operation's fixed cost is most of the decoding time
     (docs/performance.md); the stacked weights are built when sampling starts, so they are the
     current weights, and cost a copy of those matrices while it runs (CPU only; elsewhere the
-    separate products run).
+    separate products run). q and k, side by side in that product, are then normed and rotated
+    together: one `torch.rms_norm` without weight times the two norms' weights side by side (the same
+    products as each norm's), and the model's `rotate_half` over all their heads at once.
 
     None for layers that are not the plain kind: biases, another activation, tensor-parallel slicing,
     missing parts.
@@ -170,35 +202,54 @@ def _fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
     head_dim = attention.head_dim
     weight = attention.q_proj.weight
     widths = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
-    qkv = gate_up = None
+    heads = widths[0] // head_dim
+    rotate_half = getattr(sys.modules.get(type(attention).__module__), "rotate_half", None)
+    qkv = gate_up = qk_weight = None
     if weight.device.type == "cpu":
         with torch.no_grad():
             qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            # q and k sit side by side in the stacked product: one norm and one rotation for both.
+            if q_norm is not None and k_norm is not None and _same_rms(q_norm, k_norm, weight.dtype):
+                qk_weight = torch.cat(
+                    [
+                        q_norm.weight.expand(heads, head_dim),
+                        k_norm.weight.expand(widths[1] // head_dim, head_dim),
+                    ]
+                )
+    joint = (
+        qkv is not None and rotate_half is not None and (qk_weight is not None or q_norm is k_norm is None)
+    )
 
-    def rms(module: torch.nn.Module | None, x: Tensor) -> Tensor:
-        if module is None:
-            return x
-        if x.dtype == torch.float32 and hasattr(module, "variance_epsilon"):
-            return torch.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
-        return module(x)
+    def attention_inputs(x: Tensor, position_embeddings) -> tuple[Tensor, Tensor, Tensor]:
+        batch = x.shape[0]
+        cos, sin = position_embeddings
+        if joint:
+            q_k, v = torch.nn.functional.linear(x, qkv).split([widths[0] + widths[1], widths[2]], dim=-1)
+            q_k = q_k.view(batch, 1, -1, head_dim)
+            if qk_weight is not None:
+                q_k = torch.rms_norm(q_k, (head_dim,), None, q_norm.variance_epsilon) * qk_weight
+            q_k = q_k.transpose(1, 2)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            q_k = (q_k * cos) + (rotate_half(q_k) * sin)  # apply_rotary_pos_emb, for q and k at once
+            q, k = q_k[:, :heads], q_k[:, heads:]
+        else:
+            if qkv is not None:
+                q, k, v = torch.nn.functional.linear(x, qkv).split(widths, dim=-1)
+            else:
+                q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+            q = _rms(q_norm, q.view(batch, 1, -1, head_dim)).transpose(1, 2)
+            k = _rms(k_norm, k.view(batch, 1, -1, head_dim)).transpose(1, 2)
+            q, k = rotate(q, k, cos, sin)
+        return q, k, v.view(batch, 1, -1, head_dim).transpose(1, 2)
 
     def layer_step(hidden: Tensor, mask: Tensor | None, position_embeddings, cache: Any) -> Tensor:
         batch = hidden.shape[0]
-        x = rms(layer.input_layernorm, hidden)
-        if qkv is not None:
-            q, k, v = torch.nn.functional.linear(x, qkv).split(widths, dim=-1)
-        else:
-            q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
-        q = rms(q_norm, q.view(batch, 1, -1, head_dim)).transpose(1, 2)
-        k = rms(k_norm, k.view(batch, 1, -1, head_dim)).transpose(1, 2)
-        v = v.view(batch, 1, -1, head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = rotate(q, k, cos, sin)
+        q, k, v = attention_inputs(_rms(layer.input_layernorm, hidden), position_embeddings)
         k, v = cache.update(k, v, attention.layer_idx)
         out, _ = sdpa_attention_forward(attention, q, k, v, mask, dropout=0.0, scaling=attention.scaling)
         hidden = hidden + attention.o_proj(out.reshape(batch, 1, -1))
-        x = rms(layer.post_attention_layernorm, hidden)
+        x = _rms(layer.post_attention_layernorm, hidden)
         if gate_up is not None:
             gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
         else:
@@ -206,6 +257,21 @@ def _fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
         return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
     return layer_step
+
+
+def _rms(module: torch.nn.Module | None, x: Tensor) -> Tensor:
+    """An RMSNorm module's result; in float32 as `torch.rms_norm`, equal to it there (`_fused_layer`)."""
+    if module is None:
+        return x
+    if x.dtype == torch.float32 and hasattr(module, "variance_epsilon"):
+        return torch.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
+    return module(x)
+
+
+def _same_rms(a: torch.nn.Module, b: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Whether two RMSNorms compute as `torch.rms_norm` with the same epsilon (float32; see `_fused_layer`)."""
+    eps = [getattr(m, "variance_epsilon", None) for m in (a, b)]
+    return dtype == torch.float32 and eps[0] is not None and eps[0] == eps[1]
 
 
 def _new_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
@@ -384,7 +450,7 @@ def sample(
     # Only the last position's logits are needed; at a 150k vocabulary the prompt's would not fit.
     prefill_extra = {"logits_to_keep": 1} if accepts_logits_to_keep else {}
 
-    direct_step = _direct_decode_step(model, cache_keyword)
+    direct_step = _direct_decode_step(model, cache_keyword, input_ids.shape[1] + max_new_tokens)
     batch_size = input_ids.shape[0]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     tokens, valid, logprobs = [], [], []

@@ -146,14 +146,27 @@ def test_seeded_generator_reproduces_the_rollout(model):
     assert not torch.equal(first.input_ids, other.input_ids)
 
 
+def with_trained_norms(model):
+    """Every RMSNorm weight drawn around 1 (they start at exactly 1): the q and k norms differ."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=g))
+    return model
+
+
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 @pytest.mark.parametrize("kv_heads", [4, 2])  # grouped-query attention packs the query in SDPA
 def test_the_direct_decode_step_samples_bitwise_like_the_model_forward(monkeypatch, kv_heads, family):
     # The sampler runs each new token through a fused body of the decoder's layers (stacked q/k/v and
-    # gate/up products, torch.rms_norm in float32) instead of `model(...)`; tokens and log-probs must be
-    # exactly those of `model(...)`: left padding, rows ending early, several seeds.
-    model = build_causal_lm(
-        family=family, vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=kv_heads
+    # gate/up products, torch.rms_norm in float32, q and k normed and rotated together) instead of
+    # `model(...)`; tokens and log-probs must be exactly those of `model(...)`: left padding, rows
+    # ending early, several seeds.
+    model = with_trained_norms(
+        build_causal_lm(
+            family=family, vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=kv_heads
+        )
     )
     assert _direct_decode_step(model, "cache") is not None
     assert all(_fused_layer(layer, model.config) is not None for layer in model.model.layers)
@@ -181,9 +194,9 @@ def test_the_fused_layer_step_equals_the_layer_modules(dtype):
     """One decoding step's logits, bitwise, against the same step through the layers' own modules."""
     import eopd.rollout
 
-    model = build_causal_lm(vocab_size=50, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2).to(
-        dtype
-    )
+    model = with_trained_norms(
+        build_causal_lm(vocab_size=50, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    ).to(dtype)
     input_ids, attention_mask = pad_prompts(PROMPTS, PAD)
     logits = {}
     for fused in (True, False):
@@ -453,3 +466,25 @@ def test_every_run_seed_gives_a_generator_seed_and_small_seeds_keep_their_stream
     torch.Generator().manual_seed(value)  # raises for a seed outside [-2**63, 2**64)
     if seed < 10**9:  # the streams runs have always drawn from
         assert value == ((seed * 1_000_003 + 3 * 101 + 2) * 7919)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (8, 102), (5, 3000)])
+def test_the_draw_takes_the_tokens_torch_multinomial_takes_from_the_same_stream(shape):
+    """Same generator state, same tokens: runs seeded before and after the draw changed sample alike."""
+    logits = 3 * torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]))
+    logprobs = torch.log_softmax(logits / 0.7, dim=-1)
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        tokens, drawn = _draw(logits, temperature=0.7, top_p=1.0, generator=generator)
+        reference = torch.Generator().manual_seed(seed)
+        expected = torch.multinomial(logprobs.exp(), 1, generator=reference).squeeze(-1)
+        assert torch.equal(tokens, expected)
+        assert torch.equal(drawn, logprobs.gather(-1, tokens[:, None]).squeeze(-1))
+        assert torch.equal(generator.get_state(), reference.get_state())  # the stream moved alike
+
+
+def test_non_finite_logits_stop_sampling_with_the_rows_named():
+    logits = torch.zeros(3, 10)
+    logits[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite logits \(NaN or inf\) in rows \[1\]"):
+        _draw(logits, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
