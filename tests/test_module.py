@@ -253,7 +253,7 @@ def adamw_reference(params, grads_per_step, spec):
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
     for t, grads in enumerate(grads_per_step, start=1):
-        for p, g, m_i, v_i in zip(params, grads, m, v):
+        for p, g, m_i, v_i in zip(params, grads, m, v, strict=True):
             g = g.double()
             m_i.mul_(b1).add_((1 - b1) * g)
             v_i.mul_(b2).add_((1 - b2) * g * g)
@@ -273,11 +273,11 @@ def test_adamw_is_fused_on_the_cpu_unless_turned_off_and_steps_as_its_definition
     g = torch.Generator().manual_seed(0)
     steps = [[torch.randn(p.shape, generator=g) * 10.0**-k for p in params] for k in range(1, 4)]
     for grads in steps:
-        for p, grad in zip(params, grads):
+        for p, grad in zip(params, grads, strict=True):
             p.grad = grad
         optimizer.step()
     expected = adamw_reference(start, steps, spec)
-    for p, want in zip(params, expected):
+    for p, want in zip(params, expected, strict=True):
         torch.testing.assert_close(p.detach().double(), want, rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match="optimizer.fused='yes'"):
         OptimSpec(fused="yes")

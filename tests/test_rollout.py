@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from eopd.batch import RolloutBatch, pad_prompts
+from eopd.decode_step import direct_decode_step, fused_layer
 from eopd.models import build_causal_lm
-from eopd.rollout import _direct_decode_step, _draw, _forward_keywords, _fused_layer, sample
+from eopd.rollout import _draw, _forward_keywords, sample
 from eopd.scoring import final_hidden_states, output_weight, position_ids_from_mask, response_logits
 
 PAD = 0
@@ -168,8 +169,8 @@ def test_the_direct_decode_step_samples_bitwise_like_the_model_forward(monkeypat
             family=family, vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=kv_heads
         )
     )
-    assert _direct_decode_step(model, "cache") is not None
-    assert all(_fused_layer(layer, model.config) is not None for layer in model.model.layers)
+    assert direct_decode_step(model, "cache") is not None
+    assert all(fused_layer(layer, model.config) is not None for layer in model.model.layers)
 
     def draw(prompts, seed):
         return sample(
@@ -179,7 +180,7 @@ def test_the_direct_decode_step_samples_bitwise_like_the_model_forward(monkeypat
 
     for prompts in (PROMPTS, [[5, 6, 7], [8, 9, 10]]):  # padded, then not padded
         direct = [draw(prompts, seed) for seed in range(3)]
-        monkeypatch.setattr("eopd.rollout._direct_decode_step", lambda *args: None)
+        monkeypatch.setattr("eopd.rollout.direct_decode_step", lambda *args: None)
         through_forward = [draw(prompts, seed) for seed in range(3)]
         monkeypatch.undo()
         for a, b in zip(direct, through_forward, strict=True):
@@ -192,6 +193,7 @@ def test_the_direct_decode_step_samples_bitwise_like_the_model_forward(monkeypat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_the_fused_layer_step_equals_the_layer_modules(dtype):
     """One decoding step's logits, bitwise, against the same step through the layers' own modules."""
+    import eopd.decode_step
     import eopd.rollout
 
     model = with_trained_norms(
@@ -202,8 +204,8 @@ def test_the_fused_layer_step_equals_the_layer_modules(dtype):
     for fused in (True, False):
         with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
             if not fused:
-                patch.setattr(eopd.rollout, "_fused_layer", lambda layer, config: None)
-            step = _direct_decode_step(model, "cache")
+                patch.setattr(eopd.decode_step, "fused_layer", lambda layer, config: None)
+            step = direct_decode_step(model, "cache")
             cache = eopd.rollout._new_cache(model, 16)
             model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
                   position_ids=position_ids_from_mask(attention_mask))  # fmt: skip
@@ -218,8 +220,8 @@ def test_layers_with_biases_or_another_activation_decode_through_their_modules()
         model = build_causal_lm(family="llama", vocab_size=50, hidden_size=32, num_layers=1, num_heads=4)
         for key, value in overrides.items():
             setattr(model.config, key, value)
-        assert _fused_layer(model.model.layers[0], model.config) is None, overrides
-        assert _direct_decode_step(model, "cache") is not None  # the module path still runs
+        assert fused_layer(model.model.layers[0], model.config) is None, overrides
+        assert direct_decode_step(model, "cache") is not None  # the module path still runs
 
 
 @pytest.mark.parametrize("capacity", [None, 4])  # None: room for the whole rollout; 4: it must grow
