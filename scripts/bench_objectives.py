@@ -4,6 +4,7 @@ Run:
     .venv/bin/python scripts/bench_objectives.py                       # small, then 2048 x 1024 x 151,936
     .venv/bin/python scripts/bench_objectives.py --sizes small         # seconds, skips the large size
     .venv/bin/python scripts/bench_objectives.py --chunk-size 256 512 1024 2048
+    .venv/bin/python scripts/bench_objectives.py --sizes large --no-check --rounds 3   # fused vs bare, paired
     .venv/bin/python scripts/bench_objectives.py --dtype bfloat16 --device cuda
 
 The naive variant materialises both models' full logits (N, V) and writes the loss straight from its
@@ -17,7 +18,10 @@ output weight are apart. The bare variant times only the matrix products the fus
 tile over the valid positions (the teacher's logits for its statistics, the student's logits, for fkl
 the teacher's logits again in the loss tiles, then the two products of the backward pass with a
 stand-in gradient), with no softmax, loss or bookkeeping: the floor the fused path is measured against.
-`--keep-freed-memory` runs every variant with the allocator setting of `eopd.train
+`--rounds N` times the bare and fused variants N times each, alternating (bare, fused, fused, bare, ...),
+and reports time/bare as the median of each round's ratio: the two sides of a round run next to each
+other, so a machine whose speed drifts over minutes moves both. `--keep-freed-memory` runs every
+variant with the allocator setting of `eopd.train
 keep_freed_memory=true` (`eopd/allocator.py`). Wall time on a shared machine is noisy: the cpu-seconds
 column and the printed load average help judge it.
 """
@@ -343,12 +347,20 @@ class Row:
     result: dict  # time_s, cpu_s, peak_mb
     naive: dict  # the naive result of the same size and objective
     bare: dict | None = None  # the bare products' result of the same size, objective and chunk
+    paired: list[float] | None = None  # fused / bare time of each round, the two timed side by side
 
     def ratio(self, key: str) -> float:
         return self.result[key] / max(self.naive[key], 1e-12)
 
     def bare_ratio(self) -> float | None:
+        if self.paired:
+            return statistics.median(self.paired)
         return None if self.bare is None else self.result["time_s"] / max(self.bare["time_s"], 1e-12)
+
+
+def median_result(results: list[dict]) -> dict:
+    """Each field's median over rounds."""
+    return {key: statistics.median(r[key] for r in results) for key in results[0]}
 
 
 def print_table(rows: list[Row]) -> None:
@@ -413,6 +425,8 @@ def print_targets(rows: list[Row]) -> None:
             line += (
                 f", against the bare products {bare:.2f}x {'met' if bare <= TARGET_BARE_RATIO else 'MISSED'}"
             )
+            if row.paired and len(row.paired) > 1:
+                line += f" (median of {len(row.paired)} rounds, {min(row.paired):.2f}-{max(row.paired):.2f})"
         print(line)
 
 
@@ -429,6 +443,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="bare/fused processes per chunk size, alternating; time/bare is the median of the rounds' ratios",
     )
     parser.add_argument("--no-check", action="store_true", help="skip the naive/fused agreement check")
     parser.add_argument(
@@ -463,12 +483,21 @@ def main() -> None:
             rows.append(Row(size, objective, "naive", None, naive, naive))
             _progress(f"{size} {objective} naive: {naive}")
             for chunk in args.chunk_size:
-                bare = in_fresh_process(replace(job, variant="bare", chunk_size=chunk))
+                # Bare and fused alternate (bare, fused, fused, bare, ...), each in a fresh process, so
+                # that each round's ratio compares two runs next to each other in time.
+                runs: dict[str, list[dict]] = {"bare": [], "fused": []}
+                for index in range(args.rounds):
+                    for variant in ("bare", "fused") if index % 2 == 0 else ("fused", "bare"):
+                        result = in_fresh_process(replace(job, variant=variant, chunk_size=chunk))
+                        runs[variant].append(result)
+                        _progress(f"{size} {objective} {variant} chunk {chunk} round {index}: {result}")
+                paired = [
+                    f["time_s"] / max(b["time_s"], 1e-12)
+                    for b, f in zip(runs["bare"], runs["fused"], strict=True)
+                ]
+                bare, fused = median_result(runs["bare"]), median_result(runs["fused"])
                 rows.append(Row(size, objective, "bare", chunk, bare, naive))
-                _progress(f"{size} {objective} bare chunk {chunk}: {bare}")
-                fused = in_fresh_process(replace(job, variant="fused", chunk_size=chunk))
-                rows.append(Row(size, objective, "fused", chunk, fused, naive, bare))
-                _progress(f"{size} {objective} fused chunk {chunk}: {fused}")
+                rows.append(Row(size, objective, "fused", chunk, fused, naive, bare, paired))
     print(f"load average at end: {os.getloadavg()[0]:.1f}\n")
     print_table(rows)
     if checks:
