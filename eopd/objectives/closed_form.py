@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from eopd.objectives.diagnostics import student_metrics
-from eopd.objectives.fused import TileBuffers, log_softmax_
+from eopd.objectives.fused import TileBuffers, exp_floored, log_softmax_, row_dot
 from eopd.objectives.reduction import Metrics
 from eopd.objectives.terms import Term, Tile
 
@@ -49,8 +49,8 @@ def loss_and_grad(
     z = logits if temperature == 1.0 else logits.div_(temperature)
     p = buffers.take("p", *z.shape, z.device)
     logp = log_softmax_(z, scratch=p)  # (n, V)
-    p = torch.exp(logp, out=p)
-    student_entropy = -torch.einsum("nv,nv->n", p, logp)
+    p = exp_floored(logp, out=p)
+    student_entropy = -row_dot(p, logp)
     token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
     if token_logp_out is not None:
         token_logp_out.copy_(token_logp)

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor
 
 from eopd.objectives import divergences as D
+from eopd.objectives.fused import exp_floored, row_dot
 from eopd.objectives.gates import NoGate
 from eopd.objectives.reduction import Metrics
 from eopd.objectives.teacher_stats import TeacherStats
-from eopd.objectives.terms import Term, Tile, dot
+from eopd.objectives.terms import Term, Tile
 
 
 def first_gate(terms: Sequence[Term]) -> int | None:
@@ -77,7 +78,7 @@ def student_metrics(
     stats = tile.stats
     high = (stats.entropy >= diagnostic_tau).float()
     if student_entropy is None:
-        student_entropy = -(logp.exp() * logp).sum(-1)
+        student_entropy = -row_dot(exp_floored(logp), logp)
     metrics.add("entropy/student", student_entropy)
     metrics.add("entropy/student_high_frac", (student_entropy >= diagnostic_tau).float())
     log_ratio = token_logp - stats.token_logprobs
@@ -99,10 +100,10 @@ def student_metrics(
             metrics.add("ppo/clip_fraction", clipped.float())
             break
     if tile.teacher_logp is not None:
-        p_t = tile.teacher_p if tile.teacher_p is not None else tile.teacher_logp.exp()
-        p_s = student_p if student_p is not None else logp.exp()
-        fkl = dot(p_t, tile.teacher_logp) - dot(p_t, logp)
-        rkl = dot(p_s, logp) - dot(p_s, tile.teacher_logp)
+        p_t = tile.teacher_p if tile.teacher_p is not None else exp_floored(tile.teacher_logp)
+        p_s = student_p if student_p is not None else exp_floored(logp)
+        fkl = row_dot(p_t, tile.teacher_logp) - row_dot(p_t, logp)
+        rkl = row_dot(p_s, logp) - row_dot(p_s, tile.teacher_logp)
         metrics.add("div/fkl", fkl)
         metrics.add("div/rkl", rkl)
         metrics.add("div/fkl_high_entropy", fkl, high)

@@ -28,6 +28,7 @@ from eopd.objectives.fused import (
     LogitSource,
     TileBuffers,
     detached,
+    exp_floored,
     source_rows,
     tile_log_probs,
     tiled_loss,
@@ -404,7 +405,7 @@ class Objective:
             )
             if flat_teacher is not None:
                 tile.teacher_logp, spare = teacher_log_probs(start, end)
-                tile.teacher_p = torch.exp(tile.teacher_logp, out=spare)
+                tile.teacher_p = exp_floored(tile.teacher_logp, out=spare)
             return loss_and_grad(
                 self.terms,
                 self.temperature,

@@ -15,7 +15,15 @@ import torch
 from torch import Tensor
 
 from eopd.objectives.divergences import _check_temperature, check_top_k
-from eopd.objectives.fused import LogitSource, TileBuffers, source_len, source_rows, tile_log_probs
+from eopd.objectives.fused import (
+    LogitSource,
+    TileBuffers,
+    exp_floored,
+    row_dot,
+    source_len,
+    source_rows,
+    tile_log_probs,
+)
 
 
 @dataclass
@@ -142,8 +150,8 @@ def teacher_token_stats(
         end = min(start + chunk_size, n)
         logp, spare = tile_log_probs(flat, start, end, temperature, buffers)  # (n, V) each
         token_logprobs[start:end] = logp.gather(-1, flat_tokens[start:end, None]).squeeze(-1)
-        p = torch.exp(logp, out=spare)
-        entropy[start:end] = -torch.einsum("nv,nv->n", p, logp)  # a row-wise dot, no (n, V) product
+        p = exp_floored(logp, out=spare)
+        entropy[start:end] = -row_dot(p, logp)
         topk_logprobs[start:end], topk_indices[start:end] = logp.topk(k, dim=-1)
     flat_stats = TeacherStats(token_logprobs, entropy, topk_logprobs, topk_indices, temperature=temperature)
     return flat_stats.reshaped(lead)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from eopd.objectives import divergences as D
+from eopd.objectives.fused import row_dot
 from eopd.objectives.gates import Gate, NoGate
 from eopd.objectives.policy_gradient import check_clip_range, ppo_clipped_reverse_kl, ppo_clipped_surrogate
 from eopd.objectives.teacher_stats import TeacherStats
@@ -137,11 +138,6 @@ def _entropy_bonus(logp: Tensor, tile: Tile, opt: Mapping[str, Any]) -> Tensor:
     return (logp.exp() * logp).sum(-1)  # = -H(student): minimising it raises the student's entropy
 
 
-def dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise sum of a * b over the vocabulary, with no (n, V) temporary: (n,)."""
-    return torch.einsum("nv,nv->n", a, b)
-
-
 # Closed-form derivatives G = d values / d logp, from the definitions (logp = log p, p = exp(logp)):
 #   KL(t||s) = sum p_t (log p_t - log p)     -> G = -p_t
 #   KL(s||t) = sum p (log p - log p_t)       -> G = p (log p - log p_t + 1)
@@ -152,7 +148,7 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
 def _forward_kl_dense(logp, p, tile: Tile, opt, need_grad: bool, consume: bool):
     values = _known(tile, "fkl")
     if values is None:
-        values = dot(tile.teacher_p, tile.teacher_logp) - dot(tile.teacher_p, logp)
+        values = row_dot(tile.teacher_p, tile.teacher_logp) - row_dot(tile.teacher_p, logp)
     if not need_grad:
         return values, None
     if consume:  # p - p_t in p_t's memory
@@ -165,7 +161,7 @@ def _forward_kl_dense(logp, p, tile: Tile, opt, need_grad: bool, consume: bool):
 def _reverse_kl_dense(logp, p, tile: Tile, opt, need_grad: bool, consume: bool):
     values = _known(tile, "rkl")
     if values is None:
-        values = dot(p, logp) - dot(p, tile.teacher_logp)
+        values = row_dot(p, logp) - row_dot(p, tile.teacher_logp)
     if not need_grad:
         return values, None
     if consume:  # in log p_t's memory
@@ -176,7 +172,7 @@ def _reverse_kl_dense(logp, p, tile: Tile, opt, need_grad: bool, consume: bool):
 
 
 def _entropy_bonus_dense(logp, p, tile: Tile, opt, need_grad: bool, consume: bool):
-    values = dot(p, logp)  # = -H
+    values = row_dot(p, logp)  # = -H
     return values, (logp - values[:, None]).mul_(p) if need_grad else None
 
 

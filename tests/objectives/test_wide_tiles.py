@@ -1,0 +1,100 @@
+"""The tile kernels for large vocabularies and peaked distributions: the floored exp and the row-wise dot.
+
+At a 150k vocabulary the objective's tiles take `row_dot` one BLAS dot per row, and a peaked teacher's
+log-probs reach far below -87, where the exp is floored at the smallest normal number. Both must leave
+losses, gradients and statistics those of the definitions, computed here in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eopd.objectives import LinearLogits, preset, teacher_token_stats
+from eopd.objectives.fused import _ROW_DOT_LOOP_MIN_COLUMNS, EXP_FLOOR, exp_floored, exp_floored_, row_dot
+
+
+def test_exp_floored_is_exp_down_to_a_normal_number_and_that_number_below():
+    for dtype, scale in ((torch.float32, 1.0), (torch.float64, 3.0)):
+        x = torch.linspace(-400.0, 5.0, 100_003, dtype=dtype) * scale
+        floor = torch.tensor(EXP_FLOOR[dtype], dtype=dtype)
+        assert float(torch.exp(floor)) >= torch.finfo(dtype).tiny, "the floor's exp is a normal number"
+        above = x >= floor
+        out = torch.empty_like(x)
+        for value in (exp_floored(x), exp_floored(x, out=out), exp_floored_(x.clone())):
+            assert torch.equal(value[above], torch.exp(x[above]))
+            assert (value[~above] == torch.exp(floor)).all()
+        assert exp_floored(x, out=out) is out
+    half = torch.linspace(-20.0, 0.0, 101).half()  # float16's smallest normal is 6e-5: no floor there
+    assert torch.equal(exp_floored(half), torch.exp(half))
+
+
+@pytest.mark.parametrize("columns", [7, _ROW_DOT_LOOP_MIN_COLUMNS + 5])
+def test_row_dot_is_the_row_wise_sum_of_products(columns):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(33, columns, generator=g), torch.randn(33, columns, generator=g)
+    expected = (a.double() * b.double()).sum(-1)
+    torch.testing.assert_close(row_dot(a, b).double(), expected, rtol=1e-5, atol=1e-4)
+    assert row_dot(a[:0], b[:0]).shape == (0,)
+    leaf = a.clone().requires_grad_()
+    row_dot(leaf, b).sum().backward()  # under autograd it is einsum, which has a gradient
+    torch.testing.assert_close(leaf.grad, b)
+
+
+def _peaked_batch(vocab: int):
+    """A student and a teacher over `vocab` ids; the teacher's logits span hundreds of nats."""
+    g = torch.Generator().manual_seed(3)
+    B, T, H = 2, 6, 16
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4:] = False
+    scale = torch.tensor([1.0, 20.0, 60.0]).repeat(B * T)[: B * T].reshape(B, T, 1)  # mild to very peaked
+    return dict(
+        hs=torch.randn(B, T, H, generator=g) * 2,
+        ws=torch.randn(vocab, H, generator=g) * H**-0.5,
+        ht=torch.randn(B, T, H, generator=g) * scale,
+        wt=torch.randn(vocab, H, generator=g) * H**-0.5,
+        tokens=torch.randint(0, vocab, (B, T), generator=g),
+        mask=mask,
+    )
+
+
+@pytest.mark.parametrize("vocab", [300, _ROW_DOT_LOOP_MIN_COLUMNS + 100])
+@pytest.mark.parametrize("direction", ["fkl", "rkl"])
+def test_full_kl_over_a_peaked_teacher_matches_float64_definition(vocab, direction):
+    d = _peaked_batch(vocab)
+    teacher_logp64 = torch.log_softmax((d["ht"] @ d["wt"].T).double(), -1)
+    assert float(teacher_logp64.min()) < -300, "the teacher's log-probs reach far below the float32 floor"
+    hs, ws = d["hs"].clone().requires_grad_(), d["ws"].clone().requires_grad_()
+    objective = preset(direction, top_k=4, chunk_size=4)
+    teacher = LinearLogits(d["ht"], d["wt"])
+    out = objective(student=LinearLogits(hs, ws), tokens=d["tokens"], mask=d["mask"], teacher=teacher)
+    g_h, g_w = torch.autograd.grad(out.loss, (hs, ws))
+
+    ls = torch.log_softmax((hs @ ws.T).double(), -1)
+    lt = teacher_logp64
+    fkl, rkl = (lt.exp() * (lt - ls)).sum(-1), (ls.exp() * (ls - lt)).sum(-1)
+    kl = fkl if direction == "fkl" else rkl
+    ref = (kl * d["mask"]).sum() / d["mask"].sum()
+    r_h, r_w = torch.autograd.grad(ref, (hs, ws))
+    assert float(out.loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(g_h, r_h.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_w, r_w.float(), rtol=1e-4, atol=1e-6)
+    metrics = out.metrics.means()
+    m = d["mask"]
+    for name, values in (("div/fkl", fkl), ("div/rkl", rkl), ("entropy/student", -(ls.exp() * ls).sum(-1))):
+        assert metrics[name] == pytest.approx(float(values[m].mean()), rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize("vocab", [300, _ROW_DOT_LOOP_MIN_COLUMNS + 100])
+def test_teacher_statistics_of_a_peaked_teacher_match_float64(vocab):
+    d = _peaked_batch(vocab)
+    logits = d["ht"] @ d["wt"].T
+    stats = teacher_token_stats(LinearLogits(d["ht"], d["wt"]), d["tokens"], k=4, chunk_size=5)
+    lt = torch.log_softmax(logits.double(), -1)
+    entropy = -(lt.exp() * lt).sum(-1)
+    assert float(entropy.min()) < 1e-6 < 1.0 < float(entropy.max()), "confident and uncertain positions"
+    torch.testing.assert_close(stats.entropy.double(), entropy, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        stats.token_logprobs.double(), lt.gather(-1, d["tokens"][..., None])[..., 0], rtol=1e-5, atol=1e-4
+    )
+    torch.testing.assert_close(stats.topk_logprobs.double(), lt.topk(4, -1).values, rtol=1e-5, atol=1e-4)
