@@ -162,7 +162,7 @@ def exp_floored_(x: Tensor) -> Tensor:
 
     On the CPU torch's exp of a float32 below -87.3 (a subnormal or zero result) takes a slow path: a
     (256, 151,936) tile of log-probs reaching -300 took 0.45 s against 0.02 s with this floor (2
-    threads, docs/performance.md), and a peaked teacher's log-probs go that low. Each such value comes
+    threads of an Intel Xeon, docs/performance.md), and a peaked teacher's log-probs go that low. Each such value comes
     out as exp(-87) = 1.6e-38 (float32) instead of a smaller one: an absolute change below that, lost
     in any float32 sum that holds a term near 1, and in any product with a finite log-prob. Other
     dtypes (float16's smallest normal is 6e-5) take the plain exp.
@@ -172,14 +172,20 @@ def exp_floored_(x: Tensor) -> Tensor:
 
 
 def exp_floored(x: Tensor, out: Tensor | None = None) -> Tensor:
-    """`exp_floored_` of a copy of x, written into `out` when it is given."""
+    """`exp_floored_` of a copy of x, written into `out` when it is given.
+
+    On the CPU a tile with nothing below the floor (one read for its minimum) takes the plain exp, the
+    same values without the clamp's extra pass over memory: 9 + 18 ms instead of 19 + 13 ms for a
+    (256, 151,936) tile. Elsewhere the clamp always runs (the check would wait for the device).
+    """
     floor = EXP_FLOOR.get(x.dtype)
-    if floor is None:
+    if floor is None or (x.device.type == "cpu" and x.numel() > 0 and float(x.amin()) >= floor):
         return torch.exp(x, out=out)
     return torch.clamp(x, min=floor, out=out).exp_()
 
 
-# Below this many columns einsum's batched product is faster than one dot per row (measured, 2 threads).
+# Below this many columns einsum's batched product is faster than one dot per row (256 rows, 2 threads
+# of an Intel Xeon: 2.1 ms against 2.8 ms at 4,096 columns, 8.2 ms against 4.6 ms at 16,384).
 _ROW_DOT_LOOP_MIN_COLUMNS = 8192
 
 
