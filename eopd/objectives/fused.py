@@ -161,11 +161,11 @@ def exp_floored_(x: Tensor) -> Tensor:
     """exp(x) in place, with x first raised to `EXP_FLOOR[x.dtype]`.
 
     On the CPU torch's exp of a float32 below -87.3 (a subnormal or zero result) takes a slow path: a
-    (256, 151,936) tile of log-probs reaching -300 took 0.45 s against 0.02 s with this floor (2
-    threads of an Intel Xeon, docs/performance.md), and a peaked teacher's log-probs go that low. Each such value comes
-    out as exp(-87) = 1.6e-38 (float32) instead of a smaller one: an absolute change below that, lost
-    in any float32 sum that holds a term near 1, and in any product with a finite log-prob. Other
-    dtypes (float16's smallest normal is 6e-5) take the plain exp.
+    (256, 151,936) tile uniform in [-300, 0] took 659 ms against 42 ms with this floor (2 threads of
+    an Intel Xeon; `scripts/bench_tile_kernels.py`), and a peaked teacher's log-probs go that low.
+    Each such value comes out as exp(-87) = 1.6e-38 (float32) instead of a smaller one: an absolute
+    change below that, lost in any float32 sum that holds a term near 1, and in any product with a
+    finite log-prob. Other dtypes (float16's smallest normal is 6e-5) take the plain exp.
     """
     floor = EXP_FLOOR.get(x.dtype)
     return (x if floor is None else x.clamp_(min=floor)).exp_()
@@ -184,8 +184,8 @@ def exp_floored(x: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.clamp(x, min=floor, out=out).exp_()
 
 
-# Below this many columns einsum's batched product is faster than one dot per row (256 rows, 2 threads
-# of an Intel Xeon: 2.1 ms against 2.8 ms at 4,096 columns, 8.2 ms against 4.6 ms at 16,384).
+# From this many columns one dot per row beats einsum's batched product (256 rows, 2 threads of an
+# Intel Xeon: equal at 4,096 columns, 2.1 against 3.7 ms at 8,192, 3.8 against 6.1 ms at 16,384).
 _ROW_DOT_LOOP_MIN_COLUMNS = 8192
 
 
@@ -193,8 +193,8 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
     """sum_v a[n, v] * b[n, v] for (n, V) tensors, with no (n, V) temporary: (n,).
 
     On the CPU at a large vocabulary this is one BLAS dot per row: einsum's batched product of (1, V)
-    by (V, 1) took 70 ms for 256 x 151,936 where the dots took 25 ms. Elsewhere, and under autograd,
-    einsum.
+    by (V, 1) took 61.5 ms for 256 x 151,936 where the dots took 16.3 ms
+    (`scripts/bench_tile_kernels.py`). Elsewhere, and under autograd, einsum.
     """
     if (
         a.device.type == "cpu"
