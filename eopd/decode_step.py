@@ -123,7 +123,8 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    rotate = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+    modeling = sys.modules.get(type(attention).__module__)  # the model's modeling module
+    rotate = getattr(modeling, "apply_rotary_pos_emb", None)
     if (
         rotate is None
         or getattr(config, "hidden_act", None) != "silu"
@@ -150,7 +151,7 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
     weight = attention.q_proj.weight
     widths = [attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features]
     heads = widths[0] // head_dim
-    rotate_half = getattr(sys.modules.get(type(attention).__module__), "rotate_half", None)
+    rotate_half = getattr(modeling, "rotate_half", None)
     qkv = gate_up = qk_weight = None
     if weight.device.type == "cpu":
         with torch.no_grad():

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from eopd.objectives.fused import _ROW_DOT_LOOP_MIN_COLUMNS, exp_floored, row_dot
+from eopd.objectives.fused import ROW_DOT_LOOP_MIN_COLUMNS, exp_floored, row_dot
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -65,10 +65,10 @@ def main() -> None:
         print(f"{f'[{low}, {high}]':>16} {plain:13.1f} {floored:15.1f} {plain / floored:6.1f}x")
 
     print(
-        f"\nrow-wise dot of two ({n}, V) float32 tensors (one dot per row from {_ROW_DOT_LOOP_MIN_COLUMNS} columns)"
+        f"\nrow-wise dot of two ({n}, V) float32 tensors (one dot per row from {ROW_DOT_LOOP_MIN_COLUMNS} columns)"
     )
     print(f"{'V':>8} {'einsum ms':>10} {'row_dot ms':>11} {'ratio':>7}")
-    for columns in (1_000, 4_096, _ROW_DOT_LOOP_MIN_COLUMNS, 16_384, 65_536, vocab):
+    for columns in (1_000, 4_096, ROW_DOT_LOOP_MIN_COLUMNS, 16_384, 65_536, vocab):
         a = torch.randn(n, columns, generator=generator)
         b = torch.randn(n, columns, generator=generator)
         einsum = median_ms(lambda a=a, b=b: torch.einsum("nv,nv->n", a, b), args.repeats)

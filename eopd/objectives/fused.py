@@ -186,7 +186,7 @@ def exp_floored(x: Tensor, out: Tensor | None = None) -> Tensor:
 
 # From this many columns one dot per row beats einsum's batched product (256 rows, 2 threads of an
 # Intel Xeon: equal at 4,096 columns, 2.1 against 3.7 ms at 8,192, 3.8 against 6.1 ms at 16,384).
-_ROW_DOT_LOOP_MIN_COLUMNS = 8192
+ROW_DOT_LOOP_MIN_COLUMNS = 8192
 
 
 def row_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -200,7 +200,7 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
         a.device.type == "cpu"
         and a.dim() == 2
         and a.shape[0] > 0
-        and a.shape[-1] >= _ROW_DOT_LOOP_MIN_COLUMNS
+        and a.shape[-1] >= ROW_DOT_LOOP_MIN_COLUMNS
         and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
     ):
         return torch.stack([torch.dot(x, y) for x, y in zip(a, b, strict=True)])

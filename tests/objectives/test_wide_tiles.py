@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eopd.objectives import LinearLogits, preset, teacher_token_stats
-from eopd.objectives.fused import _ROW_DOT_LOOP_MIN_COLUMNS, EXP_FLOOR, exp_floored, exp_floored_, row_dot
+from eopd.objectives.fused import EXP_FLOOR, ROW_DOT_LOOP_MIN_COLUMNS, exp_floored, exp_floored_, row_dot
 
 
 def test_exp_floored_is_exp_down_to_a_normal_number_and_that_number_below():
@@ -34,7 +34,7 @@ def test_exp_floored_is_exp_down_to_a_normal_number_and_that_number_below():
     assert torch.equal(exp_floored(half), torch.exp(half))
 
 
-@pytest.mark.parametrize("columns", [7, _ROW_DOT_LOOP_MIN_COLUMNS + 5])
+@pytest.mark.parametrize("columns", [7, ROW_DOT_LOOP_MIN_COLUMNS + 5])
 def test_row_dot_is_the_row_wise_sum_of_products(columns):
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(33, columns, generator=g), torch.randn(33, columns, generator=g)
@@ -63,7 +63,7 @@ def _peaked_batch(vocab: int):
     )
 
 
-@pytest.mark.parametrize("vocab", [300, _ROW_DOT_LOOP_MIN_COLUMNS + 100])
+@pytest.mark.parametrize("vocab", [300, ROW_DOT_LOOP_MIN_COLUMNS + 100])
 @pytest.mark.parametrize("direction", ["fkl", "rkl"])
 def test_full_kl_over_a_peaked_teacher_matches_float64_definition(vocab, direction):
     d = _peaked_batch(vocab)
@@ -90,7 +90,7 @@ def test_full_kl_over_a_peaked_teacher_matches_float64_definition(vocab, directi
         assert metrics[name] == pytest.approx(float(values[m].mean().detach()), rel=1e-4, abs=1e-6), name
 
 
-@pytest.mark.parametrize("vocab", [300, _ROW_DOT_LOOP_MIN_COLUMNS + 100])
+@pytest.mark.parametrize("vocab", [300, ROW_DOT_LOOP_MIN_COLUMNS + 100])
 def test_teacher_statistics_of_a_peaked_teacher_match_float64(vocab):
     d = _peaked_batch(vocab)
     logits = d["ht"] @ d["wt"].T
