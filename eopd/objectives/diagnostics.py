@@ -72,6 +72,9 @@ def student_metrics(
     at `diagnostic_tau`), PPO ratio statistics; exact full-vocabulary KLs when the tile holds the teacher's
     log-probs.
 
+    `student_entropy` and `student_p`, when the caller has them, are -row_dot(p, logp) and p =
+    exp_floored(logp) of this tile (the reverse KL reuses that dot).
+
     Returns the per-token values (n,) the gates and `gate_metrics` read: "student_entropy", "log_ratio"
     (log pi_s(y) - log pi_t(y)), "fkl_topk", and "fkl", "rkl" with the teacher's log-probs.
     """
@@ -103,7 +106,9 @@ def student_metrics(
         p_t = tile.teacher_p if tile.teacher_p is not None else exp_floored(tile.teacher_logp)
         p_s = student_p if student_p is not None else exp_floored(logp)
         fkl = row_dot(p_t, tile.teacher_logp) - row_dot(p_t, logp)
-        rkl = row_dot(p_s, logp) - row_dot(p_s, tile.teacher_logp)
+        # sum p_s log p_s is -student_entropy: computed above as row_dot(exp_floored(logp), logp), or
+        # handed over by the closed-form path as row_dot(student_p, logp), the same dot.
+        rkl = -student_entropy - row_dot(p_s, tile.teacher_logp)
         metrics.add("div/fkl", fkl)
         metrics.add("div/rkl", rkl)
         metrics.add("div/fkl_high_entropy", fkl, high)

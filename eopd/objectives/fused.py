@@ -141,15 +141,24 @@ def source_device(source: LogitSource) -> torch.device:
 def log_softmax_(logits: Tensor, scratch: Tensor) -> Tensor:
     """log_softmax over the last dim, in place, using `scratch` (the same shape) for exp(logits - max).
 
-    The operations of `logits - torch.logsumexp(logits, -1, keepdim=True)` (a max, with infinite maxima
-    taken as 0, then the log of the sum of exp(logits - max), plus the max), without the (n, V)
-    temporary that `torch.logsumexp` allocates; the exp is `exp_floored_`, which no sum with its
-    largest term 1 can tell from the exact one.
+    torch.log_softmax's formula, (logits - max) - log(sum exp(logits - max)) with infinite maxima taken
+    as 0, without a second (n, V) tensor for its result: the shift by the max is exact where it matters
+    (the largest log-probs come out near 0 with float32's resolution there, not the resolution of the
+    logits' magnitude that logits - logsumexp leaves), and the exp is `exp_floored`, which no sum with
+    its largest term 1 can tell from the exact one.
     """
+    return log_softmax_and_exp_(logits, scratch)[0]
+
+
+def log_softmax_and_exp_(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """`log_softmax_(logits, scratch)` and the row sums s (n, 1) of what it leaves in `scratch`:
+    e = exp_floored(logits - max), so that the probabilities are e / s. A sum of p * f over a row is
+    then sum(e * f) / s, with no pass to form p."""
     maxes = logits.amax(dim=-1, keepdim=True)
     maxes.masked_fill_(maxes.abs() == math.inf, 0.0)
-    exp_floored_(torch.sub(logits, maxes, out=scratch))
-    return logits.sub_(scratch.sum(dim=-1, keepdim=True).log_().add_(maxes))
+    shifted = logits.sub_(maxes)
+    sums = exp_floored(shifted, out=scratch).sum(dim=-1, keepdim=True)
+    return shifted.sub_(torch.log(sums)), sums
 
 
 # Whole numbers just above the log of each dtype's smallest normal number (float32: -87.34, float64:
@@ -205,6 +214,47 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
     ):
         return torch.stack([torch.dot(x, y) for x, y in zip(a, b, strict=True)])
     return torch.einsum("nv,nv->n", a, b)
+
+
+# From this many columns `topk_rows` takes the top-k of candidate groups on the CPU (256 rows of 151,936:
+# 81-96 ms for torch.topk, 15 ms grouped, AVX-512 kernels; about equal with the unvectorised ones).
+TOPK_GROUPED_MIN_COLUMNS = 8192
+TOPK_GROUP_SIZE = 32
+
+
+def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`x.topk(k, dim=-1)` of an (n, V) tensor: the k largest values of each row, sorted, and their columns.
+
+    On the CPU at a large vocabulary, with nothing to differentiate, the first G * 32 columns form G
+    groups of 32 (column c in group c mod G) and the k groups with the largest maxima, with the last
+    V mod G columns, are the only candidates: every value outside them has k candidates (the chosen
+    groups' maxima) at least as large, so the k largest candidates are the k largest values. torch.topk
+    then runs over k * 32 + (V mod G) candidates instead of V. The values are torch.topk's; where values
+    tie, the columns chosen among them may differ (torch.topk documents no order for ties either).
+    """
+    n, columns = x.shape[0], x.shape[-1]
+    per = TOPK_GROUP_SIZE
+    if (
+        x.device.type != "cpu"
+        or x.dim() != 2
+        or n == 0
+        or columns < TOPK_GROUPED_MIN_COLUMNS
+        or 4 * k * per > columns
+        or not x.is_contiguous()
+        or (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        return x.topk(k, dim=-1)
+    groups = columns // per
+    grouped = groups * per
+    group_max = x[:, :grouped].view(n, per, groups).amax(dim=1)  # (n, G): the groups' maxima
+    chosen = group_max.topk(k, dim=-1).indices  # (n, k)
+    offsets = torch.arange(0, grouped, groups, device=x.device)  # (per,): a group's columns are g + offsets
+    candidates = (chosen[:, :, None] + offsets).reshape(n, k * per)
+    if grouped < columns:
+        tail = torch.arange(grouped, columns, device=x.device).expand(n, columns - grouped)
+        candidates = torch.cat([candidates, tail], dim=1)
+    values, at = x.gather(1, candidates).topk(k, dim=-1)
+    return values, candidates.gather(1, at)
 
 
 def source_len(source: LogitSource) -> int:

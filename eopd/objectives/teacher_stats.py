@@ -18,11 +18,12 @@ from eopd.objectives.divergences import _check_temperature, check_top_k
 from eopd.objectives.fused import (
     LogitSource,
     TileBuffers,
-    exp_floored,
+    log_softmax_and_exp_,
     row_dot,
     source_len,
     source_rows,
-    tile_log_probs,
+    source_tile,
+    topk_rows,
 )
 
 
@@ -148,10 +149,14 @@ def teacher_token_stats(
     buffers = TileBuffers()  # each tile's logits, log-probs and probabilities reuse the first tile's memory
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        logp, spare = tile_log_probs(flat, start, end, temperature, buffers)  # (n, V) each
+        logits = source_tile(flat, start, end, buffers)  # (n, V)
+        if temperature != 1.0:
+            logits.div_(temperature)
+        # e = exp(logits - max) (floored) and its row sums s: p = e / s, so H = -sum(e * log p) / s.
+        e = buffers.take("exp", *logits.shape, logits.device)
+        logp, sums = log_softmax_and_exp_(logits, scratch=e)  # (n, V) in the logits' memory, (n, 1)
         token_logprobs[start:end] = logp.gather(-1, flat_tokens[start:end, None]).squeeze(-1)
-        p = exp_floored(logp, out=spare)
-        entropy[start:end] = -row_dot(p, logp)
-        topk_logprobs[start:end], topk_indices[start:end] = logp.topk(k, dim=-1)
+        entropy[start:end] = -row_dot(e, logp) / sums.squeeze(-1)
+        topk_logprobs[start:end], topk_indices[start:end] = topk_rows(logp, k)
     flat_stats = TeacherStats(token_logprobs, entropy, topk_logprobs, topk_indices, temperature=temperature)
     return flat_stats.reshaped(lead)

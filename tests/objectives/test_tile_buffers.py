@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from eopd.objectives import LinearLogits, preset, teacher_token_stats
-from eopd.objectives.fused import TileBuffers, log_softmax_
+from eopd.objectives.fused import TileBuffers, log_softmax_, log_softmax_and_exp_
 from eopd.objectives.presets import PRESETS
 
 B, T, H, V = 3, 7, 8, 29  # 21 positions, 17 valid: tiles of 3 leave a last tile of 2
@@ -98,15 +98,32 @@ def test_a_buffer_is_reused_for_shorter_tiles_and_grows_for_longer_ones():
     assert buffers.take("logits", 6, 12, torch.device("cpu")).shape == (6, 12)  # another vocabulary
 
 
-def test_log_softmax_in_place_matches_the_definition_and_logsumexp():
+def test_log_softmax_in_place_matches_the_definition_and_torch():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 1000, generator=g) * torch.tensor([0.1, 1.0, 10.0, 50.0, 3.0, 3.0])[:, None]
     logits[4, :500] = -math.inf  # masked ids
     logits[5, 7] = 80.0  # one dominant id
-    expected = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     reference = torch.log_softmax(logits.double(), dim=-1)
-    result = log_softmax_(logits.clone(), scratch=torch.empty_like(logits))
-    assert torch.equal(result, expected)  # the same operations as torch.logsumexp, so the same values
+    scratch = torch.empty_like(logits)
+    result, sums = log_softmax_and_exp_(logits.clone(), scratch=scratch)
     finite = reference.isfinite()
     assert torch.equal(result.isfinite(), finite)
     torch.testing.assert_close(result[finite].double(), reference[finite], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(result, torch.log_softmax(logits, dim=-1), rtol=1e-6, atol=1e-5)
+    # What it leaves in the scratch is exp(logits - max), with the row sums it returns: p = e / s.
+    p = scratch / sums
+    torch.testing.assert_close(p[finite].double(), reference.exp()[finite], rtol=1e-5, atol=1e-12)
+    assert torch.equal(log_softmax_(logits.clone(), scratch=scratch), result)
+
+
+def test_log_softmax_in_place_keeps_float32_resolution_near_zero_at_a_large_logit_scale():
+    # The largest log-probs of a confident row are near 0: shifting by the max first keeps the float32
+    # resolution there (about 1e-7) instead of that of the logits' magnitude (ulp(150) = 1.5e-5), which
+    # logits - logsumexp(logits) would leave.
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 5000, generator=g) + 150.0
+    logits[:, 0], logits[:, 1] = 160.0, 159.5  # two ids hold nearly all the mass: log-probs -0.68, -1.18
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    result = log_softmax_(logits.clone(), scratch=torch.empty_like(logits))
+    assert float((result[:, :2].double() - reference[:, :2]).abs().max()) < 1e-6  # logsumexp's form: 7e-6
+    torch.testing.assert_close(result.double(), reference, rtol=1e-6, atol=2e-6)

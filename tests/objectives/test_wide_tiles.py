@@ -7,11 +7,22 @@ losses, gradients and statistics those of the definitions, computed here in floa
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from eopd.objectives import LinearLogits, preset, teacher_token_stats
-from eopd.objectives.fused import EXP_FLOOR, ROW_DOT_LOOP_MIN_COLUMNS, exp_floored, exp_floored_, row_dot
+from eopd.objectives.fused import (
+    EXP_FLOOR,
+    ROW_DOT_LOOP_MIN_COLUMNS,
+    TOPK_GROUP_SIZE,
+    TOPK_GROUPED_MIN_COLUMNS,
+    exp_floored,
+    exp_floored_,
+    row_dot,
+    topk_rows,
+)
 
 
 def test_exp_floored_is_exp_down_to_a_normal_number_and_that_number_below():
@@ -103,3 +114,44 @@ def test_teacher_statistics_of_a_peaked_teacher_match_float64(vocab):
         stats.token_logprobs.double(), lt.gather(-1, d["tokens"][..., None])[..., 0], rtol=1e-5, atol=1e-4
     )
     torch.testing.assert_close(stats.topk_logprobs.double(), lt.topk(4, -1).values, rtol=1e-5, atol=1e-4)
+    assert torch.equal(stats.topk_indices, lt.topk(4, -1).indices)
+
+
+def _assert_is_a_topk(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
+    expected = x.topk(k, dim=-1)
+    assert torch.equal(values, expected.values)  # the same values, sorted
+    assert torch.equal(x.gather(-1, indices), values)  # and columns that hold them
+    assert all(len(set(row)) == k for row in indices.tolist())  # k distinct columns per row
+
+
+@pytest.mark.parametrize("columns", [TOPK_GROUPED_MIN_COLUMNS, TOPK_GROUPED_MIN_COLUMNS + 21, 151_936])
+def test_topk_rows_is_torch_topk_at_a_large_vocabulary(columns):
+    g = torch.Generator().manual_seed(columns)
+    rows = 12
+    x = torch.randn(rows, columns, generator=g) * torch.logspace(-1, 2, rows)[:, None]
+    x[1, :] = -math.inf
+    x[1, 5:40] = torch.randn(35, generator=g)  # only 35 finite values, a run of neighbouring columns
+    x[2, -(columns % TOPK_GROUP_SIZE) - 40 :] += 1000.0  # the top ids at the end, in the ungrouped tail
+    x[3, ::4748][:16] += 500.0  # the top ids in one strided group
+    for k in (1, 4, 16, 63):
+        values, indices = topk_rows(x, k)
+        _assert_is_a_topk(x, k, values, indices)
+        untied = values.isfinite().all(-1)  # random values do not tie; row 1's -inf do from k = 36
+        assert torch.equal(indices[untied], x.topk(k, dim=-1).indices[untied])  # the same columns
+    tied = x.bfloat16().float()  # bfloat16 keeps 8 bits: many equal values
+    values, indices = topk_rows(tied, 16)
+    _assert_is_a_topk(tied, 16, values, indices)
+    peaked = x.double()
+    _assert_is_a_topk(peaked, 16, *topk_rows(peaked, 16))
+
+
+def test_topk_rows_takes_torch_topk_where_the_grouping_does_not_pay():
+    g = torch.Generator().manual_seed(0)
+    narrow = torch.randn(5, 300, generator=g)
+    assert [torch.equal(a, b) for a, b in zip(topk_rows(narrow, 7), narrow.topk(7, -1), strict=True)] == [
+        True
+    ] * 2
+    wide = torch.randn(5, TOPK_GROUPED_MIN_COLUMNS, generator=g)
+    for x, k in ((wide, 100), (wide.T.contiguous().T, 4), (wide.requires_grad_(), 4), (wide[:0], 4)):
+        values, indices = topk_rows(x, k)
+        assert torch.equal(values, x.topk(k, -1).values) and torch.equal(indices, x.topk(k, -1).indices)
