@@ -29,6 +29,7 @@ from eopd.objectives.fused import (
     TileBuffers,
     detached,
     exp_floored,
+    finite_at,
     source_rows,
     tile_log_probs,
     tiled_loss,
@@ -489,7 +490,7 @@ class Objective:
             if source is None:
                 continue
             values = source.hidden if isinstance(source, LinearLogits) else source
-            if not bool(torch.isfinite(values[mask]).all()):
+            if not finite_at(values, mask):
                 kind = "hidden states" if isinstance(source, LinearLogits) else "logits"
                 raise ValueError(f"{name} {kind} contain NaN or inf at valid positions")
         if tokens[mask].numel() and (int(tokens[mask].max()) >= vocab or int(tokens[mask].min()) < 0):
