@@ -3,26 +3,42 @@
     .venv/bin/python scripts/bench_tile_kernels.py                      # 256 x 151,936 tiles, 2 threads
     ATEN_CPU_CAPABILITY=default .venv/bin/python scripts/bench_tile_kernels.py
 
-Three comparisons, each timed in this process on the same tensors (median of --repeats calls after one
+Comparisons, each timed in this process on the same tensors (median of --repeats calls after one
 warm-up call, into buffers already written once):
   - exp of log-probs by their range: torch.exp against `exp_floored` (the input raised to -87 first),
     since torch's CPU exp is slow where its result is subnormal or 0;
   - the row-wise dot sum_v a[n, v] b[n, v] by vocabulary width: einsum against `row_dot`;
   - torch.log_softmax of wide and narrow logits, and (with --flush-denormal, set before the first
-    operation so that every thread of the pool inherits it) the same with subnormals flushed to 0.
+    operation so that every thread of the pool inherits it) the same with subnormals flushed to 0;
+    against it `log_softmax_` (in place: each call first copies the logits into the buffer it
+    overwrites, and that copy is timed alone and subtracted);
+  - the k = 16 largest values of each row: torch.topk against `topk_rows`;
+  - one tile of the teacher's statistics (log-prob of a token, entropy, top-16), as computed before
+    (torch.log_softmax, a floored exp for the probabilities, their dot with the log-probs, torch.topk)
+    and as `teacher_token_stats` computes it (`log_softmax_and_exp_`, the entropy from the exp and its
+    row sums, `topk_rows`), both from a copy of the logits.
 Nothing here is a test: it prints milliseconds and ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from eopd.objectives.fused import ROW_DOT_LOOP_MIN_COLUMNS, exp_floored, row_dot
+from eopd.objectives.fused import (
+    ROW_DOT_LOOP_MIN_COLUMNS,
+    exp_floored,
+    log_softmax_,
+    log_softmax_and_exp_,
+    log_softmax_and_softmax_,
+    row_dot,
+    topk_rows,
+)
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -75,11 +91,60 @@ def main() -> None:
         rows = median_ms(lambda a=a, b=b: row_dot(a, b), args.repeats)
         print(f"{columns:8d} {einsum:10.2f} {rows:11.2f} {einsum / rows:6.2f}x")
 
-    print(f"\ntorch.log_softmax of a ({n}, {vocab}) float32 tile")
+    work, scratch = torch.empty(n, vocab), torch.empty(n, vocab)
+    print(f"\nlog_softmax of a ({n}, {vocab}) float32 tile, logits uniform in the range")
+    print("  and with the probabilities: torch.log_softmax then `exp_floored` of the log-probs, against")
+    print("  `log_softmax_and_softmax_` (the log-softmax's own exp divided by its row sums)")
+    print(
+        f"{'range':>16} {'torch ms':>9} {'log_softmax_ ms':>16} {'ratio':>7} {'+ p ms':>8} {'ours ms':>8} {'ratio':>7}"
+    )
     for low, high in ((-12, 12), (-300, 30)):
         x = torch.empty(n, vocab).uniform_(low, high, generator=generator)
         took = median_ms(lambda x=x: torch.log_softmax(x, -1, out=out), args.repeats)
-        print(f"{f'[{low}, {high}]':>16} {took:8.1f} ms")
+        copy = median_ms(lambda x=x: work.copy_(x), args.repeats)
+        ours = median_ms(lambda x=x: log_softmax_(work.copy_(x), scratch), args.repeats) - copy
+        both = median_ms(
+            lambda x=x: exp_floored(torch.log_softmax(x, -1, out=out), out=scratch), args.repeats
+        )
+        ours_both = (
+            median_ms(lambda x=x: log_softmax_and_softmax_(work.copy_(x), scratch), args.repeats) - copy
+        )
+        print(
+            f"{f'[{low}, {high}]':>16} {took:9.1f} {ours:16.1f} {took / ours:6.2f}x"
+            f" {both:8.1f} {ours_both:8.1f} {both / ours_both:6.2f}x"
+        )
+
+    k = 16
+    print(f"\ntop-{k} of each row of a ({n}, {vocab}) float32 tile, values normal with the scale")
+    print(f"{'scale':>8} {'torch.topk ms':>14} {'topk_rows ms':>13} {'ratio':>7}")
+    for scale in (3.0, 50.0):
+        x = torch.randn(n, vocab, generator=generator) * scale
+        plain = median_ms(lambda x=x: x.topk(k, dim=-1), args.repeats)
+        grouped = median_ms(lambda x=x: topk_rows(x, k), args.repeats)
+        print(f"{scale:8.0f} {plain:14.1f} {grouped:13.1f} {plain / grouped:6.2f}x")
+
+    tokens = torch.randint(0, vocab, (n, 1), generator=generator)
+
+    def stats_before(x: torch.Tensor) -> None:
+        logp = torch.log_softmax(work.copy_(x), -1, out=out)
+        logp.gather(-1, tokens)
+        row_dot(exp_floored(logp, out=scratch), logp)
+        logp.topk(k, dim=-1)
+
+    def stats_after(x: torch.Tensor) -> None:
+        logp, sums = log_softmax_and_exp_(work.copy_(x), scratch)
+        logp.gather(-1, tokens)
+        row_dot(scratch, logp) / sums.squeeze(-1)
+        topk_rows(logp, k)
+
+    print(f"\nthe teacher's statistics of one ({n}, {vocab}) tile, logits normal with a per-row scale")
+    print(f"{'scales':>10} {'before ms':>10} {'after ms':>9} {'ratio':>7}")
+    for low, high in ((1.0, 5.0), (5.0, 50.0)):
+        scales = torch.exp(torch.empty(n, 1).uniform_(math.log(low), math.log(high), generator=generator))
+        x = torch.randn(n, vocab, generator=generator) * scales
+        before = median_ms(lambda x=x: stats_before(x), args.repeats)
+        after = median_ms(lambda x=x: stats_after(x), args.repeats)
+        print(f"{f'{low:.0f}-{high:.0f}':>10} {before:10.1f} {after:9.1f} {before / after:6.2f}x")
 
 
 if __name__ == "__main__":

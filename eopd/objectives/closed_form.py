@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from eopd.objectives.diagnostics import student_metrics
-from eopd.objectives.fused import TileBuffers, exp_floored, log_softmax_, row_dot
+from eopd.objectives.fused import TileBuffers, log_softmax_and_softmax_, row_dot
 from eopd.objectives.reduction import Metrics
 from eopd.objectives.terms import Term, Tile
 
@@ -42,14 +42,12 @@ def loss_and_grad(
         logits: (n, V) float32 student logits of the tile; overwritten (with the log-probs).
         coefficients: (n_terms, n) weight x gate / N_valid per term and token.
         keep: receives the per-token values of the diagnostics (for the gates and their metrics).
-        buffers: where the student's probabilities (and the returned gradient, built in their memory)
-            are written, reused from tile to tile.
+        buffers: where the student's probabilities are written (reused from tile to tile); the returned
+            gradient is built in their memory, or with dense terms in the memory of the dense gradient.
     """
     # In place: at a 150k vocabulary each (n, V) float32 tensor is what bounds the chunk size.
     z = logits if temperature == 1.0 else logits.div_(temperature)
-    p = buffers.take("p", *z.shape, z.device)
-    logp = log_softmax_(z, scratch=p)  # (n, V)
-    p = exp_floored(logp, out=p)
+    logp, p = log_softmax_and_softmax_(z, scratch=buffers.take("p", *z.shape, z.device))  # (n, V) each
     student_entropy = -row_dot(p, logp)
     token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
     if token_logp_out is not None:
@@ -99,11 +97,10 @@ def loss_and_grad(
     if not need_grad:
         return total, None
     grad_sum = sum(g.sum(-1) for g in grads) if grads else logp.new_zeros(logp.shape[0])  # (n,)
-    if dense_grad is not None:
-        grad_sum = grad_sum + dense_grad.sum(-1)
-    grad = p.mul_(-grad_sum[:, None])  # p is not needed any more: reuse its memory
-    if dense_grad is not None:
-        grad.add_(dense_grad)
+    if dense_grad is None:
+        grad = p.mul_(-grad_sum[:, None])  # p is not needed any more: reuse its memory
+    else:  # G - p * sum_v G_v in one pass over G's memory
+        grad = dense_grad.addcmul_(p, (grad_sum + dense_grad.sum(-1)).neg_()[:, None])
     for support, grad_at in zip(supports, grads, strict=True):
         grad.scatter_add_(-1, support, grad_at)
     if temperature != 1.0:

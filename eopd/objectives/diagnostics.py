@@ -72,8 +72,8 @@ def student_metrics(
     at `diagnostic_tau`), PPO ratio statistics; exact full-vocabulary KLs when the tile holds the teacher's
     log-probs.
 
-    `student_entropy` and `student_p`, when the caller has them, are -row_dot(p, logp) and p =
-    exp_floored(logp) of this tile (the reverse KL reuses that dot).
+    `student_entropy` and `student_p`, when the caller has them, are -row_dot(p, logp) and the
+    probabilities p of this tile (the reverse KL reuses that dot).
 
     Returns the per-token values (n,) the gates and `gate_metrics` read: "student_entropy", "log_ratio"
     (log pi_s(y) - log pi_t(y)), "fkl_topk", and "fkl", "rkl" with the teacher's log-probs.

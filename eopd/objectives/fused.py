@@ -122,16 +122,16 @@ def source_tile(
     )
 
 
-def tile_log_probs(
+def tile_distribution(
     source: LogitSource, start: int, end: int, temperature: float, buffers: TileBuffers, prefix: str = ""
 ) -> tuple[Tensor, Tensor]:
-    """log_softmax(logits / temperature) of rows [start, end) of a flat source, in the buffer `prefix +
-    "logp"`, and the buffer its logits were in (`prefix + "logits"`, the same shape), free for reuse."""
+    """log_softmax and softmax of logits / temperature for rows [start, end) of a flat source: (n, V)
+    each, the log-probs in the buffer `prefix + "logits"` and the probabilities in `prefix + "p"`
+    (`log_softmax_and_softmax_`)."""
     logits = source_tile(source, start, end, buffers, prefix + "logits")
     if temperature != 1.0:
         logits.div_(temperature)
-    logp = torch.log_softmax(logits, dim=-1, out=buffers.take(prefix + "logp", *logits.shape, logits.device))
-    return logp, logits
+    return log_softmax_and_softmax_(logits, buffers.take(prefix + "p", *logits.shape, logits.device))
 
 
 def source_device(source: LogitSource) -> torch.device:
@@ -152,13 +152,30 @@ def log_softmax_(logits: Tensor, scratch: Tensor) -> Tensor:
 
 def log_softmax_and_exp_(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
     """`log_softmax_(logits, scratch)` and the row sums s (n, 1) of what it leaves in `scratch`:
-    e = exp_floored(logits - max), so that the probabilities are e / s. A sum of p * f over a row is
-    then sum(e * f) / s, with no pass to form p."""
+    e = exp(logits - max), so that the probabilities are e / s. A sum of p * f over a row is then
+    sum(e * f) / s, with no pass to form p.
+
+    The exp is floored at `division_floor` (EXP_FLOOR plus the log of the row's length, -75 for a
+    151,936-id float32 row), so that e / s is never subnormal either: the floored values, at most
+    2.7e-33 (float32) where the exact ones are smaller, add at most V * 2.7e-33 = 4e-28 to a sum whose
+    largest term is 1.
+    """
     maxes = logits.amax(dim=-1, keepdim=True)
     maxes.masked_fill_(maxes.abs() == math.inf, 0.0)
     shifted = logits.sub_(maxes)
-    sums = exp_floored(shifted, out=scratch).sum(dim=-1, keepdim=True)
+    floor = division_floor(shifted)
+    sums = exp_floored(shifted, out=scratch, floor=floor).sum(dim=-1, keepdim=True)
     return shifted.sub_(torch.log(sums)), sums
+
+
+def log_softmax_and_softmax_(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """`log_softmax_` of logits (in place) and the probabilities e / s (in `scratch`): (n, V) each.
+
+    The probabilities come from the exp that the log-softmax's sum already took, by one division per
+    value, not from a second exp of the log-probs (exp(log p) also carries the rounding of
+    log p = (z - max) - log s into p, about |log p| units in the last place)."""
+    logp, sums = log_softmax_and_exp_(logits, scratch)
+    return logp, scratch.div_(sums)
 
 
 # Whole numbers just above the log of each dtype's smallest normal number (float32: -87.34, float64:
@@ -180,17 +197,27 @@ def exp_floored_(x: Tensor) -> Tensor:
     return (x if floor is None else x.clamp_(min=floor)).exp_()
 
 
-def exp_floored(x: Tensor, out: Tensor | None = None) -> Tensor:
-    """`exp_floored_` of a copy of x, written into `out` when it is given.
+def exp_floored(x: Tensor, out: Tensor | None = None, floor: float | None = None) -> Tensor:
+    """`exp_floored_` of a copy of x, written into `out` when it is given; `floor` replaces
+    `EXP_FLOOR[x.dtype]` (for the dtypes that have one) when it is given.
 
     On the CPU a tile with nothing below the floor (one read for its minimum) takes the plain exp, the
     same values without the clamp's extra pass over memory: 9 + 18 ms instead of 19 + 13 ms for a
     (256, 151,936) tile. Elsewhere the clamp always runs (the check would wait for the device).
     """
-    floor = EXP_FLOOR.get(x.dtype)
-    if floor is None or (x.device.type == "cpu" and x.numel() > 0 and float(x.amin()) >= floor):
+    if x.dtype not in EXP_FLOOR:
+        return torch.exp(x, out=out)
+    floor = EXP_FLOOR[x.dtype] if floor is None else floor
+    if x.device.type == "cpu" and x.numel() > 0 and float(x.amin()) >= floor:
         return torch.exp(x, out=out)
     return torch.clamp(x, min=floor, out=out).exp_()
+
+
+def division_floor(x: Tensor) -> float | None:
+    """A floor for exp(x) over rows of x's length V whose every value divided by a sum of at most V
+    terms up to 1 is a normal number: EXP_FLOOR + ceil(log V). None for dtypes without a floor."""
+    floor = EXP_FLOOR.get(x.dtype)
+    return None if floor is None else floor + math.ceil(math.log(max(x.shape[-1], 1)))
 
 
 # From this many columns one dot per row beats einsum's batched product (256 rows, 2 threads of an

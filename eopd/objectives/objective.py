@@ -28,10 +28,9 @@ from eopd.objectives.fused import (
     LogitSource,
     TileBuffers,
     detached,
-    exp_floored,
     finite_at,
     source_rows,
-    tile_log_probs,
+    tile_distribution,
     tiled_loss,
 )
 from eopd.objectives.gates import FULL_VOCABULARY_SIGNALS, PAPER_TAU, STUDENT_SIGNALS, Signals, as_signals
@@ -360,8 +359,8 @@ class Objective:
 
         buffers = TileBuffers()  # the teacher's and the student's (n, V) tiles, reused from tile to tile
 
-        def teacher_log_probs(start: int, end: int) -> tuple[Tensor, Tensor]:
-            return tile_log_probs(flat_teacher, start, end, self.temperature, buffers, "teacher_")
+        def teacher_distribution(start: int, end: int) -> tuple[Tensor, Tensor]:
+            return tile_distribution(flat_teacher, start, end, self.temperature, buffers, "teacher_")
 
         def tile_loss(student_logits: Tensor, start: int, end: int) -> Tensor:
             logp = torch.log_softmax(student_logits / self.temperature, dim=-1)  # (n, V)
@@ -377,7 +376,7 @@ class Objective:
                 flat_token_logp[start:end] = token_logp.detach()
             tile.old_logprobs = token_logp.detach() if flat_old is None else flat_old[start:end]
             if flat_teacher is not None:
-                tile.teacher_logp, _ = teacher_log_probs(start, end)
+                tile.teacher_logp, tile.teacher_p = teacher_distribution(start, end)
             total = logp.new_zeros(())
             for i, term in enumerate(self.terms):
                 values = term.spec.fn(logp, tile, term.options)
@@ -405,8 +404,7 @@ class Objective:
                 advantages=None if flat_advantages is None else flat_advantages[start:end],
             )
             if flat_teacher is not None:
-                tile.teacher_logp, spare = teacher_log_probs(start, end)
-                tile.teacher_p = exp_floored(tile.teacher_logp, out=spare)
+                tile.teacher_logp, tile.teacher_p = teacher_distribution(start, end)
             return loss_and_grad(
                 self.terms,
                 self.temperature,

@@ -32,7 +32,7 @@ class Tile:
     old_logprobs: Tensor | None
     stats: TeacherStats
     teacher_logp: Tensor | None  # (n, V) teacher log-probs when the full teacher is available
-    teacher_p: Tensor | None = None  # (n, V) their exp, on the closed-form path
+    teacher_p: Tensor | None = None  # (n, V) the teacher's probabilities, with teacher_logp
     advantages: Tensor | None = None  # (n,) a task reward's advantage, for "ppo_reward"
     # (n,) per-token values the diagnostics already computed from these tensors ("fkl", "rkl": the exact
     # KLs, by the same expressions as the dense terms), so that a dense term need not recompute them
