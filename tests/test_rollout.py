@@ -347,6 +347,19 @@ def test_sampling_restores_the_training_mode_and_builds_no_graph(model):
     assert not model.training
 
 
+def test_the_sampled_batch_can_be_saved_for_backward_and_written_in_place(model):
+    # The loop runs under inference mode; what it returns must be ordinary tensors, or the update's
+    # forward (an embedding saves its ids for backward) and in-place edits of the batch would fail.
+    batch = sample(model, PROMPTS, max_new_tokens=4, eos_token_ids=49, pad_token_id=PAD)
+    fields = [batch.input_ids, batch.attention_mask, batch.response_mask, batch.truncated]
+    assert not any(t.is_inference() for t in [*fields, batch.sampler_logprobs])
+    weight = torch.ones(1, requires_grad=True)
+    logits = model.get_input_embeddings()(batch.input_ids).sum(-1)[:, -batch.response_mask.shape[1] :]
+    (logits * batch.response_mask * batch.sampler_logprobs * weight).sum().backward()
+    assert weight.grad is not None
+    batch.sampler_logprobs.mul_(1.0)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
