@@ -33,7 +33,8 @@ def _draw(
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
         return tokens, torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
-    logprobs = torch.log_softmax(logits / temperature, dim=-1)  # (B, V)
+    scaled = logits if temperature == 1 else logits / temperature  # x / 1 is x: one operation fewer
+    logprobs = torch.log_softmax(scaled, dim=-1)  # (B, V)
     if top_p < 1:
         # Keep the smallest set of most likely tokens whose mass reaches top_p: drop a token when the
         # mass strictly before it in sorted order already does. The top token is always kept.
@@ -47,18 +48,21 @@ def _draw(
     # torch.multinomial's draw of one sample (ATen's path for it): the argmax of p / q with q ~ Exp(1),
     # from the same generator, so the same tokens; without its checks of the probabilities (several
     # reductions and synchronisations at every step). A NaN or infinite logit leaves the drawn token a
-    # non-finite log-probability, checked instead.
+    # non-finite log-probability, which `sample` checks once its loop is over (`_check_finite`).
     probs = logprobs.exp()
     race = torch.empty_like(probs).exponential_(generator=generator)
     tokens = torch.div(probs, race, out=race).argmax(dim=-1)
-    drawn = logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _check_finite(drawn: Tensor) -> None:
+    """Raise, naming the rows, where a draw's log-probability is not finite: the logits held NaN or inf."""
     if not bool(torch.isfinite(drawn).all()):
         raise ValueError(
             "sampling met non-finite logits (NaN or inf) in rows "
-            f"{(~torch.isfinite(drawn)).nonzero().flatten().tolist()}: the model's weights or inputs "
-            "hold NaN or inf"
+            f"{(~torch.isfinite(drawn)).any(dim=-1).nonzero().flatten().tolist()}: the model's weights or "
+            "inputs hold NaN or inf"
         )
-    return tokens, drawn
 
 
 def _forward_keywords(model: PreTrainedModel) -> tuple[str, bool]:
@@ -156,16 +160,17 @@ def _reserved_layer_class() -> type:
     return ReservedLayer
 
 
-def _should_drop(finished: Tensor, decoding: Tensor | None) -> bool:
+def _should_drop(ended: int, batch_size: int, decoding: Tensor | None) -> bool:
     """Drop the ended rows from the model's batch once they are a quarter of it or more.
 
-    Each drop copies the cache of the rows that stay, so dropping at every end would copy it up to B
-    times; waiting for a quarter bounds the copying by a few times the cache while the model computes
-    at most a third more rows than are still decoding.
+    `ended` of the `batch_size` rows have ended; those outside `decoding` (the rows the model still
+    computes, None for all) left it earlier, ended. Each drop copies the cache of the rows that stay,
+    so dropping at every end would copy it up to B times; waiting for a quarter bounds the copying by
+    a few times the cache while the model computes at most a third more rows than are still decoding.
     """
-    rows = finished if decoding is None else finished[decoding]
-    ended = int(rows.sum())
-    return ended > 0 and 4 * ended >= len(rows)
+    rows = batch_size if decoding is None else len(decoding)
+    ended_in_batch = ended - (batch_size - rows)
+    return ended_in_batch > 0 and 4 * ended_in_batch >= rows
 
 
 def _validate_sampling_arguments(
@@ -253,7 +258,7 @@ def sample(
     direct_step = direct_decode_step(model, cache_keyword, input_ids.shape[1] + max_new_tokens)
     batch_size = input_ids.shape[0]
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    tokens, valid, logprobs = [], [], []
+    tokens, valid, drawn = [], [], []
     was_training = model.training
     model.eval()
     try:
@@ -276,7 +281,14 @@ def sample(
             # exponential per row and id in torch.multinomial) is the same whichever rows the model
             # still computes; an ended row keeps its last logits, and its draw is discarded.
             next_logits = out.logits[:, -1, :vocab_size].float()  # (B, V)
-            attended = attention_mask.sum(dim=1)  # (B,) tokens each row attends to
+            prompt_length = input_ids.shape[1]
+            # The mask of prompts and responses so far: the first columns of storage for every position
+            # the loop can reach, written one column per step.
+            masks = attention_mask.new_zeros((batch_size, prompt_length + max_new_tokens))
+            masks[:, :prompt_length] = attention_mask
+            # = position_ids_from_mask(...)[:, -1] once the next token is attended: the count of attended
+            # tokens before it (prompts are not empty, so the count is never 0).
+            positions = attention_mask.sum(dim=1) - 1
             decoding: Tensor | None = None  # the rows in the model's batch and cache; None: every row
             can_drop = hasattr(cache, "batch_select_indices")
             for step in range(max_new_tokens):
@@ -284,18 +296,19 @@ def sample(
                     next_logits, temperature=temperature, top_p=top_p, generator=generator
                 )  # (B,) each
                 is_valid = ~finished
-                token = torch.where(is_valid, token, torch.full_like(token, pad_token_id))
-                tokens.append(token)
+                tokens.append(token.masked_fill_(finished, pad_token_id))
                 valid.append(is_valid)
-                logprobs.append(torch.where(is_valid, logprob, torch.zeros_like(logprob)))
-                finished = finished | (is_valid & torch.isin(token, eos))
-                if step == max_new_tokens - 1 or bool(finished.all()):
+                drawn.append(logprob)
+                finished |= torch.isin(token, eos)  # a pad equal to an end id leaves ended rows ended
+                ended = int(finished.sum())
+                if step == max_new_tokens - 1 or ended == batch_size:
                     break
                 # Padding after a row's end is masked, as in the returned batch, so that the positions
-                # below are the ones scoring will compute: the count of attended tokens before this one.
-                attention_mask = torch.cat([attention_mask, is_valid.long()[:, None]], dim=1)
-                attended += is_valid.long()
-                if can_drop and _should_drop(finished, decoding):
+                # below are the ones scoring will compute.
+                masks[:, prompt_length + step] = is_valid
+                step_mask = masks[:, : prompt_length + step + 1]
+                positions += is_valid
+                if can_drop and _should_drop(ended, batch_size, decoding):
                     # Ended rows leave the model's batch, their keys and values too. The rows that stay
                     # compute what they did, up to the last bits where a kernel divides its work by batch
                     # size (CPU attention over 2 threads does).
@@ -304,12 +317,10 @@ def sample(
                     cache.batch_select_indices(keep)
                     decoding = rows[keep]
                 if decoding is None:
-                    step_token, step_mask, step_attended = token, attention_mask, attended
+                    step_token, position_ids = token, positions[:, None]
                 else:
-                    step_token, step_mask = token[decoding], attention_mask[decoding]
-                    step_attended = attended[decoding]
-                # = position_ids_from_mask(...)[:, -1:] of the rows still decoding
-                position_ids = (step_attended - 1).clamp_min(0)[:, None]
+                    step_token, step_mask = token[decoding], step_mask[decoding]
+                    position_ids = positions[decoding][:, None]
                 if direct_step is not None:
                     logits = direct_step(step_token, step_mask, position_ids, cache)
                 else:
@@ -327,13 +338,15 @@ def sample(
     finally:
         model.train(was_training)
 
+    draws = torch.stack(drawn, dim=1)  # (B, R): every row's draws, an ended row's discarded ones too
+    _check_finite(draws)
     responses = torch.stack(tokens, dim=1)  # (B, R)
     response_mask = torch.stack(valid, dim=1)  # (B, R)
     return RolloutBatch(
         input_ids=torch.cat([input_ids, responses], dim=1),
-        attention_mask=torch.cat([attention_mask[:, : input_ids.shape[1]], response_mask.long()], dim=1),
+        attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
         response_mask=response_mask,
         prompt_length=input_ids.shape[1],
         truncated=~finished,
-        sampler_logprobs=torch.stack(logprobs, dim=1),
+        sampler_logprobs=draws.masked_fill(~response_mask, 0.0),
     )

@@ -285,7 +285,7 @@ def test_ended_rows_leave_the_decoding_batch_and_the_rest_sample_as_before(monke
     monkeypatch.setattr(type(eopd.rollout._new_cache(model, 8)), "batch_select_indices", spy)
     dropping = [draw(seed) for seed in range(4)]
     assert kept and min(kept) < len(prompts)  # rows did leave the batch
-    monkeypatch.setattr("eopd.rollout._should_drop", lambda finished, decoding: False)
+    monkeypatch.setattr("eopd.rollout._should_drop", lambda ended, batch_size, decoding: False)
     kept.clear()
     keeping = [draw(seed) for seed in range(4)]
     assert not kept
@@ -498,8 +498,15 @@ def test_the_draw_takes_the_tokens_torch_multinomial_takes_from_the_same_stream(
         assert torch.equal(generator.get_state(), reference.get_state())  # the stream moved alike
 
 
-def test_non_finite_logits_stop_sampling_with_the_rows_named():
-    logits = torch.zeros(3, 10)
-    logits[1, 4] = float("nan")
-    with pytest.raises(ValueError, match=r"non-finite logits \(NaN or inf\) in rows \[1\]"):
-        _draw(logits, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
+def test_non_finite_logits_stop_sampling_with_the_rows_named(model):
+    # Token 12 appears in the second prompt only; a NaN in its embedding makes that row's logits NaN.
+    with torch.no_grad():
+        saved = model.get_input_embeddings().weight[12].clone()
+        model.get_input_embeddings().weight[12] = float("nan")
+    try:
+        with pytest.raises(ValueError, match=r"non-finite logits \(NaN or inf\) in rows \[1\]"):
+            # One token: a longer response could draw token 12 in another row and name it too.
+            sample(model, PROMPTS, max_new_tokens=1, eos_token_ids=49, pad_token_id=PAD)
+    finally:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[12] = saved
