@@ -72,13 +72,13 @@ def direct_decode_step(
         with torch.no_grad():
             like = embed.weight[:1]  # the rotary module reads only the dtype and device of its input
             positions = torch.arange(max_positions, device=like.device)[None]
-            table = [t[0] for t in rotary(like, positions)]  # cos, sin: (max_positions, D) each
+            table = torch.stack([t[0] for t in rotary(like, positions)])  # cos, sin: (2, max_positions, D)
 
     def step(token: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any) -> Tensor:
         hidden = embed(token[:, None])  # (B, 1, H)
         mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
         if table is not None:
-            position_embeddings = (table[0][position_ids], table[1][position_ids])  # (B, 1, D) each
+            position_embeddings = table[:, position_ids].unbind()  # cos, sin: (B, 1, D) each, one gather
         else:
             position_embeddings = rotary(hidden, position_ids)
         if fused is not None:
