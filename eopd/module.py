@@ -241,11 +241,12 @@ class DistillModule(Sampling, Placement, NonFiniteGuard, L.LightningModule):
         logs["train/lr"] = lr
         logs["fault/skipped_updates"] = float(self.skipped_updates)
         logs["step/rollout"] = float(self.rollout_step)
-        progress = {"loss": logs["train/loss"]}
-        for key, short in (("div/fkl", "fkl"), ("entropy/student", "H_s"), ("gate/fraction", "gate")):
-            if key in logs:
-                progress[short] = logs[key]
-        self.log_dict(progress, prog_bar=True, logger=False, batch_size=rollout.batch_size)
+        if self.trainer.progress_bar_callback is not None:  # Lightning's logging costs ms per step
+            progress = {"loss": logs["train/loss"]}
+            for key, short in (("div/fkl", "fkl"), ("entropy/student", "H_s"), ("gate/fraction", "gate")):
+                if key in logs:
+                    progress[short] = logs[key]
+            self.log_dict(progress, prog_bar=True, logger=False, batch_size=rollout.batch_size)
         # Logged at the optimizer step, the step validation and checkpoints use (Lightning's own step under
         # manual optimisation counts batches instead).
         self.last_logs = logs
