@@ -89,35 +89,12 @@ def sample_mode(samplers: dict, timings: int, seed: int) -> None:
 def step_mode(samplers: dict, steps: int, seed: int) -> None:
     import bench_vs_trl
     import lightning as L
-    from torch.utils.data import DataLoader
 
     import eopd.rollout_engines
-    from eopd.module import DistillModule
-    from eopd.objectives import preset
-    from eopd.specs import LogSpec, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
 
     size = bench_vs_trl.SIZES["tiny"]
     tokenizer, student, teacher = bench_vs_trl.build_pair(size)
-    records = [
-        {"prompt": text, "prompt_ids": tokenizer(text)["input_ids"]}
-        for text in bench_vs_trl.prompt_texts(size.batch_size * steps)
-    ]
-    module = DistillModule(
-        student,
-        teacher,
-        preset("fkl"),
-        pair=PairSpec(
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            student_eos_ids=(tokenizer.eos_token_id,),
-        ),
-        tokenizer=tokenizer,
-        rollout=RolloutSpec(max_new_tokens=size.max_new_tokens),
-        update=UpdateSpec(mini_batch_size=size.batch_size),
-        optim=OptimSpec(lr=bench_vs_trl.LR, schedule="constant"),
-        logging=LogSpec(samples_every=0, histograms_every=0),
-        seed=seed,
-    )
+    module = bench_vs_trl.eopd_module(size, tokenizer, student, teacher, seed)
     order = random.Random(seed)
     rows: list[tuple[str, float, dict]] = []
 
@@ -130,19 +107,7 @@ def step_mode(samplers: dict, steps: int, seed: int) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rows.append((self.name, time.perf_counter() - self.start, dict(pl_module.last_logs)))
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[Swap()],
-    )
-    loader = DataLoader(records, batch_size=size.batch_size, shuffle=False, collate_fn=list)
-    trainer.fit(module, train_dataloaders=loader)
+    bench_vs_trl.fit_eopd(module, tokenizer, size, steps, [Swap()])
     phases = ("time/rollout", "time/teacher", "time/update")
     print(f"{'sampler':10s} {'steps':>5s} {'step':>9s} " + " ".join(f"{p[5:]:>9s}" for p in phases))
     for name in samplers:

@@ -158,26 +158,18 @@ def run_trl(size: Size, steps: int, warmup: int, seed: int) -> dict:
     return _summary("trl", times, tokens, warmup, student, teacher)
 
 
-def run_eopd(size: Size, steps: int, warmup: int, seed: int) -> dict:
-    import lightning as L
-    from torch.utils.data import DataLoader
-
+def eopd_module(size: Size, tokenizer, student, teacher, seed: int):
+    """eopd's side: the `DistillModule` both benchmarks train (fkl, one mini-batch of the whole batch)."""
     from eopd.module import DistillModule
     from eopd.objectives import preset
     from eopd.specs import LogSpec, OptimSpec, PairSpec, RolloutSpec, UpdateSpec
 
-    tokenizer, student, teacher = build_pair(size)
-    total = warmup + steps
-    records = [
-        {"prompt": text, "prompt_ids": tokenizer(text)["input_ids"]}
-        for text in prompt_texts(size.batch_size * total)
-    ]
     pair = PairSpec(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         student_eos_ids=(tokenizer.eos_token_id,),
     )
-    module = DistillModule(
+    return DistillModule(
         student,
         teacher,
         preset("fkl"),
@@ -189,6 +181,37 @@ def run_eopd(size: Size, steps: int, warmup: int, seed: int) -> dict:
         logging=LogSpec(samples_every=0, histograms_every=0),
         seed=seed,
     )
+
+
+def fit_eopd(module, tokenizer, size: Size, steps: int, callbacks: list) -> None:
+    """Train `module` for `steps` rollout batches of the benchmark's prompts under a bare Lightning Trainer."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    records = [
+        {"prompt": text, "prompt_ids": tokenizer(text)["input_ids"]}
+        for text in prompt_texts(size.batch_size * steps)
+    ]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    loader = DataLoader(records, batch_size=size.batch_size, shuffle=False, collate_fn=list)
+    trainer.fit(module, train_dataloaders=loader)
+
+
+def run_eopd(size: Size, steps: int, warmup: int, seed: int) -> dict:
+    import lightning as L
+
+    tokenizer, student, teacher = build_pair(size)
+    module = eopd_module(size, tokenizer, student, teacher, seed)
     times: list[float] = []
     tokens: list[int] = []
 
@@ -201,19 +224,7 @@ def run_eopd(size: Size, steps: int, warmup: int, seed: int) -> dict:
             logs = pl_module.last_logs
             tokens.append(round(logs["perf/tokens_per_s"] * logs["time/step"]))
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=total,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[Timer()],
-    )
-    loader = DataLoader(records, batch_size=size.batch_size, shuffle=False, collate_fn=list)
-    trainer.fit(module, train_dataloaders=loader)
+    fit_eopd(module, tokenizer, size, warmup + steps, [Timer()])
     return _summary("eopd", times, tokens, warmup, student, teacher)
 
 
