@@ -286,8 +286,9 @@ def sample(
             # the loop can reach, written one column per step.
             masks = attention_mask.new_zeros((batch_size, prompt_length + max_new_tokens))
             masks[:, :prompt_length] = attention_mask
-            # = position_ids_from_mask(...)[:, -1] once the next token is attended: the count of attended
-            # tokens before it (prompts are not empty, so the count is never 0).
+            # Each row's position of its latest attended token (prompts are not empty: never below 0).
+            # Advanced below by each valid draw, it is the position of the token the step feeds, the last
+            # column of position_ids_from_mask over the mask so far, as scoring will compute it.
             positions = attention_mask.sum(dim=1) - 1
             decoding: Tensor | None = None  # the rows in the model's batch and cache; None: every row
             can_drop = hasattr(cache, "batch_select_indices")
