@@ -33,9 +33,16 @@ SAMPLE_PROMPTS, SAMPLE_TOKENS = [[5, 6, 7], [8, 9]], (3, 9)  # rank r samples SA
 
 
 class FixedRollouts(DistillModule):
-    """Trains on a given rollout instead of sampling, and records the gradients of every optimizer step."""
+    """Trains on a given rollout instead of its own samples, and records the gradients of every optimizer step.
+
+    It still samples from the student first, as every training step does (under FSDP gathered, under
+    inference mode), and discards the draw: the update that follows must find the student's weights and
+    FSDP's buffers as usable as before sampling. The draw uses its own generator, so the training is the
+    same either way.
+    """
 
     def make_rollout(self, batch):
+        super().make_rollout(batch)
         return self.fixed_rollout, True
 
     def _clip_and_step(self, optimizer, scheduler, metrics):
