@@ -9,9 +9,11 @@ per-call machinery and runs each plain layer with fewer, larger operations (`fus
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from eopd.scoring import decoder_of, is_full_attention_sdpa_llama, is_peft
@@ -74,8 +76,16 @@ def direct_decode_step(
             positions = torch.arange(max_positions, device=like.device)[None]
             table = torch.stack([t[0] for t in rotary(like, positions)])  # cos, sin: (2, max_positions, D)
 
+    embed_call, head_call, final_norm = embed, head, rms_of(norm)
+    # As in `fused_layer`: on the CPU, plain modules are called as their forward's function directly.
+    if fused is not None and head.weight.device.type == "cpu":
+        head_call = _plain_linear(head)
+        plain_embedding = type(embed) is torch.nn.Embedding and embed.max_norm is None
+        if plain_embedding and not (embed._forward_hooks or embed._forward_pre_hooks):
+            embed_call = partial(F.embedding, weight=embed.weight, padding_idx=embed.padding_idx)
+
     def step(token: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any) -> Tensor:
-        hidden = embed(token[:, None])  # (B, 1, H)
+        hidden = embed_call(token[:, None])  # (B, 1, H)
         mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
         if table is not None:
             position_embeddings = table[:, position_ids].unbind()  # cos, sin: (B, 1, D) each, one gather
@@ -84,7 +94,7 @@ def direct_decode_step(
         if fused is not None:
             for layer_step in fused:
                 hidden = layer_step(hidden, mask, position_embeddings, cache)
-            return head(rms(norm, hidden))
+            return head_call(final_norm(hidden))
         for layer in layers:
             hidden = layer(
                 hidden,
@@ -113,7 +123,10 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
     current weights, and cost a copy of those matrices while it runs (CPU only; elsewhere the
     separate products run). q and k, side by side in that product, are then normed and rotated
     together: one `torch.rms_norm` without weight times the two norms' weights side by side (the same
-    products as each norm's), and the model's `rotate_half` over all their heads at once.
+    products as each norm's), and the model's `rotate_half` over all their heads at once. The output
+    and down projections, SiLU, and on the decoder the embedding and output layers run as the
+    functions their plain modules' forwards call (CPU; a module with hooks, or another class, is
+    called as a module), and the norms read their weights once.
 
     None for layers that are not the plain kind: biases, another activation, tensor-parallel slicing,
     missing parts.
@@ -153,7 +166,14 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
     heads = widths[0] // head_dim
     rotate_half = getattr(modeling, "rotate_half", None)
     qkv = gate_up = qk_weight = None
+    # On the CPU the output and down products run straight from their weights (a plain Linear's
+    # forward, without the machinery of a module call, which costs as much as a small product).
+    o_proj, down_proj, act = attention.o_proj, mlp.down_proj, mlp.act_fn
+    input_norm, post_attention_norm = rms_of(layer.input_layernorm), rms_of(layer.post_attention_layernorm)
     if weight.device.type == "cpu":
+        o_proj = _plain_linear(attention.o_proj)
+        down_proj = _plain_linear(mlp.down_proj)
+        act = F.silu  # what transformers' "silu" activation module calls
         with torch.no_grad():
             qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
@@ -173,7 +193,7 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
         batch = x.shape[0]
         cos, sin = position_embeddings
         if joint:
-            q_k, v = torch.nn.functional.linear(x, qkv).split([widths[0] + widths[1], widths[2]], dim=-1)
+            q_k, v = F.linear(x, qkv).split([widths[0] + widths[1], widths[2]], dim=-1)
             q_k = q_k.view(batch, 1, -1, head_dim)
             if qk_weight is not None:
                 q_k = torch.rms_norm(q_k, (head_dim,), None, q_norm.variance_epsilon) * qk_weight
@@ -183,7 +203,7 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
             q, k = q_k[:, :heads], q_k[:, heads:]
         else:
             if qkv is not None:
-                q, k, v = torch.nn.functional.linear(x, qkv).split(widths, dim=-1)
+                q, k, v = F.linear(x, qkv).split(widths, dim=-1)
             else:
                 q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
             q = rms(q_norm, q.view(batch, 1, -1, head_dim)).transpose(1, 2)
@@ -193,18 +213,39 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
 
     def layer_step(hidden: Tensor, mask: Tensor | None, position_embeddings, cache: Any) -> Tensor:
         batch = hidden.shape[0]
-        q, k, v = attention_inputs(rms(layer.input_layernorm, hidden), position_embeddings)
+        q, k, v = attention_inputs(input_norm(hidden), position_embeddings)
         k, v = cache.update(k, v, attention.layer_idx)
         out, _ = sdpa_attention_forward(attention, q, k, v, mask, dropout=0.0, scaling=attention.scaling)
-        hidden = hidden + attention.o_proj(out.reshape(batch, 1, -1))
-        x = rms(layer.post_attention_layernorm, hidden)
+        hidden = hidden + o_proj(out.reshape(batch, 1, -1))
+        x = post_attention_norm(hidden)
         if gate_up is not None:
-            gate, up = torch.nn.functional.linear(x, gate_up).chunk(2, dim=-1)
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         else:
             gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        return hidden + down_proj(act(gate) * up)
 
     return layer_step
+
+
+def _plain_linear(module: torch.nn.Linear) -> Callable[[Tensor], Tensor]:
+    """`module`'s forward as a function of its current weight and bias (a plain Linear, no hooks)."""
+    if type(module) is not torch.nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+        return module
+    return partial(F.linear, weight=module.weight, bias=module.bias)
+
+
+def rms_of(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """`rms(module, .)` with the module's weight and epsilon read once, not at every call."""
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    if weight is None or eps is None:
+        return module
+
+    def norm(x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return torch.rms_norm(x, (x.shape[-1],), weight, eps)
+        return module(x)
+
+    return norm
 
 
 def rms(module: torch.nn.Module | None, x: Tensor) -> Tensor:

@@ -215,6 +215,29 @@ def test_the_fused_layer_step_equals_the_layer_modules(dtype):
     assert torch.equal(logits[True], logits[False])
 
 
+def test_modules_with_hooks_are_called_as_modules_by_the_decoding_step():
+    # The decoding step calls plain Linear and Embedding modules as functions of their weights; a module
+    # someone hooks (a probe, an adapter) must still run its hooks at every step.
+    model = build_causal_lm(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4)
+    calls = {"o_proj": 0, "head": 0, "embed": 0}
+    hooked = {
+        "o_proj": model.model.layers[1].self_attn.o_proj,
+        "head": model.get_output_embeddings(),
+        "embed": model.get_input_embeddings(),
+    }
+    handles = [
+        module.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, module in hooked.items()
+    ]
+    try:
+        batch = sample(model, PROMPTS, max_new_tokens=4, eos_token_ids=49, pad_token_id=PAD)
+    finally:
+        for handle in handles:
+            handle.remove()
+    steps = batch.responses.shape[1]  # the prefill (the model's forward) and steps - 1 decoding steps
+    assert calls == {"o_proj": steps, "head": steps, "embed": steps}
+
+
 def test_layers_with_biases_or_another_activation_decode_through_their_modules():
     for overrides in ({"attention_bias": True}, {"mlp_bias": True}, {"hidden_act": "gelu"}):
         model = build_causal_lm(family="llama", vocab_size=50, hidden_size=32, num_layers=1, num_heads=4)
