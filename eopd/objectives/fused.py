@@ -122,15 +122,21 @@ def source_tile(
     )
 
 
+def scaled_tile(
+    source: LogitSource, start: int, end: int, temperature: float, buffers: TileBuffers, name: str = "logits"
+) -> Tensor:
+    """`source_tile` of rows [start, end) into the buffer `name`, divided by `temperature` in place."""
+    logits = source_tile(source, start, end, buffers, name)
+    return logits if temperature == 1.0 else logits.div_(temperature)
+
+
 def tile_distribution(
     source: LogitSource, start: int, end: int, temperature: float, buffers: TileBuffers, prefix: str = ""
 ) -> tuple[Tensor, Tensor]:
     """log_softmax and softmax of logits / temperature for rows [start, end) of a flat source: (n, V)
     each, the log-probs in the buffer `prefix + "logits"` and the probabilities in `prefix + "p"`
     (`log_softmax_and_softmax_`)."""
-    logits = source_tile(source, start, end, buffers, prefix + "logits")
-    if temperature != 1.0:
-        logits.div_(temperature)
+    logits = scaled_tile(source, start, end, temperature, buffers, prefix + "logits")
     return log_softmax_and_softmax_(logits, buffers.take(prefix + "p", *logits.shape, logits.device))
 
 

@@ -20,9 +20,9 @@ from eopd.objectives.fused import (
     TileBuffers,
     log_softmax_and_exp_,
     row_dot,
+    scaled_tile,
     source_len,
     source_rows,
-    source_tile,
     topk_rows,
 )
 
@@ -149,9 +149,7 @@ def teacher_token_stats(
     buffers = TileBuffers()  # each tile's logits, log-probs and probabilities reuse the first tile's memory
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        logits = source_tile(flat, start, end, buffers)  # (n, V)
-        if temperature != 1.0:
-            logits.div_(temperature)
+        logits = scaled_tile(flat, start, end, temperature, buffers)  # (n, V)
         # e = exp(logits - max) (floored) and its row sums s: p = e / s, so H = -sum(e * log p) / s.
         e = buffers.take("exp", *logits.shape, logits.device)
         logp, sums = log_softmax_and_exp_(logits, scratch=e)  # (n, V) in the logits' memory, (n, 1)
