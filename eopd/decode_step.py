@@ -170,6 +170,7 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
     # forward, without the machinery of a module call, which costs as much as a small product).
     o_proj, down_proj, act = attention.o_proj, mlp.down_proj, mlp.act_fn
     input_norm, post_attention_norm = rms_of(layer.input_layernorm), rms_of(layer.post_attention_layernorm)
+    q_rms, k_rms = rms_of(q_norm), rms_of(k_norm)
     if weight.device.type == "cpu":
         o_proj = _plain_linear(attention.o_proj)
         down_proj = _plain_linear(mlp.down_proj)
@@ -206,8 +207,8 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
                 q, k, v = F.linear(x, qkv).split(widths, dim=-1)
             else:
                 q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
-            q = rms(q_norm, q.view(batch, 1, -1, head_dim)).transpose(1, 2)
-            k = rms(k_norm, k.view(batch, 1, -1, head_dim)).transpose(1, 2)
+            q = q_rms(q.view(batch, 1, -1, head_dim)).transpose(1, 2)
+            k = k_rms(k.view(batch, 1, -1, head_dim)).transpose(1, 2)
             q, k = rotate(q, k, cos, sin)
         return q, k, v.view(batch, 1, -1, head_dim).transpose(1, 2)
 
@@ -234,8 +235,11 @@ def _plain_linear(module: torch.nn.Linear) -> Callable[[Tensor], Tensor]:
     return partial(F.linear, weight=module.weight, bias=module.bias)
 
 
-def rms_of(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
-    """`rms(module, .)` with the module's weight and epsilon read once, not at every call."""
+def rms_of(module: torch.nn.Module | None) -> Callable[[Tensor], Tensor]:
+    """An RMSNorm module as a function, its weight and epsilon read once: in float32 `torch.rms_norm`,
+    equal to the module's result there (`fused_layer`); otherwise the module. None: the identity."""
+    if module is None:
+        return lambda x: x
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if weight is None or eps is None:
         return module
@@ -246,15 +250,6 @@ def rms_of(module: torch.nn.Module) -> Callable[[Tensor], Tensor]:
         return module(x)
 
     return norm
-
-
-def rms(module: torch.nn.Module | None, x: Tensor) -> Tensor:
-    """An RMSNorm module's result; in float32 as `torch.rms_norm`, equal to it there (`fused_layer`)."""
-    if module is None:
-        return x
-    if x.dtype == torch.float32 and hasattr(module, "variance_epsilon"):
-        return torch.rms_norm(x, (x.shape[-1],), module.weight, module.variance_epsilon)
-    return module(x)
 
 
 def _same_rms(a: torch.nn.Module, b: torch.nn.Module, dtype: torch.dtype) -> bool:
