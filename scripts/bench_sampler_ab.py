@@ -54,8 +54,8 @@ def sample_mode(samplers: dict, timings: int, seed: int) -> None:
     import bench_vs_trl
     import torch
 
-    tokenizer, student, _ = bench_vs_trl.build_pair(bench_vs_trl.SIZES["tiny"])
     size = bench_vs_trl.SIZES["tiny"]
+    tokenizer, student, _ = bench_vs_trl.build_pair(size)
     prompts = [tokenizer(t)["input_ids"] for t in bench_vs_trl.prompt_texts(size.batch_size * timings)]
     times: dict[str, list[float]] = {name: [] for name in samplers}
     order = random.Random(seed)
