@@ -10,13 +10,14 @@ warm-up call, into buffers already written once):
   - the row-wise dot sum_v a[n, v] b[n, v] by vocabulary width: einsum against `row_dot`;
   - torch.log_softmax of wide and narrow logits, and (with --flush-denormal, set before the first
     operation so that every thread of the pool inherits it) the same with subnormals flushed to 0;
-    against it `log_softmax_` (in place: each call first copies the logits into the buffer it
+    against it `log_softmax_and_exp_` (in place: each call first copies the logits into the buffer it
     overwrites, and that copy is timed alone and subtracted);
   - the k = 16 largest values of each row: torch.topk against `topk_rows`;
   - one tile of the teacher's statistics (log-prob of a token, entropy, top-16), as computed before
     (torch.log_softmax, a floored exp for the probabilities, their dot with the log-probs, torch.topk)
-    and as `teacher_token_stats` computes it (`log_softmax_and_exp_`, the entropy from the exp and its
-    row sums, `topk_rows`), both from a copy of the logits.
+    and as `teacher_token_stats` computes it (`topk_groups` for the rows' maxima, `shifted_exp_`, the
+    entropy from the exp, its row sums and the shifted logits, `topk_rows` on those groups), both from a
+    copy of the logits.
 Nothing here is a test: it prints milliseconds and ratios.
 """
 
@@ -33,10 +34,11 @@ import torch
 from eopd.objectives.fused import (
     ROW_DOT_LOOP_MIN_COLUMNS,
     exp_floored,
-    log_softmax_,
     log_softmax_and_exp_,
     log_softmax_and_softmax_,
     row_dot,
+    shifted_exp_,
+    topk_groups,
     topk_rows,
 )
 
@@ -96,13 +98,13 @@ def main() -> None:
     print("  and with the probabilities: torch.log_softmax then `exp_floored` of the log-probs, against")
     print("  `log_softmax_and_softmax_` (the log-softmax's own exp divided by its row sums)")
     print(
-        f"{'range':>16} {'torch ms':>9} {'log_softmax_ ms':>16} {'ratio':>7} {'+ p ms':>8} {'ours ms':>8} {'ratio':>7}"
+        f"{'range':>16} {'torch ms':>9} {'in place ms':>16} {'ratio':>7} {'+ p ms':>8} {'ours ms':>8} {'ratio':>7}"
     )
     for low, high in ((-12, 12), (-300, 30)):
         x = torch.empty(n, vocab).uniform_(low, high, generator=generator)
         took = median_ms(lambda x=x: torch.log_softmax(x, -1, out=out), args.repeats)
         copy = median_ms(lambda x=x: work.copy_(x), args.repeats)
-        ours = median_ms(lambda x=x: log_softmax_(work.copy_(x), scratch), args.repeats) - copy
+        ours = median_ms(lambda x=x: log_softmax_and_exp_(work.copy_(x), scratch), args.repeats) - copy
         both = median_ms(
             lambda x=x: exp_floored(torch.log_softmax(x, -1, out=out), out=scratch), args.repeats
         )
@@ -132,10 +134,12 @@ def main() -> None:
         logp.topk(k, dim=-1)
 
     def stats_after(x: torch.Tensor) -> None:
-        logp, sums = log_softmax_and_exp_(work.copy_(x), scratch)
-        logp.gather(-1, tokens)
-        row_dot(scratch, logp) / sums.squeeze(-1)
-        topk_rows(logp, k)
+        groups = topk_groups(work.copy_(x), k)
+        shifted, sums = shifted_exp_(work, scratch, maxes=groups[1])
+        log_sums = torch.log(sums)
+        shifted.gather(-1, tokens) - log_sums
+        log_sums.squeeze(-1) - row_dot(scratch, shifted) / sums.squeeze(-1)
+        topk_rows(shifted, k, groups)[0] - log_sums
 
     print(f"\nthe teacher's statistics of one ({n}, {vocab}) tile, logits normal with a per-row scale")
     print(f"{'scales':>10} {'before ms':>10} {'after ms':>9} {'ratio':>7}")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from eopd.objectives.diagnostics import student_metrics
-from eopd.objectives.fused import TileBuffers, log_softmax_and_softmax_, row_dot
+from eopd.objectives.fused import TileBuffers, row_dot, shifted_exp_
 from eopd.objectives.reduction import Metrics
 from eopd.objectives.terms import Term, Tile
 
@@ -34,12 +34,13 @@ def loss_and_grad(
     With log p = log_softmax(z / T) and G = d L / d log p, the chain rule through the softmax gives
         d L / d z = (G - p * sum_v G_v) / T.
     Sparse terms contribute G on their supports only (the sampled token, the teacher's top-k), dense
-    ones (`TermKind.dense`: full-vocabulary KL, entropy) a full row each; either way the full-vocabulary
-    work is a log-softmax, an exp shared with the diagnostics and a few fused row operations: no
-    autograd graph over (n, V) tensors.
+    ones (`TermKind.dense`: full-vocabulary KL, entropy) a full row each that sums to 0, so that
+    sum_v G_v is the sparse terms' alone; either way the full-vocabulary work is an exp shared with the
+    diagnostics and a few fused row operations: no autograd graph over (n, V) tensors.
 
     Args:
-        logits: (n, V) float32 student logits of the tile; overwritten (with the log-probs).
+        logits: (n, V) float32 student logits of the tile; overwritten (with the log-probs, or without
+            dense terms and teacher logits with logits - max, from which the few ids read are gathered).
         coefficients: (n_terms, n) weight x gate / N_valid per term and token.
         keep: receives the per-token values of the diagnostics (for the gates and their metrics).
         buffers: where the student's probabilities are written (reused from tile to tile); the returned
@@ -47,9 +48,24 @@ def loss_and_grad(
     """
     # In place: at a 150k vocabulary each (n, V) float32 tensor is what bounds the chunk size.
     z = logits if temperature == 1.0 else logits.div_(temperature)
-    logp, p = log_softmax_and_softmax_(z, scratch=buffers.take("p", *z.shape, z.device))  # (n, V) each
-    student_entropy = -row_dot(p, logp)
-    token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
+    e = buffers.take("p", *z.shape, z.device)
+    shifted, sums = shifted_exp_(z, scratch=e)  # z - max and e = exp(z - max): (n, V) each; s (n, 1)
+    log_sums = torch.log(sums)
+    dense = [i for i, term in enumerate(terms) if not term.sparse]
+    if dense:  # full-vocabulary terms read log p and p in full
+        logp, p = shifted.sub_(log_sums), e.div_(sums)
+        student_entropy = -row_dot(p, logp)
+    else:  # p = e / s only inside the few row operations that read it, the gradient's among them
+        p = None
+        student_entropy = log_sums.squeeze(-1) - row_dot(e, shifted) / sums.squeeze(-1)
+        # log p = (z - max) - log s in full only for the exact KLs to the teacher's full distribution;
+        # otherwise it is formed at the few ids read.
+        logp = shifted.sub_(log_sums) if tile.teacher_logp is not None else None
+
+    def log_probs_at(index: Tensor) -> Tensor:
+        return shifted.gather(-1, index) - log_sums if logp is None else logp.gather(-1, index)
+
+    token_logp = log_probs_at(tile.tokens[:, None]).squeeze(-1)
     if token_logp_out is not None:
         token_logp_out.copy_(token_logp)
     if tile.old_logprobs is None:
@@ -62,19 +78,21 @@ def loss_and_grad(
         token_logp,
         tile,
         student_entropy=student_entropy,
-        student_p=p,
+        student_p=e if p is None else p,
+        student_sums=sums if p is None else None,
+        topk_logp=log_probs_at(tile.stats.topk_indices),
         terms=terms,
         diagnostic_tau=diagnostic_tau,
     )
     keep(tile.known)
-    total = logp.new_zeros(())
+    total = z.new_zeros(())
     supports, grads = [], []
     with torch.enable_grad():
         for i, term in enumerate(terms):
             if not term.sparse:
                 continue
             support = term.spec.support(tile, term.options)  # (n, m)
-            at = logp.gather(-1, support).requires_grad_(need_grad)
+            at = log_probs_at(support).requires_grad_(need_grad)
             values = term.spec.gathered(at, tile, term.options)
             term_total = (coefficients[i] * values).sum()
             metrics.add(f"loss/{term.name}", (coefficients[i] * count) * values.detach())
@@ -83,7 +101,6 @@ def loss_and_grad(
                 (grad_at,) = torch.autograd.grad(term_total, at)
                 supports.append(support)
                 grads.append(grad_at)
-    dense = [i for i, term in enumerate(terms) if not term.sparse]
     dense_grad = None  # (n, V): sum over dense terms of coefficient x G
     for i in dense:
         term = terms[i]
@@ -96,11 +113,13 @@ def loss_and_grad(
             dense_grad = g if dense_grad is None else dense_grad.add_(g)
     if not need_grad:
         return total, None
-    grad_sum = sum(g.sum(-1) for g in grads) if grads else logp.new_zeros(logp.shape[0])  # (n,)
-    if dense_grad is None:
-        grad = p.mul_(-grad_sum[:, None])  # p is not needed any more: reuse its memory
-    else:  # G - p * sum_v G_v in one pass over G's memory
-        grad = dense_grad.addcmul_(p, (grad_sum + dense_grad.sum(-1)).neg_()[:, None])
+    grad_sum = sum(g.sum(-1) for g in grads) if grads else z.new_zeros(z.shape[0])  # (n,)
+    if dense_grad is None:  # sparse terms only: -p * sum_v G_v as e * (-sum_v G_v / s), in e's memory
+        grad = e.mul_(grad_sum[:, None].div(sums).neg_())
+    elif grads:  # a dense term's G sums to 0 over v (terms.DenseFn): -p * sum_v G_v is the sparse terms'
+        grad = dense_grad.addcmul_(p, grad_sum.neg()[:, None])
+    else:
+        grad = dense_grad
     for support, grad_at in zip(supports, grads, strict=True):
         grad.scatter_add_(-1, support, grad_at)
     if temperature != 1.0:

@@ -59,11 +59,13 @@ def gate_metrics(
 
 def student_metrics(
     metrics: Metrics,
-    logp: Tensor,
+    logp: Tensor | None,
     token_logp: Tensor,
     tile: Tile,
     student_entropy: Tensor | None = None,
     student_p: Tensor | None = None,
+    topk_logp: Tensor | None = None,
+    student_sums: Tensor | None = None,
     *,
     terms: Sequence[Term],
     diagnostic_tau: float,
@@ -73,7 +75,10 @@ def student_metrics(
     log-probs.
 
     `student_entropy` and `student_p`, when the caller has them, are -row_dot(p, logp) and the
-    probabilities p of this tile (the reverse KL reuses that dot).
+    probabilities p of this tile (the reverse KL reuses that dot), or with `student_sums` (n, 1)
+    e = exp(z - max) and its row sums, p = e / s; `topk_logp` (n, k) are the log-probs at the teacher's
+    top-k ids. Without the teacher's log-probs and with the entropy and `topk_logp` given, the full
+    log-probs `logp` are not read and may be None.
 
     Returns the per-token values (n,) the gates and `gate_metrics` read: "student_entropy", "log_ratio"
     (log pi_s(y) - log pi_t(y)), "fkl_topk", and "fkl", "rkl" with the teacher's log-probs.
@@ -86,7 +91,10 @@ def student_metrics(
     metrics.add("entropy/student_high_frac", (student_entropy >= diagnostic_tau).float())
     log_ratio = token_logp - stats.token_logprobs
     metrics.add("div/k1", log_ratio)
-    fkl_topk = D.topk_forward_kl_given_log_probs(logp, stats.topk_logprobs, stats.topk_indices, tail="renorm")
+    if topk_logp is None:
+        topk_logp = logp.gather(-1, stats.topk_indices)
+    local = torch.arange(stats.k, device=topk_logp.device).expand_as(topk_logp)  # position j holds id j
+    fkl_topk = D.topk_forward_kl_given_log_probs(topk_logp, stats.topk_logprobs, local, tail="renorm")
     metrics.add("div/fkl_topk", fkl_topk)
     metrics.add("div/fkl_topk_high_entropy", fkl_topk, high)
     metrics.add("div/fkl_topk_low_entropy", fkl_topk, 1.0 - high)
@@ -107,8 +115,9 @@ def student_metrics(
         p_s = student_p if student_p is not None else exp_floored(logp)
         fkl = row_dot(p_t, tile.teacher_logp) - row_dot(p_t, logp)
         # sum p_s log p_s is -student_entropy: computed above as row_dot(exp_floored(logp), logp), or
-        # handed over by the closed-form path as row_dot(student_p, logp), the same dot.
-        rkl = -student_entropy - row_dot(p_s, tile.teacher_logp)
+        # handed over by the closed-form path, which has the same sum from its exp.
+        cross = row_dot(p_s, tile.teacher_logp)
+        rkl = -student_entropy - (cross if student_sums is None else cross / student_sums.squeeze(-1))
         metrics.add("div/fkl", fkl)
         metrics.add("div/rkl", rkl)
         metrics.add("div/fkl_high_entropy", fkl, high)

@@ -144,38 +144,36 @@ def source_device(source: LogitSource) -> torch.device:
     return source.hidden.device if isinstance(source, LinearLogits) else source.device
 
 
-def log_softmax_(logits: Tensor, scratch: Tensor) -> Tensor:
-    """log_softmax over the last dim, in place, using `scratch` (the same shape) for exp(logits - max).
+def shifted_exp_(logits: Tensor, scratch: Tensor, maxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """logits - max per row, in place, and e = exp(logits - max) in `scratch` (the same shape), with its
+    row sums s (n, 1): log p = (logits - max) - log s and p = e / s, so a row sum of p * f is
+    sum(e * f) / s with no pass to form p or log p. Infinite maxima are taken as 0; `maxes` (n, 1) are
+    the row maxima when the caller has them (`topk_groups` reads them with the top-k's groups).
 
-    torch.log_softmax's formula, (logits - max) - log(sum exp(logits - max)) with infinite maxima taken
-    as 0, without a second (n, V) tensor for its result: the shift by the max is exact where it matters
-    (the largest log-probs come out near 0 with float32's resolution there, not the resolution of the
-    logits' magnitude that logits - logsumexp leaves), and the exp is `exp_floored`, which no sum with
-    its largest term 1 can tell from the exact one.
+    The shift by the max keeps float32's resolution where it matters: the largest log-probs come out
+    near 0 with the resolution there, not that of the logits' magnitude, which logits - logsumexp
+    leaves. The exp is `exp_floored` at `division_floor` (EXP_FLOOR plus the log of the row's length,
+    -75 for a 151,936-id float32 row), so that e / s is never subnormal either: the floored values, at
+    most 2.7e-33 (float32) where the exact ones are smaller, add at most V * 2.7e-33 = 4e-28 to a sum
+    whose largest term is 1.
     """
-    return log_softmax_and_exp_(logits, scratch)[0]
+    maxes = logits.amax(dim=-1, keepdim=True) if maxes is None else maxes.clone()
+    maxes.masked_fill_(maxes.abs() == math.inf, 0.0)
+    shifted = logits.sub_(maxes)
+    sums = exp_floored(shifted, out=scratch, floor=division_floor(shifted)).sum(dim=-1, keepdim=True)
+    return shifted, sums
 
 
 def log_softmax_and_exp_(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    """`log_softmax_(logits, scratch)` and the row sums s (n, 1) of what it leaves in `scratch`:
-    e = exp(logits - max), so that the probabilities are e / s. A sum of p * f over a row is then
-    sum(e * f) / s, with no pass to form p.
-
-    The exp is floored at `division_floor` (EXP_FLOOR plus the log of the row's length, -75 for a
-    151,936-id float32 row), so that e / s is never subnormal either: the floored values, at most
-    2.7e-33 (float32) where the exact ones are smaller, add at most V * 2.7e-33 = 4e-28 to a sum whose
-    largest term is 1.
-    """
-    maxes = logits.amax(dim=-1, keepdim=True)
-    maxes.masked_fill_(maxes.abs() == math.inf, 0.0)
-    shifted = logits.sub_(maxes)
-    floor = division_floor(shifted)
-    sums = exp_floored(shifted, out=scratch, floor=floor).sum(dim=-1, keepdim=True)
+    """log_softmax of logits over the last dim, in place (torch.log_softmax's formula without a second
+    (n, V) tensor), and the row sums s (n, 1) of e = exp(logits - max), which it leaves in `scratch`:
+    `shifted_exp_` and one more pass for log p = (logits - max) - log s."""
+    shifted, sums = shifted_exp_(logits, scratch)
     return shifted.sub_(torch.log(sums)), sums
 
 
 def log_softmax_and_softmax_(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    """`log_softmax_` of logits (in place) and the probabilities e / s (in `scratch`): (n, V) each.
+    """log_softmax of logits (in place) and the probabilities e / s (in `scratch`): (n, V) each.
 
     The probabilities come from the exp that the log-softmax's sum already took, by one division per
     value, not from a second exp of the log-probs (exp(log p) also carries the rounding of
@@ -189,8 +187,9 @@ def log_softmax_and_softmax_(logits: Tensor, scratch: Tensor) -> tuple[Tensor, T
 EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
 
 
-def exp_floored_(x: Tensor) -> Tensor:
-    """exp(x) in place, with x first raised to `EXP_FLOOR[x.dtype]`.
+def exp_floored(x: Tensor, out: Tensor | None = None, floor: float | None = None) -> Tensor:
+    """exp(x) with x first raised to `EXP_FLOOR[x.dtype]` (or to `floor` when it is given), written into
+    `out` when it is given; x itself is left as it is.
 
     On the CPU torch's exp of a float32 below -87.3 (a subnormal or zero result) takes a slow path: a
     (256, 151,936) tile uniform in [-300, 0] took 659 ms against 42 ms with this floor (2 threads of
@@ -198,25 +197,27 @@ def exp_floored_(x: Tensor) -> Tensor:
     Each such value comes out as exp(-87) = 1.6e-38 (float32) instead of a smaller one: an absolute
     change below that, lost in any float32 sum that holds a term near 1, and in any product with a
     finite log-prob. Other dtypes (float16's smallest normal is 6e-5) take the plain exp.
-    """
-    floor = EXP_FLOOR.get(x.dtype)
-    return (x if floor is None else x.clamp_(min=floor)).exp_()
-
-
-def exp_floored(x: Tensor, out: Tensor | None = None, floor: float | None = None) -> Tensor:
-    """`exp_floored_` of a copy of x, written into `out` when it is given; `floor` replaces
-    `EXP_FLOOR[x.dtype]` (for the dtypes that have one) when it is given.
 
     On the CPU a tile with nothing below the floor (one read for its minimum) takes the plain exp, the
     same values without the clamp's extra pass over memory: 9 + 18 ms instead of 19 + 13 ms for a
-    (256, 151,936) tile. Elsewhere the clamp always runs (the check would wait for the device).
+    (256, 151,936) tile. A peaked tile, which has values below the floor in most rows, shows one in its
+    first columns; only when those hold none is the whole tile read. Elsewhere the clamp always runs
+    (the check would wait for the device).
     """
     if x.dtype not in EXP_FLOOR:
         return torch.exp(x, out=out)
     floor = EXP_FLOOR[x.dtype] if floor is None else floor
-    if x.device.type == "cpu" and x.numel() > 0 and float(x.amin()) >= floor:
+    if (
+        x.device.type == "cpu"
+        and x.numel() > 0
+        and float(x[..., :EXP_FLOOR_GLANCE].amin()) >= floor
+        and float(x.amin()) >= floor
+    ):
         return torch.exp(x, out=out)
     return torch.clamp(x, min=floor, out=out).exp_()
+
+
+EXP_FLOOR_GLANCE = 256  # columns of each row that `exp_floored` reads first for a value below the floor
 
 
 def division_floor(x: Tensor) -> float | None:
@@ -255,16 +256,10 @@ TOPK_GROUPED_MIN_COLUMNS = 8192
 TOPK_GROUP_SIZE = 32
 
 
-def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """`x.topk(k, dim=-1)` of an (n, V) tensor: the k largest values of each row, sorted, and their columns.
-
-    On the CPU at a large vocabulary, with nothing to differentiate, the first G * 32 columns form G
-    groups of 32 (column c in group c mod G) and the k groups with the largest maxima, with the last
-    V mod G columns, are the only candidates: every value outside them has k candidates (the chosen
-    groups' maxima) at least as large, so the k largest candidates are the k largest values. torch.topk
-    then runs over k * 32 + (V mod G) candidates instead of V. The values are torch.topk's; where values
-    tie, the columns chosen among them may differ (torch.topk documents no order for ties either).
-    """
+def topk_groups(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """The maxima of `topk_rows`'s column groups (n, G) and of the rows (n, 1), from one read of x; None
+    where `topk_rows` takes torch.topk instead (off the CPU, a small vocabulary, a large k, a strided x,
+    or under autograd)."""
     n, columns = x.shape[0], x.shape[-1]
     per = TOPK_GROUP_SIZE
     if (
@@ -276,13 +271,39 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
         or not x.is_contiguous()
         or (torch.is_grad_enabled() and x.requires_grad)
     ):
-        return x.topk(k, dim=-1)
+        return None
     groups = columns // per
     grouped = groups * per
-    group_max = x[:, :grouped].view(n, per, groups).amax(dim=1)  # (n, G): the groups' maxima
+    group_max = x[:, :grouped].view(n, per, groups).amax(dim=1)  # (n, G): column c is in group c mod G
+    row_max = group_max.amax(dim=-1, keepdim=True)
+    if grouped < columns:
+        row_max = torch.maximum(row_max, x[:, grouped:].amax(dim=-1, keepdim=True))
+    return group_max, row_max
+
+
+def topk_rows(x: Tensor, k: int, groups: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """`x.topk(k, dim=-1)` of an (n, V) tensor: the k largest values of each row, sorted, and their columns.
+
+    On the CPU at a large vocabulary, with nothing to differentiate, the first G * 32 columns form G
+    groups of 32 (column c in group c mod G) and the k groups with the largest maxima, with the last
+    V mod G columns, are the only candidates: every value outside them has k candidates (the chosen
+    groups' maxima) at least as large, so the k largest candidates are the k largest values. torch.topk
+    then runs over k * 32 + (V mod G) candidates instead of V. The values are torch.topk's; where values
+    tie, the columns chosen among them may differ (torch.topk documents no order for ties either).
+
+    Args:
+        groups: `topk_groups` of x, or of x before a shift of each row by a constant (x - max): the
+            shift keeps every order the argument above relies on. None reads them from x here.
+    """
+    groups = topk_groups(x, k) if groups is None else groups
+    if groups is None:
+        return x.topk(k, dim=-1)
+    n, columns = x.shape[0], x.shape[-1]
+    group_max = groups[0]
+    grouped = group_max.shape[-1] * TOPK_GROUP_SIZE
     chosen = group_max.topk(k, dim=-1).indices  # (n, k)
-    offsets = torch.arange(0, grouped, groups, device=x.device)  # (per,): a group's columns are g + offsets
-    candidates = (chosen[:, :, None] + offsets).reshape(n, k * per)
+    offsets = torch.arange(0, grouped, group_max.shape[-1], device=x.device)  # a group's columns: g + offsets
+    candidates = (chosen[:, :, None] + offsets).reshape(n, k * TOPK_GROUP_SIZE)
     if grouped < columns:
         tail = torch.arange(grouped, columns, device=x.device).expand(n, columns - grouped)
         candidates = torch.cat([candidates, tail], dim=1)

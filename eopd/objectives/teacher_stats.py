@@ -18,11 +18,12 @@ from eopd.objectives.divergences import _check_temperature, check_top_k
 from eopd.objectives.fused import (
     LogitSource,
     TileBuffers,
-    log_softmax_and_exp_,
     row_dot,
     scaled_tile,
+    shifted_exp_,
     source_len,
     source_rows,
+    topk_groups,
     topk_rows,
 )
 
@@ -146,15 +147,19 @@ def teacher_token_stats(
     entropy = torch.empty(n, device=device)
     topk_logprobs = torch.empty(n, k, device=device)
     topk_indices = torch.empty(n, k, dtype=torch.long, device=device)
-    buffers = TileBuffers()  # each tile's logits, log-probs and probabilities reuse the first tile's memory
+    buffers = TileBuffers()  # each tile's logits and exp reuse the first tile's memory
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         logits = scaled_tile(flat, start, end, temperature, buffers)  # (n, V)
-        # e = exp(logits - max) (floored) and its row sums s: p = e / s, so H = -sum(e * log p) / s.
+        groups = topk_groups(logits, k)  # the top-k's candidate groups, read with the rows' maxima
+        # e = exp(logits - max) (floored) and its row sums s: log p = (logits - max) - log s and p = e / s,
+        # so H = log s - sum(e * (logits - max)) / s, with no pass to form log p.
         e = buffers.take("exp", *logits.shape, logits.device)
-        logp, sums = log_softmax_and_exp_(logits, scratch=e)  # (n, V) in the logits' memory, (n, 1)
-        token_logprobs[start:end] = logp.gather(-1, flat_tokens[start:end, None]).squeeze(-1)
-        entropy[start:end] = -row_dot(e, logp) / sums.squeeze(-1)
-        topk_logprobs[start:end], topk_indices[start:end] = topk_rows(logp, k)
+        shifted, sums = shifted_exp_(logits, scratch=e, maxes=None if groups is None else groups[1])
+        log_sums = torch.log(sums)  # (n, 1)
+        token_logprobs[start:end] = (shifted.gather(-1, flat_tokens[start:end, None]) - log_sums).squeeze(-1)
+        entropy[start:end] = log_sums.squeeze(-1) - row_dot(e, shifted) / sums.squeeze(-1)
+        values, topk_indices[start:end] = topk_rows(shifted, k, groups)
+        topk_logprobs[start:end] = values - log_sums
     flat_stats = TeacherStats(token_logprobs, entropy, topk_logprobs, topk_indices, temperature=temperature)
     return flat_stats.reshaped(lead)

@@ -50,7 +50,8 @@ TermFn = Callable[[Tensor, Tile, Mapping[str, Any]], Tensor]
 SupportFn = Callable[[Tile, Mapping[str, Any]], Tensor]
 GatheredFn = Callable[[Tensor, Tile, Mapping[str, Any]], Tensor]
 # A dense term with a closed-form derivative: dense(logp, p, tile, options, need_grad, consume) ->
-# (values (n,), G (n, V) or None), G = d values / d logp, a tensor the caller may overwrite. With consume,
+# (values (n,), G (n, V) or None), G = d values / d logp with sum_v G_v = 0 (the representative below),
+# which makes G the gradient with respect to the logits (times T); a tensor the caller may overwrite. With consume,
 # the function may build G in the memory of tile.teacher_logp / tile.teacher_p (set when the objective has
 # the teacher's logits), which nothing reads afterwards.
 DenseFn = Callable[[Tensor, Tensor, Tile, Mapping[str, Any], bool, bool], tuple[Tensor, Tensor | None]]

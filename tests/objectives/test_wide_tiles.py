@@ -15,12 +15,13 @@ import torch
 from eopd.objectives import LinearLogits, preset, teacher_token_stats
 from eopd.objectives.fused import (
     EXP_FLOOR,
+    EXP_FLOOR_GLANCE,
     ROW_DOT_LOOP_MIN_COLUMNS,
     TOPK_GROUP_SIZE,
     TOPK_GROUPED_MIN_COLUMNS,
     exp_floored,
-    exp_floored_,
     row_dot,
+    topk_groups,
     topk_rows,
 )
 
@@ -32,13 +33,17 @@ def test_exp_floored_is_exp_down_to_a_normal_number_and_that_number_below():
         assert float(torch.exp(floor)) >= torch.finfo(dtype).tiny, "the floor's exp is a normal number"
         above = x >= floor
         out = torch.empty_like(x)
-        for value in (exp_floored(x), exp_floored(x, out=out), exp_floored_(x.clone())):
+        for value in (exp_floored(x), exp_floored(x, out=out)):
             assert torch.equal(value[above], torch.exp(x[above]))
             assert (value[~above] == torch.exp(floor)).all()
         assert exp_floored(x, out=out) is out
         narrow = x[x > -50]  # nothing below the floor: the plain exp, into `out` too
         assert torch.equal(exp_floored(narrow), torch.exp(narrow))
         assert exp_floored(narrow, out=out[: narrow.numel()]).data_ptr() == out.data_ptr()
+    # A glance at each row's first columns decides nothing when they hold no value below the floor.
+    late = torch.zeros(3, EXP_FLOOR_GLANCE + 10)
+    late[1, -1] = -200.0
+    assert float(exp_floored(late)[1, -1]) == pytest.approx(math.exp(EXP_FLOOR[torch.float32]))
     nan = torch.tensor([float("nan"), -200.0, 0.0])
     assert exp_floored(nan).isnan().tolist() == [True, False, False]
     half = torch.linspace(-20.0, 0.0, 101).half()  # float16's smallest normal is 6e-5: no floor there
@@ -102,6 +107,40 @@ def test_full_kl_over_a_peaked_teacher_matches_float64_definition(vocab, directi
 
 
 @pytest.mark.parametrize("vocab", [300, ROW_DOT_LOOP_MIN_COLUMNS + 100])
+def test_eopd_from_statistics_of_a_peaked_teacher_matches_float64_definition(vocab):
+    # Without full-vocabulary terms the tiles never form the student's log-probs in full: its entropy
+    # and the ids read come from the shifted logits, and the gradient from the exp over them.
+    d = _peaked_batch(vocab)
+    hs, ws = d["hs"].clone().requires_grad_(), d["ws"].clone().requires_grad_()
+    stats = teacher_token_stats(LinearLogits(d["ht"], d["wt"]), d["tokens"], k=4, chunk_size=5)
+    objective = preset("eopd", top_k=4, chunk_size=4)
+    out = objective(student=LinearLogits(hs, ws), tokens=d["tokens"], mask=d["mask"], teacher_stats=stats)
+    g_h, g_w = torch.autograd.grad(out.loss, (hs, ws))
+
+    ls = torch.log_softmax((hs @ ws.T).double(), -1)
+    lt = torch.log_softmax((d["ht"] @ d["wt"].T).double(), -1)
+    teacher_entropy = -(lt.exp() * lt).sum(-1)
+    at_token = ls.gather(-1, d["tokens"][..., None])[..., 0]
+    advantage = lt.gather(-1, d["tokens"][..., None])[..., 0] - at_token.detach()
+    opd = -(at_token - at_token.detach()).exp() * advantage  # on-policy: the ratio is 1, never clipped
+    top_t, top_i = lt.topk(4, -1)
+    q = torch.softmax(top_t, -1)
+    fkl = (q * (q.log() - ls.gather(-1, top_i))).sum(-1)
+    per_token = opd + (teacher_entropy >= 0.8).double() * fkl
+    m = d["mask"]
+    assert 0 < int((teacher_entropy[m] >= 0.8).sum()) < int(m.sum()), "the gate opens on some tokens only"
+    ref = (per_token * m).sum() / m.sum()
+    r_h, r_w = torch.autograd.grad(ref, (hs, ws))
+    assert float(out.loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(g_h, r_h.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_w, r_w.float(), rtol=1e-4, atol=1e-6)
+    student_entropy = -(ls.exp() * ls).sum(-1)
+    assert out.metrics.means()["entropy/student"] == pytest.approx(
+        float(student_entropy[m].mean().detach()), rel=1e-5, abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("vocab", [300, ROW_DOT_LOOP_MIN_COLUMNS + 100])
 def test_teacher_statistics_of_a_peaked_teacher_match_float64(vocab):
     d = _peaked_batch(vocab)
     logits = d["ht"] @ d["wt"].T
@@ -143,6 +182,14 @@ def test_topk_rows_is_torch_topk_at_a_large_vocabulary(columns):
     _assert_is_a_topk(tied, 16, values, indices)
     peaked = x.double()
     _assert_is_a_topk(peaked, 16, *topk_rows(peaked, 16))
+    # The groups read once serve the rows' maxima and the top-k of the rows shifted by them.
+    finite = x[[0, 2, 3, 4]]
+    groups = topk_groups(finite, 16)
+    assert torch.equal(groups[1], finite.amax(dim=-1, keepdim=True))
+    shifted = finite - groups[1]
+    values, indices = topk_rows(shifted, 16, groups)
+    _assert_is_a_topk(shifted, 16, values, indices)
+    assert torch.equal(indices, topk_rows(finite, 16)[1])
 
 
 def test_topk_rows_takes_torch_topk_where_the_grouping_does_not_pay():
@@ -153,5 +200,6 @@ def test_topk_rows_takes_torch_topk_where_the_grouping_does_not_pay():
     ] * 2
     wide = torch.randn(5, TOPK_GROUPED_MIN_COLUMNS, generator=g)
     for x, k in ((wide, 100), (wide.T.contiguous().T, 4), (wide.requires_grad_(), 4), (wide[:0], 4)):
+        assert topk_groups(x, k) is None
         values, indices = topk_rows(x, k)
         assert torch.equal(values, x.topk(k, -1).values) and torch.equal(indices, x.topk(k, -1).indices)
