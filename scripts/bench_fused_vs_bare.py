@@ -9,7 +9,12 @@ two single runs moves with it. Here one process per objective builds the inputs 
 `bench_objectives.py` once (same sizes, rollout, seed and threads) and then times bare, fused, bare,
 fused, ... `--pairs` times (one untimed call of each first). Contention only ever adds time, so besides
 each pair's ratio and the ratio of the medians it prints the ratio of the fastest run of each variant:
-the two least disturbed runs. Nothing here is a test: it prints seconds and ratios.
+the two least disturbed runs.
+
+Then `--profiled` more fused calls run under `torch.profiler`, and each one's wall time is divided by
+the time its own matrix products took inside it (`aten::mm`, `aten::addmm`, `aten::addmm_`): a ratio
+to the same products that a change of the host's speed between two calls cannot move, since both
+sides come from one call. Nothing here is a test: it prints seconds and ratios.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from bench_objectives import (
     make_inputs,
 )
 
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_")
 
-def alternate(job: Job, pairs: int) -> dict:
+
+def alternate(job: Job, pairs: int, profiled: int) -> dict:
     """Worker: bare and fused calls alternating on one set of inputs -> their wall times."""
     torch.set_num_threads(job.threads)
     torch.manual_seed(job.seed)
@@ -58,6 +65,14 @@ def alternate(job: Job, pairs: int) -> dict:
             call()
             if index > 0:  # the first pair warms up (thread pool, first touch of the buffers)
                 times[name].append(time.perf_counter() - start)
+    times["own"] = []
+    for _ in range(profiled):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            start = time.perf_counter()
+            fused()
+            wall = time.perf_counter() - start
+        products = sum(e.self_cpu_time_total for e in profile.key_averages() if e.key in PRODUCTS) / 1e6
+        times["own"].append(wall / products)
     return times
 
 
@@ -67,6 +82,12 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES))
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
     parser.add_argument("--pairs", type=int, default=4, help="timed bare/fused pairs per objective")
+    parser.add_argument(
+        "--profiled",
+        type=int,
+        default=2,
+        help="fused calls timed against their own products, after the pairs",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = parser.parse_args()
@@ -78,16 +99,19 @@ def main() -> None:
     base = replace(base, rollout=in_fresh_process(base)["rollout"])
     print(
         f"{'objective':>9} {'bare s':>24} {'fused s':>24} {'fused / bare per pair':>28} {'medians':>8} {'fastest':>8}"
+        f"  fused / its own products"
     )
     for objective in args.objectives:
         job = replace(base, objective=objective, variant="fused")
-        times = in_fresh_process_call(job, args.pairs)
+        times = in_fresh_process_call(job, args.pairs, args.profiled)
         bare, fused = times["bare"], times["fused"]
         pairs = [f / b for b, f in zip(bare, fused, strict=True)]
+        medians = f"{statistics.median(fused) / statistics.median(bare):8.2f}" if pairs else f"{'-':>8}"
+        fastest = f"{min(fused) / min(bare):8.2f}" if pairs else f"{'-':>8}"
         print(
             f"{objective:>9} {', '.join(f'{t:.1f}' for t in bare):>24} {', '.join(f'{t:.1f}' for t in fused):>24}"
-            f" {', '.join(f'{r:.2f}' for r in pairs):>28} {statistics.median(fused) / statistics.median(bare):8.2f}"
-            f" {min(fused) / min(bare):8.2f}"
+            f" {', '.join(f'{r:.2f}' for r in pairs):>28} {medians} {fastest}"
+            f"  {', '.join(f'{r:.3f}' for r in times['own'])}"
         )
         sys.stdout.flush()
     print(
@@ -95,9 +119,9 @@ def main() -> None:
     )
 
 
-def in_fresh_process_call(job: Job, pairs: int) -> dict:
+def in_fresh_process_call(job: Job, pairs: int, profiled: int) -> dict:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(alternate, job, pairs).result()
+        return pool.submit(alternate, job, pairs, profiled).result()
 
 
 if __name__ == "__main__":
