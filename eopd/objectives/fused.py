@@ -185,6 +185,7 @@ def log_softmax_and_softmax_(logits: Tensor, scratch: Tensor) -> tuple[Tensor, T
 # Whole numbers just above the log of each dtype's smallest normal number (float32: -87.34, float64:
 # -708.40): exp below those is subnormal or 0.
 EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+EXP_FLOOR_GLANCE = 256  # columns of each row that `exp_floored` reads first for a value below the floor
 
 
 def exp_floored(x: Tensor, out: Tensor | None = None, floor: float | None = None) -> Tensor:
@@ -215,9 +216,6 @@ def exp_floored(x: Tensor, out: Tensor | None = None, floor: float | None = None
     ):
         return torch.exp(x, out=out)
     return torch.clamp(x, min=floor, out=out).exp_()
-
-
-EXP_FLOOR_GLANCE = 256  # columns of each row that `exp_floored` reads first for a value below the floor
 
 
 def division_floor(x: Tensor) -> float | None:
