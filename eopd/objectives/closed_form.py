@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from eopd.objectives.diagnostics import student_metrics
-from eopd.objectives.fused import TileBuffers, row_dot, shifted_exp_
+from eopd.objectives.fused import TileBuffers, row_dot, shifted_entropy, shifted_exp_
 from eopd.objectives.reduction import Metrics
 from eopd.objectives.terms import Term, Tile
 
@@ -57,7 +57,7 @@ def loss_and_grad(
         student_entropy = -row_dot(p, logp)
     else:  # p = e / s only inside the few row operations that read it, the gradient's among them
         p = None
-        student_entropy = log_sums.squeeze(-1) - row_dot(e, shifted) / sums.squeeze(-1)
+        student_entropy = shifted_entropy(shifted, e, sums)
         # log p = (z - max) - log s in full only for the exact KLs to the teacher's full distribution;
         # otherwise it is formed at the few ids read.
         logp = shifted.sub_(log_sums) if tile.teacher_logp is not None else None

@@ -146,9 +146,8 @@ def source_device(source: LogitSource) -> torch.device:
 
 def shifted_exp_(logits: Tensor, scratch: Tensor, maxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """logits - max per row, in place, and e = exp(logits - max) in `scratch` (the same shape), with its
-    row sums s (n, 1): log p = (logits - max) - log s and p = e / s, so a row sum of p * f is
-    sum(e * f) / s with no pass to form p or log p. Infinite maxima are taken as 0; `maxes` (n, 1) are
-    the row maxima when the caller has them (`topk_groups` reads them with the top-k's groups).
+    row sums s (n, 1): log p = (logits - max) - log s, p = e / s. Infinite maxima are taken as 0;
+    `maxes` (n, 1) are the row maxima when the caller has them (`topk_groups` reads them).
 
     The shift by the max keeps float32's resolution where it matters: the largest log-probs come out
     near 0 with the resolution there, not that of the logits' magnitude, which logits - logsumexp
@@ -164,10 +163,14 @@ def shifted_exp_(logits: Tensor, scratch: Tensor, maxes: Tensor | None = None) -
     return shifted, sums
 
 
+def shifted_entropy(shifted: Tensor, e: Tensor, sums: Tensor) -> Tensor:
+    """-sum p log p per row (n,) from `shifted_exp_`'s results: log s - sum(e (z - max)) / s."""
+    return torch.log(sums).squeeze(-1) - row_dot(e, shifted) / sums.squeeze(-1)
+
+
 def log_softmax_and_exp_(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    """log_softmax of logits over the last dim, in place (torch.log_softmax's formula without a second
-    (n, V) tensor), and the row sums s (n, 1) of e = exp(logits - max), which it leaves in `scratch`:
-    `shifted_exp_` and one more pass for log p = (logits - max) - log s."""
+    """log_softmax of logits, in place, and the row sums s (n, 1) of e = exp(logits - max), which it
+    leaves in `scratch`: `shifted_exp_` and one more pass for log p = (logits - max) - log s."""
     shifted, sums = shifted_exp_(logits, scratch)
     return shifted.sub_(torch.log(sums)), sums
 

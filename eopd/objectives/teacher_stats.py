@@ -18,8 +18,8 @@ from eopd.objectives.divergences import _check_temperature, check_top_k
 from eopd.objectives.fused import (
     LogitSource,
     TileBuffers,
-    row_dot,
     scaled_tile,
+    shifted_entropy,
     shifted_exp_,
     source_len,
     source_rows,
@@ -152,13 +152,13 @@ def teacher_token_stats(
         end = min(start + chunk_size, n)
         logits = scaled_tile(flat, start, end, temperature, buffers)  # (n, V)
         groups = topk_groups(logits, k)  # the top-k's candidate groups, read with the rows' maxima
-        # e = exp(logits - max) (floored) and its row sums s: log p = (logits - max) - log s and p = e / s,
-        # so H = log s - sum(e * (logits - max)) / s, with no pass to form log p.
+        # e = exp(logits - max) (floored) and its row sums s: log p = (logits - max) - log s, formed only
+        # at the ids gathered, and the entropy from e (`shifted_entropy`).
         e = buffers.take("exp", *logits.shape, logits.device)
         shifted, sums = shifted_exp_(logits, scratch=e, maxes=None if groups is None else groups[1])
         log_sums = torch.log(sums)  # (n, 1)
         token_logprobs[start:end] = (shifted.gather(-1, flat_tokens[start:end, None]) - log_sums).squeeze(-1)
-        entropy[start:end] = log_sums.squeeze(-1) - row_dot(e, shifted) / sums.squeeze(-1)
+        entropy[start:end] = shifted_entropy(shifted, e, sums)
         values, topk_indices[start:end] = topk_rows(shifted, k, groups)
         topk_logprobs[start:end] = values - log_sums
     flat_stats = TeacherStats(token_logprobs, entropy, topk_logprobs, topk_indices, temperature=temperature)
