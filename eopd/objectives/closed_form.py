@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from eopd.objectives.diagnostics import student_metrics
-from eopd.objectives.fused import TileBuffers, row_dot, shifted_entropy, shifted_exp_
+from eopd.objectives.fused import TileBuffers
 from eopd.objectives.reduction import Metrics
 from eopd.objectives.terms import Term, Tile
+from eopd.objectives.tile_softmax import exact_kls, softmaxed
 
 
 def loss_and_grad(
@@ -39,48 +40,39 @@ def loss_and_grad(
     diagnostics and a few fused row operations: no autograd graph over (n, V) tensors.
 
     Args:
-        logits: (n, V) float32 student logits of the tile; overwritten (with the log-probs, or without
-            dense terms and teacher logits with logits - max, from which the few ids read are gathered).
+        logits: (n, V) float32 student logits of the tile; overwritten with logits - max.
+        tile: its `teacher` (`Softmaxed`) when the objective has the teacher's logits.
         coefficients: (n_terms, n) weight x gate / N_valid per term and token.
         keep: receives the per-token values of the diagnostics (for the gates and their metrics).
-        buffers: where the student's probabilities are written (reused from tile to tile); the returned
-            gradient is built in their memory, or with dense terms in the memory of the dense gradient.
+        buffers: where the student's exp is written (the buffer "p", reused from tile to tile); the
+            returned gradient is built in its memory, or with dense terms in the memory of theirs.
     """
     # In place: at a 150k vocabulary each (n, V) float32 tensor is what bounds the chunk size.
     z = logits if temperature == 1.0 else logits.div_(temperature)
-    e = buffers.take("p", *z.shape, z.device)
-    shifted, sums = shifted_exp_(z, scratch=e)  # z - max and e = exp(z - max): (n, V) each; s (n, 1)
-    log_sums = torch.log(sums)
-    dense = [i for i, term in enumerate(terms) if not term.sparse]
-    if dense:  # full-vocabulary terms read log p and p in full
-        logp, p = shifted.sub_(log_sums), e.div_(sums)
-        student_entropy = -row_dot(p, logp)
-    else:  # p = e / s only inside the few row operations that read it, the gradient's among them
-        p = None
-        student_entropy = shifted_entropy(shifted, e, sums)
-        # log p = (z - max) - log s in full only for the exact KLs to the teacher's full distribution;
-        # otherwise it is formed at the few ids read.
-        logp = shifted.sub_(log_sums) if tile.teacher_logp is not None else None
-
-    def log_probs_at(index: Tensor) -> Tensor:
-        return shifted.gather(-1, index) - log_sums if logp is None else logp.gather(-1, index)
-
-    token_logp = log_probs_at(tile.tokens[:, None]).squeeze(-1)
+    # z - max in z's memory, e = exp(z - max) in the buffer "p", their row sums s: log p and p are never
+    # formed in full, only at the few ids read and inside the row operations that read them.
+    student = softmaxed(z, buffers.take("p", *z.shape, z.device))
+    kls = None
+    if tile.teacher is not None:  # the exact KLs and the student's entropy from one batched product
+        student_entropy, fkl, rkl = exact_kls(student, tile.teacher)
+        kls = (fkl, rkl)
+    else:
+        student_entropy = student.entropy()
+    token_logp = student.log_probs_at(tile.tokens[:, None]).squeeze(-1)
     if token_logp_out is not None:
         token_logp_out.copy_(token_logp)
     if tile.old_logprobs is None:
         tile.old_logprobs = token_logp
     # Diagnostics first: the last dense term may build its gradient in the teacher's tensors. The exact
-    # KLs they compute are the dense KL terms' values, by the same expressions: those terms reuse them.
+    # KLs and the entropy they log are the dense terms' values.
     tile.known = student_metrics(
         metrics,
-        logp,
+        None,
         token_logp,
         tile,
         student_entropy=student_entropy,
-        student_p=e if p is None else p,
-        student_sums=sums if p is None else None,
-        topk_logp=log_probs_at(tile.stats.topk_indices),
+        topk_logp=student.log_probs_at(tile.stats.topk_indices),
+        kls=kls,
         terms=terms,
         diagnostic_tau=diagnostic_tau,
     )
@@ -92,7 +84,7 @@ def loss_and_grad(
             if not term.sparse:
                 continue
             support = term.spec.support(tile, term.options)  # (n, m)
-            at = log_probs_at(support).requires_grad_(need_grad)
+            at = student.log_probs_at(support).requires_grad_(need_grad)
             values = term.spec.gathered(at, tile, term.options)
             term_total = (coefficients[i] * values).sum()
             metrics.add(f"loss/{term.name}", (coefficients[i] * count) * values.detach())
@@ -101,23 +93,25 @@ def loss_and_grad(
                 (grad_at,) = torch.autograd.grad(term_total, at)
                 supports.append(support)
                 grads.append(grad_at)
+    dense = [i for i, term in enumerate(terms) if not term.sparse]
     dense_grad = None  # (n, V): sum over dense terms of coefficient x G
     for i in dense:
         term = terms[i]
-        consume = i == dense[-1]
-        values, g = term.spec.dense(logp, p, tile, term.options, need_grad, consume)
+        scale = coefficients[i] if need_grad else None
+        values, g = term.spec.dense(student, tile, term.options, scale, i == dense[-1])
         metrics.add(f"loss/{term.name}", (coefficients[i] * count) * values)
         total = total + (coefficients[i] * values).sum()
         if need_grad:
-            g = g.mul_(coefficients[i][:, None])
             dense_grad = g if dense_grad is None else dense_grad.add_(g)
     if not need_grad:
         return total, None
     grad_sum = sum(g.sum(-1) for g in grads) if grads else z.new_zeros(z.shape[0])  # (n,)
-    if dense_grad is None:  # sparse terms only: -p * sum_v G_v as e * (-sum_v G_v / s), in e's memory
-        grad = e.mul_(grad_sum[:, None].div(sums).neg_())
-    elif grads:  # a dense term's G sums to 0 over v (terms.DenseFn): -p * sum_v G_v is the sparse terms'
-        grad = dense_grad.addcmul_(p, grad_sum.neg()[:, None])
+    # -p * sum_v G_v = e * (-sum_v G_v / s), the sparse terms' G alone (a dense term's sums to 0)
+    sparse_scale = grad_sum.div(student.sums.squeeze(-1)).neg_()[:, None]
+    if dense_grad is None:  # in e's memory
+        grad = student.e.mul_(sparse_scale)
+    elif grads:
+        grad = dense_grad.addcmul_(student.e, sparse_scale)
     else:
         grad = dense_grad
     for support, grad_at in zip(supports, grads, strict=True):

@@ -63,22 +63,19 @@ def student_metrics(
     token_logp: Tensor,
     tile: Tile,
     student_entropy: Tensor | None = None,
-    student_p: Tensor | None = None,
     topk_logp: Tensor | None = None,
-    student_sums: Tensor | None = None,
+    kls: tuple[Tensor, Tensor] | None = None,
     *,
     terms: Sequence[Term],
     diagnostic_tau: float,
 ) -> dict[str, Tensor]:
     """The student's side on one tile: entropy, divergences to the teacher (split by the teacher's entropy
-    at `diagnostic_tau`), PPO ratio statistics; exact full-vocabulary KLs when the tile holds the teacher's
-    log-probs.
+    at `diagnostic_tau`), PPO ratio statistics; exact full-vocabulary KLs with the teacher's distribution.
 
-    `student_entropy` and `student_p`, when the caller has them, are -row_dot(p, logp) and the
-    probabilities p of this tile (the reverse KL reuses that dot), or with `student_sums` (n, 1)
-    e = exp(z - max) and its row sums, p = e / s; `topk_logp` (n, k) are the log-probs at the teacher's
-    top-k ids. Without the teacher's log-probs and with the entropy and `topk_logp` given, the full
-    log-probs `logp` are not read and may be None.
+    The caller may hand over what it computed already: `student_entropy` (n,), `topk_logp` (n, k) the
+    log-probs at the teacher's top-k ids, and `kls`, the exact (KL(teacher || student), KL(student ||
+    teacher)) per token (`tile_softmax.exact_kls`); otherwise they come from the full log-probs `logp`
+    and the tile's `teacher_logp`. With all three given, `logp` is not read and may be None.
 
     Returns the per-token values (n,) the gates and `gate_metrics` read: "student_entropy", "log_ratio"
     (log pi_s(y) - log pi_t(y)), "fkl_topk", and "fkl", "rkl" with the teacher's log-probs.
@@ -110,14 +107,13 @@ def student_metrics(
             clipped = ((ratio > hi) & (advantage > 0)) | ((ratio < lo) & (advantage < 0))
             metrics.add("ppo/clip_fraction", clipped.float())
             break
-    if tile.teacher_logp is not None:
+    if kls is None and tile.teacher_logp is not None:
         p_t = tile.teacher_p if tile.teacher_p is not None else exp_floored(tile.teacher_logp)
-        p_s = student_p if student_p is not None else exp_floored(logp)
         fkl = row_dot(p_t, tile.teacher_logp) - row_dot(p_t, logp)
-        # sum p_s log p_s is -student_entropy: computed above as row_dot(exp_floored(logp), logp), or
-        # handed over by the closed-form path, which has the same sum from its exp.
-        cross = row_dot(p_s, tile.teacher_logp)
-        rkl = -student_entropy - (cross if student_sums is None else cross / student_sums.squeeze(-1))
+        # sum p_s log p_s is -student_entropy, computed above as row_dot(exp_floored(logp), logp)
+        kls = fkl, -student_entropy - row_dot(exp_floored(logp), tile.teacher_logp)
+    if kls is not None:
+        fkl, rkl = kls
         metrics.add("div/fkl", fkl)
         metrics.add("div/rkl", rkl)
         metrics.add("div/fkl_high_entropy", fkl, high)

@@ -16,7 +16,7 @@ Two engines:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -85,20 +85,28 @@ class TileBuffers:
     a block that large with a fresh `mmap` and unmaps it on free, so a fresh tensor per tile is new memory
     that the kernel faults in and zeroes page by page, which took longer than the exp over it
     (docs/performance.md). A named buffer is allocated at the first tile (the largest) and its leading
-    rows are handed to the later ones, so a pass pays that once. A view stays valid until its name is
-    asked for again; the caller must be done with it by then.
+    rows are handed to the later ones, so a pass pays that once. A view stays valid until its name (or
+    the other name of its pair) is asked for again; the caller must be done with it by then.
+
+    Args:
+        pairs: second name -> first name: the two names' views are the halves of one allocation, the
+            second's rows a fixed distance after the first's, which lets one batched product read a row
+            of both (`tile_softmax.cross_dots`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pairs: Mapping[str, str] | None = None) -> None:
         self._buffers: dict[str, Tensor] = {}
+        self._first_of = dict(pairs or {})
 
     def take(self, name: str, rows: int, columns: int, device: torch.device) -> Tensor:
         """A float32 (rows, columns) view of the buffer `name`, of unspecified contents."""
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.shape[0] < rows or buffer.shape[1] != columns or buffer.device != device:
-            buffer = torch.empty((rows, columns), dtype=torch.float32, device=device)
-            self._buffers[name] = buffer
-        return buffer[:rows]
+        key = self._first_of.get(name, name)
+        halves = 2 if key in self._first_of.values() else 1
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape[1] < rows or buffer.shape[2] != columns or buffer.device != device:
+            buffer = torch.empty((halves, rows, columns), dtype=torch.float32, device=device)
+            self._buffers[key] = buffer
+        return buffer[int(key != name), :rows]
 
 
 def source_rows(source: LogitSource, index: Tensor) -> LogitSource:
@@ -130,59 +138,8 @@ def scaled_tile(
     return logits if temperature == 1.0 else logits.div_(temperature)
 
 
-def tile_distribution(
-    source: LogitSource, start: int, end: int, temperature: float, buffers: TileBuffers, prefix: str = ""
-) -> tuple[Tensor, Tensor]:
-    """log_softmax and softmax of logits / temperature for rows [start, end) of a flat source: (n, V)
-    each, the log-probs in the buffer `prefix + "logits"` and the probabilities in `prefix + "p"`
-    (`log_softmax_and_softmax_`)."""
-    logits = scaled_tile(source, start, end, temperature, buffers, prefix + "logits")
-    return log_softmax_and_softmax_(logits, buffers.take(prefix + "p", *logits.shape, logits.device))
-
-
 def source_device(source: LogitSource) -> torch.device:
     return source.hidden.device if isinstance(source, LinearLogits) else source.device
-
-
-def shifted_exp_(logits: Tensor, scratch: Tensor, maxes: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """logits - max per row, in place, and e = exp(logits - max) in `scratch` (the same shape), with its
-    row sums s (n, 1): log p = (logits - max) - log s, p = e / s. Infinite maxima are taken as 0;
-    `maxes` (n, 1) are the row maxima when the caller has them (`topk_groups` reads them).
-
-    The shift by the max keeps float32's resolution where it matters: the largest log-probs come out
-    near 0 with the resolution there, not that of the logits' magnitude, which logits - logsumexp
-    leaves. The exp is `exp_floored` at `division_floor` (EXP_FLOOR plus the log of the row's length,
-    -75 for a 151,936-id float32 row), so that e / s is never subnormal either: the floored values, at
-    most 2.7e-33 (float32) where the exact ones are smaller, add at most V * 2.7e-33 = 4e-28 to a sum
-    whose largest term is 1.
-    """
-    maxes = logits.amax(dim=-1, keepdim=True) if maxes is None else maxes.clone()
-    maxes.masked_fill_(maxes.abs() == math.inf, 0.0)
-    shifted = logits.sub_(maxes)
-    sums = exp_floored(shifted, out=scratch, floor=division_floor(shifted)).sum(dim=-1, keepdim=True)
-    return shifted, sums
-
-
-def shifted_entropy(shifted: Tensor, e: Tensor, sums: Tensor) -> Tensor:
-    """-sum p log p per row (n,) from `shifted_exp_`'s results: log s - sum(e (z - max)) / s."""
-    return torch.log(sums).squeeze(-1) - row_dot(e, shifted) / sums.squeeze(-1)
-
-
-def log_softmax_and_exp_(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    """log_softmax of logits, in place, and the row sums s (n, 1) of e = exp(logits - max), which it
-    leaves in `scratch`: `shifted_exp_` and one more pass for log p = (logits - max) - log s."""
-    shifted, sums = shifted_exp_(logits, scratch)
-    return shifted.sub_(torch.log(sums)), sums
-
-
-def log_softmax_and_softmax_(logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    """log_softmax of logits (in place) and the probabilities e / s (in `scratch`): (n, V) each.
-
-    The probabilities come from the exp that the log-softmax's sum already took, by one division per
-    value, not from a second exp of the log-probs (exp(log p) also carries the rounding of
-    log p = (z - max) - log s into p, about |log p| units in the last place)."""
-    logp, sums = log_softmax_and_exp_(logits, scratch)
-    return logp, scratch.div_(sums)
 
 
 # Whole numbers just above the log of each dtype's smallest normal number (float32: -87.34, float64:
@@ -345,6 +302,7 @@ def tiled_loss(
     *,
     chunk_size: int = 256,
     analytic_grad: bool = False,
+    buffers: TileBuffers | None = None,
 ) -> Tensor:
     """Sum of `tile_fn` over tiles of `chunk_size` positions of a flat (N, ...) student source.
 
@@ -356,6 +314,8 @@ def tiled_loss(
     Args:
         analytic_grad: `tile_fn` is a `TileValueAndGrad` that returns its tile's gradient itself (cheaper
             when the caller knows it in closed form); otherwise autograd differentiates a `TileLoss`.
+        buffers: where each tile's logits are written (the buffer "logits"), when the caller wants them
+            beside buffers of its own (`TileBuffers` pairs); fresh ones otherwise.
 
     Returns:
         A 0-dim float32 tensor, differentiable with respect to the student's hidden states and weight (or
@@ -364,9 +324,10 @@ def tiled_loss(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive number of token positions")
     value_and_grad = tile_fn if analytic_grad else partial(_tile_value_and_grad, tile_fn)
+    buffers = TileBuffers() if buffers is None else buffers
     if isinstance(student, LinearLogits):
-        return _LinearTiledLoss.apply(student.hidden, student.weight, value_and_grad, chunk_size)
-    return _LogitsTiledLoss.apply(student, value_and_grad, chunk_size)
+        return _LinearTiledLoss.apply(student.hidden, student.weight, value_and_grad, chunk_size, buffers)
+    return _LogitsTiledLoss.apply(student, value_and_grad, chunk_size, buffers)
 
 
 def _tile_value_and_grad(tile_fn: TileLoss, logits: Tensor, start: int, end: int, need_grad: bool):
@@ -383,14 +344,14 @@ def _tile_value_and_grad(tile_fn: TileLoss, logits: Tensor, start: int, end: int
 class _LinearTiledLoss(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int
+        ctx, hidden: Tensor, weight: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int, buffers
     ) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_h or need_w
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        source, buffers = LinearLogits(hidden, weight), TileBuffers()
+        source = LinearLogits(hidden, weight)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:end]
@@ -415,16 +376,15 @@ class _LinearTiledLoss(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if not bool(grad_output == 1):
             grads = [None if g is None else g * grad_output.to(g.dtype) for g in grads]
-        return grads[0], grads[1], None, None
+        return grads[0], grads[1], None, None, None
 
 
 class _LogitsTiledLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int) -> Tensor:
+    def forward(ctx, logits: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int, buffers) -> Tensor:
         need_grad = ctx.needs_input_grad[0]
         grad_logits = torch.zeros_like(logits) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        buffers = TileBuffers()
         for start in range(0, logits.shape[0], chunk_size):
             end = min(start + chunk_size, logits.shape[0])
             tile = source_tile(logits, start, end, buffers)  # a copy: the tile function may overwrite it
@@ -442,7 +402,7 @@ class _LogitsTiledLoss(torch.autograd.Function):
         (grad_logits,), ctx.grads = ctx.grads, None
         if grad_logits is not None and not bool(grad_output == 1):
             grad_logits = grad_logits * grad_output.to(grad_logits.dtype)
-        return grad_logits, None, None
+        return grad_logits, None, None, None
 
 
 def per_token_fused(

@@ -30,13 +30,13 @@ from eopd.objectives.fused import (
     detached,
     finite_at,
     source_rows,
-    tile_distribution,
     tiled_loss,
 )
 from eopd.objectives.gates import FULL_VOCABULARY_SIGNALS, PAPER_TAU, STUDENT_SIGNALS, Signals, as_signals
 from eopd.objectives.reduction import Metrics
 from eopd.objectives.teacher_stats import TeacherStats, teacher_token_stats
 from eopd.objectives.terms import Term, Tile, normalizer_weights
+from eopd.objectives.tile_softmax import softmaxed_tile, tile_distribution
 
 
 class ObjectiveOutput(NamedTuple):
@@ -357,10 +357,9 @@ class Objective:
                 )
             flat_token_logp = flat_tokens.new_zeros(flat_tokens.shape, dtype=torch.float32)
 
-        buffers = TileBuffers()  # the teacher's and the student's (n, V) tiles, reused from tile to tile
-
-        def teacher_distribution(start: int, end: int) -> tuple[Tensor, Tensor]:
-            return tile_distribution(flat_teacher, start, end, self.temperature, buffers, "teacher_")
+        # The student's and the teacher's (n, V) tiles, reused from tile to tile; each of the teacher's
+        # beside the student's in one allocation, so that one batched product reads a row of both.
+        buffers = TileBuffers(pairs={"teacher_logits": "logits", "teacher_p": "p"})
 
         def tile_loss(student_logits: Tensor, start: int, end: int) -> Tensor:
             logp = torch.log_softmax(student_logits / self.temperature, dim=-1)  # (n, V)
@@ -376,7 +375,9 @@ class Objective:
                 flat_token_logp[start:end] = token_logp.detach()
             tile.old_logprobs = token_logp.detach() if flat_old is None else flat_old[start:end]
             if flat_teacher is not None:
-                tile.teacher_logp, tile.teacher_p = teacher_distribution(start, end)
+                tile.teacher_logp, tile.teacher_p = tile_distribution(
+                    flat_teacher, start, end, self.temperature, buffers, "teacher_"
+                )
             total = logp.new_zeros(())
             for i, term in enumerate(self.terms):
                 values = term.spec.fn(logp, tile, term.options)
@@ -404,7 +405,7 @@ class Objective:
                 advantages=None if flat_advantages is None else flat_advantages[start:end],
             )
             if flat_teacher is not None:
-                tile.teacher_logp, tile.teacher_p = teacher_distribution(start, end)
+                tile.teacher = softmaxed_tile(flat_teacher, start, end, self.temperature, buffers, "teacher_")
             return loss_and_grad(
                 self.terms,
                 self.temperature,
@@ -420,10 +421,11 @@ class Objective:
                 buffers=buffers,
             )
 
-        if all(term.closed_form for term in self.terms):
-            loss = tiled_loss(flat_student, closed_form_tile, chunk_size=self.chunk_size, analytic_grad=True)
-        else:
-            loss = tiled_loss(flat_student, tile_loss, chunk_size=self.chunk_size)
+        closed = all(term.closed_form for term in self.terms)
+        tile_fn = closed_form_tile if closed else tile_loss
+        loss = tiled_loss(
+            flat_student, tile_fn, chunk_size=self.chunk_size, analytic_grad=closed, buffers=buffers
+        )
         if token_logprobs_out is not None:
             token_logprobs_out[mask] = flat_token_logp.to(token_logprobs_out.dtype)
         flat = {name: torch.cat(values) for name, values in per_token.items()}

@@ -19,13 +19,12 @@ from eopd.objectives.fused import (
     LogitSource,
     TileBuffers,
     scaled_tile,
-    shifted_entropy,
-    shifted_exp_,
     source_len,
     source_rows,
     topk_groups,
     topk_rows,
 )
+from eopd.objectives.tile_softmax import shifted_entropy, shifted_exp_
 
 
 @dataclass

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from eopd.objectives import divergences as D
-from eopd.objectives.fused import row_dot
 from eopd.objectives.gates import Gate, NoGate
 from eopd.objectives.policy_gradient import check_clip_range, ppo_clipped_reverse_kl, ppo_clipped_surrogate
 from eopd.objectives.teacher_stats import TeacherStats
+from eopd.objectives.tile_softmax import Softmaxed
 from eopd.schedules import Schedule, as_schedule, schedule_range
 
 
@@ -31,16 +31,15 @@ class Tile:
     tokens: Tensor
     old_logprobs: Tensor | None
     stats: TeacherStats
-    teacher_logp: Tensor | None  # (n, V) teacher log-probs when the full teacher is available
-    teacher_p: Tensor | None = None  # (n, V) the teacher's probabilities, with teacher_logp
+    # The teacher's full distribution on this tile, when the objective has its logits: as (n, V) log-probs
+    # and probabilities on the autograd path, unnormalised (`Softmaxed`) on the closed-form path.
+    teacher_logp: Tensor | None
+    teacher_p: Tensor | None = None
+    teacher: Softmaxed | None = None
     advantages: Tensor | None = None  # (n,) a task reward's advantage, for "ppo_reward"
-    # (n,) per-token values the diagnostics already computed from these tensors ("fkl", "rkl": the exact
-    # KLs, by the same expressions as the dense terms), so that a dense term need not recompute them
+    # (n,) per-token values the diagnostics computed: "student_entropy", and "fkl", "rkl" (the exact KLs)
+    # with the teacher's distribution; the dense terms' values are read from here
     known: Mapping[str, Tensor] | None = None
-
-
-def _known(tile: Tile, name: str) -> Tensor | None:
-    return None if tile.known is None else tile.known.get(name)
 
 
 # A term function maps the student's log-probs of a tile (n, V), differentiable, to per-token values (n,).
@@ -49,12 +48,13 @@ TermFn = Callable[[Tensor, Tile, Mapping[str, Any]], Tensor]
 # `support` gives those ids (n, m), `gathered` maps the log-probs there (n, m) to per-token values (n,).
 SupportFn = Callable[[Tile, Mapping[str, Any]], Tensor]
 GatheredFn = Callable[[Tensor, Tile, Mapping[str, Any]], Tensor]
-# A dense term with a closed-form derivative: dense(logp, p, tile, options, need_grad, consume) ->
-# (values (n,), G (n, V) or None), G = d values / d logp with sum_v G_v = 0 (the representative below),
-# which makes G the gradient with respect to the logits (times T); a tensor the caller may overwrite. With consume,
-# the function may build G in the memory of tile.teacher_logp / tile.teacher_p (set when the objective has
-# the teacher's logits), which nothing reads afterwards.
-DenseFn = Callable[[Tensor, Tensor, Tile, Mapping[str, Any], bool, bool], tuple[Tensor, Tensor | None]]
+# A dense term with a closed-form derivative: dense(student, tile, options, scale, consume) -> (values (n,),
+# scale x G (n, V), or None when scale is None), G = d values / d logp with sum_v G_v = 0 (the representative
+# below), which makes G the gradient with respect to the logits (times T). The student's tile comes
+# unnormalised (`Softmaxed`), the teacher's as `tile.teacher`; the values are the diagnostics' exact ones in
+# `tile.known`. The returned tensor is the caller's to overwrite; with consume, the function may build it
+# in the memory of tile.teacher, which nothing reads afterwards.
+DenseFn = Callable[[Softmaxed, Tile, Mapping[str, Any], Tensor | None, bool], tuple[Tensor, Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -146,35 +146,42 @@ def _entropy_bonus(logp: Tensor, tile: Tile, opt: Mapping[str, Any]) -> Tensor:
 # The log-probs stay on the simplex, so G + c p gives the same gradient for any c per row; each function
 # returns the representative with sum_v G_v = 0 (c = -sum_v G_v), which is also the gradient itself up to
 # 1/T and avoids subtracting two large, nearly equal rows: p - p_t, p (log p - log p_t - KL), p (log p + H).
-def _forward_kl_dense(logp, p, tile: Tile, opt, need_grad: bool, consume: bool):
-    values = _known(tile, "fkl")
-    if values is None:
-        values = row_dot(tile.teacher_p, tile.teacher_logp) - row_dot(tile.teacher_p, logp)
-    if not need_grad:
+# With log p = shifted - log s and p = e / s (`Softmaxed`), the per-row constants and 1/s fold into the
+# scale, so that no term forms log p or p in full.
+def _forward_kl_dense(student: Softmaxed, tile: Tile, opt, scale: Tensor | None, consume: bool):
+    values = tile.known["fkl"]
+    if scale is None:
         return values, None
-    if consume:  # p - p_t in p_t's memory
-        grad = torch.sub(p, tile.teacher_p, out=tile.teacher_p)
-        tile.teacher_logp, tile.teacher_p = None, None
-        return values, grad
-    return values, p - tile.teacher_p
+    teacher = tile.teacher
+    grad = torch.mul(
+        teacher.e, (-scale / teacher.sums.squeeze(-1))[:, None], out=teacher.e if consume else None
+    )
+    if consume:
+        tile.teacher = None
+    return values, grad.addcmul_(student.e, (scale / student.sums.squeeze(-1))[:, None])
 
 
-def _reverse_kl_dense(logp, p, tile: Tile, opt, need_grad: bool, consume: bool):
-    values = _known(tile, "rkl")
-    if values is None:
-        values = row_dot(p, logp) - row_dot(p, tile.teacher_logp)
-    if not need_grad:
+def _reverse_kl_dense(student: Softmaxed, tile: Tile, opt, scale: Tensor | None, consume: bool):
+    values = tile.known["rkl"]
+    if scale is None:
         return values, None
-    if consume:  # in log p_t's memory
-        grad, tile.teacher_logp, tile.teacher_p = tile.teacher_logp.neg_().add_(logp), None, None
-    else:
-        grad = logp - tile.teacher_logp
-    return values, grad.sub_(values[:, None]).mul_(p)
+    teacher = tile.teacher
+    # log p - log p_t - KL = shifted - shifted_t + (log s_t - log s - KL)
+    grad = torch.sub(student.shifted, teacher.shifted, out=teacher.shifted if consume else None)
+    if consume:
+        tile.teacher = None
+    constant = teacher.log_sums - student.log_sums - values
+    return values, grad.add_(constant[:, None]).mul_(student.e).mul_(
+        (scale / student.sums.squeeze(-1))[:, None]
+    )
 
 
-def _entropy_bonus_dense(logp, p, tile: Tile, opt, need_grad: bool, consume: bool):
-    values = row_dot(p, logp)  # = -H
-    return values, (logp - values[:, None]).mul_(p) if need_grad else None
+def _entropy_bonus_dense(student: Softmaxed, tile: Tile, opt, scale: Tensor | None, consume: bool):
+    values = -tile.known["student_entropy"]  # sum p log p
+    if scale is None:
+        return values, None
+    grad = torch.add(student.shifted, (-student.log_sums - values)[:, None])  # log p - values
+    return values, grad.mul_(student.e).mul_((scale / student.sums.squeeze(-1))[:, None])
 
 
 TERM_KINDS: dict[str, TermKind] = {

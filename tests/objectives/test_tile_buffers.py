@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from eopd.objectives import LinearLogits, preset, teacher_token_stats
-from eopd.objectives.fused import TileBuffers, log_softmax_and_exp_
+from eopd.objectives.fused import TileBuffers
 from eopd.objectives.presets import PRESETS
+from eopd.objectives.tile_softmax import log_softmax_and_exp_
 
 B, T, H, V = 3, 7, 8, 29  # 21 positions, 17 valid: tiles of 3 leave a last tile of 2
 
