@@ -17,7 +17,14 @@ warm-up call, into buffers already written once):
     (torch.log_softmax, a floored exp for the probabilities, their dot with the log-probs, torch.topk)
     and as `teacher_token_stats` computes it (`topk_groups` for the rows' maxima, `shifted_exp_`, the
     entropy from the exp, its row sums and the shifted logits, `topk_rows` on those groups), both from a
-    copy of the logits.
+    copy of the logits;
+  - the four row-wise sums of products of two pairs of (n, V) tensors: four `row_dot`s against
+    `cross_dots` on two `TileBuffers` pairs (one batched product);
+  - one loss tile of the full-vocabulary forward KL after its two matrix products (the student's
+    entropy, both exact KLs, the gradient times its coefficient), as computed before (both models'
+    log-probs and probabilities in full, four `row_dot`s, p - p_t) and as the closed-form path computes
+    it (`softmaxed` into a pair of buffers, `exact_kls`, the forward KL's dense gradient), both from a
+    copy of the two models' logits.
 Nothing here is a test: it prints milliseconds and ratios.
 """
 
@@ -30,17 +37,24 @@ import time
 from collections.abc import Callable
 
 import torch
+from eopd.objectives.tile_softmax import (
+    cross_dots,
+    exact_kls,
+    log_softmax_and_exp_,
+    log_softmax_and_softmax_,
+    shifted_exp_,
+    softmaxed,
+)
 
 from eopd.objectives.fused import (
     ROW_DOT_LOOP_MIN_COLUMNS,
+    TileBuffers,
     exp_floored,
-    log_softmax_and_exp_,
-    log_softmax_and_softmax_,
     row_dot,
-    shifted_exp_,
     topk_groups,
     topk_rows,
 )
+from eopd.objectives.terms import TERM_KINDS, Tile
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -149,6 +163,50 @@ def main() -> None:
         before = median_ms(lambda x=x: stats_before(x), args.repeats)
         after = median_ms(lambda x=x: stats_after(x), args.repeats)
         print(f"{f'{low:.0f}-{high:.0f}':>10} {before:10.1f} {after:9.1f} {before / after:6.2f}x")
+
+    loss_tile(n, vocab, generator, args.repeats)
+
+
+def loss_tile(n: int, vocab: int, generator: torch.Generator, repeats: int) -> None:
+    cpu = torch.device("cpu")
+    buffers = TileBuffers(pairs={"teacher_logits": "logits", "teacher_p": "p"})
+    pair = [buffers.take(name, n, vocab, cpu) for name in ("logits", "teacher_logits", "p", "teacher_p")]
+    for x in pair:
+        x.copy_(torch.randn(n, vocab, generator=generator))
+    apart = [torch.empty(n, vocab).copy_(x) for x in pair]
+    print(f"\nthe four row-wise sums of products of two pairs of ({n}, {vocab}) float32 tensors")
+    print(f"{'4 row_dot ms':>13} {'cross_dots ms':>14} {'ratio':>7}")
+    dots = median_ms(lambda: [row_dot(a, b) for a in apart[2:] for b in apart[:2]], repeats)
+    batched = median_ms(lambda: cross_dots((pair[2], pair[3]), (pair[0], pair[1])), repeats)
+    print(f"{dots:13.1f} {batched:14.1f} {dots / batched:6.2f}x")
+
+    # The benchmark's models: a student of logit scale 3, a teacher of scale 5-50 per row.
+    z_s = torch.randn(n, vocab, generator=generator) * 3.0
+    z_t = torch.randn(n, vocab, generator=generator) * torch.exp(
+        torch.empty(n, 1).uniform_(1.6, 3.9, generator=generator)
+    )
+    coefficient = torch.rand(n, generator=generator)
+
+    def before() -> None:
+        logp_t, p_t = log_softmax_and_softmax_(apart[1].copy_(z_t), apart[3])
+        logp, p = log_softmax_and_softmax_(apart[0].copy_(z_s), apart[2])
+        -row_dot(p, logp), row_dot(p_t, logp_t) - row_dot(p_t, logp), row_dot(p, logp_t)
+        torch.sub(p, p_t, out=p_t).mul_(coefficient[:, None])
+
+    def after() -> None:
+        teacher = softmaxed(pair[1].copy_(z_t), pair[3])
+        student = softmaxed(pair[0].copy_(z_s), pair[2])
+        _, fkl, _ = exact_kls(student, teacher)
+        tile = Tile(
+            tokens=None, old_logprobs=None, stats=None, teacher_logp=None, teacher=teacher, known={"fkl": fkl}
+        )
+        TERM_KINDS["forward_kl"].dense(student, tile, {}, coefficient, True)
+
+    copies = median_ms(lambda: (apart[0].copy_(z_s), apart[1].copy_(z_t)), repeats)
+    print(f"\none loss tile of the full-vocabulary forward KL, ({n}, {vocab}), the logits' copies subtracted")
+    print(f"{'before ms':>10} {'after ms':>9} {'ratio':>7}")
+    took_before, took_after = median_ms(before, repeats) - copies, median_ms(after, repeats) - copies
+    print(f"{took_before:10.1f} {took_after:9.1f} {took_before / took_after:6.2f}x")
 
 
 if __name__ == "__main__":
