@@ -128,9 +128,9 @@ def cross_dots(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> Tensor:
     """d[:, i, j] = sum_v a[i][:, v] * b[j][:, v] for four (n, V) tensors: (n, 2, 2).
 
     When each pair is the two halves of one allocation (`pair_view`) this is one batched product of
-    (n, 2, V) by (n, V, 2), which reads each tensor once: 29 ms against 74 ms for four `row_dot`s at
-    (256, 151,936), 2 threads of an Intel Xeon, under both kernel sets (docs/performance.md). Otherwise,
-    and under autograd, the four `row_dot`s.
+    (n, 2, V) by (n, V, 2), which reads each tensor once: 26-29 ms against 67-73 ms for four `row_dot`s
+    at (256, 151,936), 2 threads of an Intel Xeon, under both kernel sets (`scripts/bench_tile_kernels.py`).
+    Otherwise, and under autograd, the four `row_dot`s.
     """
     pair_a, pair_b = pair_view(*a), pair_view(*b)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*a, *b))
