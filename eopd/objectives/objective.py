@@ -357,9 +357,10 @@ class Objective:
                 )
             flat_token_logp = flat_tokens.new_zeros(flat_tokens.shape, dtype=torch.float32)
 
-        # The student's and the teacher's (n, V) tiles, reused from tile to tile; each of the teacher's
-        # beside the student's in one allocation, so that one batched product reads a row of both.
-        buffers = TileBuffers(pairs={"teacher_logits": "logits", "teacher_p": "p"})
+        # The (n, V) tiles, reused from tile to tile; each of the teacher's beside the student's in one
+        # allocation, so that one batched product reads a row of both (`TileBuffers` pairs).
+        pairs = None if flat_teacher is None else {"teacher_logits": "logits", "teacher_p": "p"}
+        buffers = TileBuffers(pairs=pairs)
 
         def tile_loss(student_logits: Tensor, start: int, end: int) -> Tensor:
             logp = torch.log_softmax(student_logits / self.temperature, dim=-1)  # (n, V)
