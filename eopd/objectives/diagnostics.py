@@ -78,7 +78,7 @@ def student_metrics(
     and the tile's `teacher_logp`. With all three given, `logp` is not read and may be None.
 
     Returns the per-token values (n,) the gates and `gate_metrics` read: "student_entropy", "log_ratio"
-    (log pi_s(y) - log pi_t(y)), "fkl_topk", and "fkl", "rkl" with the teacher's log-probs.
+    (log pi_s(y) - log pi_t(y)), "fkl_topk", and "fkl", "rkl" with the teacher's distribution.
     """
     stats = tile.stats
     high = (stats.entropy >= diagnostic_tau).float()

@@ -344,7 +344,12 @@ def _tile_value_and_grad(tile_fn: TileLoss, logits: Tensor, start: int, end: int
 class _LinearTiledLoss(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int, buffers
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        value_and_grad: TileValueAndGrad,
+        chunk_size: int,
+        buffers: TileBuffers,
     ) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_h or need_w
@@ -381,7 +386,9 @@ class _LinearTiledLoss(torch.autograd.Function):
 
 class _LogitsTiledLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int, buffers) -> Tensor:
+    def forward(
+        ctx, logits: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int, buffers: TileBuffers
+    ) -> Tensor:
         need_grad = ctx.needs_input_grad[0]
         grad_logits = torch.zeros_like(logits) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
