@@ -37,14 +37,6 @@ import time
 from collections.abc import Callable
 
 import torch
-from eopd.objectives.tile_softmax import (
-    cross_dots,
-    exact_kls,
-    log_softmax_and_exp_,
-    log_softmax_and_softmax_,
-    shifted_exp_,
-    softmaxed,
-)
 
 from eopd.objectives.fused import (
     ROW_DOT_LOOP_MIN_COLUMNS,
@@ -55,6 +47,14 @@ from eopd.objectives.fused import (
     topk_rows,
 )
 from eopd.objectives.terms import TERM_KINDS, Tile
+from eopd.objectives.tile_softmax import (
+    cross_dots,
+    exact_kls,
+    log_softmax_and_exp_,
+    log_softmax_and_softmax_,
+    shifted_exp_,
+    softmaxed,
+)
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

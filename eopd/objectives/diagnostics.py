@@ -82,8 +82,10 @@ def student_metrics(
     """
     stats = tile.stats
     high = (stats.entropy >= diagnostic_tau).float()
+    p_s = None  # the student's probabilities, formed from logp once where a sum reads them
     if student_entropy is None:
-        student_entropy = -row_dot(exp_floored(logp), logp)
+        p_s = exp_floored(logp)
+        student_entropy = -row_dot(p_s, logp)
     metrics.add("entropy/student", student_entropy)
     metrics.add("entropy/student_high_frac", (student_entropy >= diagnostic_tau).float())
     log_ratio = token_logp - stats.token_logprobs
@@ -110,8 +112,8 @@ def student_metrics(
     if kls is None and tile.teacher_logp is not None:
         p_t = tile.teacher_p if tile.teacher_p is not None else exp_floored(tile.teacher_logp)
         fkl = row_dot(p_t, tile.teacher_logp) - row_dot(p_t, logp)
-        # sum p_s log p_s is -student_entropy, computed above as row_dot(exp_floored(logp), logp)
-        kls = fkl, -student_entropy - row_dot(exp_floored(logp), tile.teacher_logp)
+        p_s = exp_floored(logp) if p_s is None else p_s
+        kls = fkl, -student_entropy - row_dot(p_s, tile.teacher_logp)  # sum p_s log p_s = -student_entropy
     if kls is not None:
         fkl, rkl = kls
         metrics.add("div/fkl", fkl)

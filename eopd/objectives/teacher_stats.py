@@ -24,7 +24,7 @@ from eopd.objectives.fused import (
     topk_groups,
     topk_rows,
 )
-from eopd.objectives.tile_softmax import shifted_entropy, shifted_exp_
+from eopd.objectives.tile_softmax import softmaxed
 
 
 @dataclass
@@ -151,14 +151,13 @@ def teacher_token_stats(
         end = min(start + chunk_size, n)
         logits = scaled_tile(flat, start, end, temperature, buffers)  # (n, V)
         groups = topk_groups(logits, k)  # the top-k's candidate groups, read with the rows' maxima
-        # e = exp(logits - max) (floored) and its row sums s: log p = (logits - max) - log s, formed only
-        # at the ids gathered, and the entropy from e (`shifted_entropy`).
+        # z - max, e = exp(z - max) (floored) and its row sums s: log p is formed only at the ids gathered,
+        # the entropy from e (`Softmaxed`).
         e = buffers.take("exp", *logits.shape, logits.device)
-        shifted, sums = shifted_exp_(logits, scratch=e, maxes=None if groups is None else groups[1])
-        log_sums = torch.log(sums)  # (n, 1)
-        token_logprobs[start:end] = (shifted.gather(-1, flat_tokens[start:end, None]) - log_sums).squeeze(-1)
-        entropy[start:end] = shifted_entropy(shifted, e, sums)
-        values, topk_indices[start:end] = topk_rows(shifted, k, groups)
-        topk_logprobs[start:end] = values - log_sums
+        teacher = softmaxed(logits, e, maxes=None if groups is None else groups[1])
+        token_logprobs[start:end] = teacher.log_probs_at(flat_tokens[start:end, None]).squeeze(-1)
+        entropy[start:end] = teacher.entropy()
+        values, topk_indices[start:end] = topk_rows(teacher.shifted, k, groups)
+        topk_logprobs[start:end] = values - teacher.log_sums[:, None]
     flat_stats = TeacherStats(token_logprobs, entropy, topk_logprobs, topk_indices, temperature=temperature)
     return flat_stats.reshaped(lead)

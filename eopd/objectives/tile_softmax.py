@@ -92,9 +92,10 @@ class Softmaxed:
         return shifted_entropy(self.shifted, self.e, self.sums)
 
 
-def softmaxed(logits: Tensor, scratch: Tensor) -> Softmaxed:
-    """`shifted_exp_` of a tile of logits (overwritten with z - max), e in `scratch`."""
-    shifted, sums = shifted_exp_(logits, scratch)
+def softmaxed(logits: Tensor, scratch: Tensor, maxes: Tensor | None = None) -> Softmaxed:
+    """`shifted_exp_` of a tile of logits (overwritten with z - max), e in `scratch`; `maxes` (n, 1) the
+    rows' maxima when the caller has them."""
+    shifted, sums = shifted_exp_(logits, scratch, maxes)
     return Softmaxed(shifted, scratch, sums)
 
 
@@ -145,7 +146,7 @@ def exact_kls(student: Softmaxed, teacher: Softmaxed) -> tuple[Tensor, Tensor, T
     log p = shifted - log s and sum_v p = 1, sum_v p_a log p_b = (e_a . shifted_b) / s_a - log s_b."""
     d = cross_dots((student.e, teacher.e), (student.shifted, teacher.shifted))
     s_s, s_t = student.sums.squeeze(-1), teacher.sums.squeeze(-1)
-    log_s, log_t = torch.log(s_s), torch.log(s_t)
+    log_s, log_t = student.log_sums, teacher.log_sums
     entropy = log_s - d[:, 0, 0] / s_s
     forward = (d[:, 1, 1] - d[:, 1, 0]) / s_t - log_t + log_s
     reverse = (d[:, 0, 0] - d[:, 0, 1]) / s_s - log_s + log_t
