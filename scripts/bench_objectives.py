@@ -209,14 +209,17 @@ def bare_products(objective: str, x: Inputs, chunk_size: int) -> None:
         source_tile(teacher, start, min(start + chunk_size, hidden_t.shape[0]), buffers)  # (n, V), dropped
     buffers = TileBuffers()
     grad_hidden = torch.empty_like(hidden_s)
-    grad_weight = torch.zeros_like(x.weight_s)
+    grad_weight = torch.empty_like(x.weight_s)  # written by the first tile's product, as in the fused path
     for start in range(0, hidden_s.shape[0], chunk_size):
         end = min(start + chunk_size, hidden_s.shape[0])
         logits_s = source_tile(student, start, end, buffers, "s")  # (n, V)
         if objective == "fkl":  # the loss tile's teacher logits, dropped
             source_tile(teacher, start, end, buffers, "t")
         torch.mm(logits_s, x.weight_s, out=grad_hidden[start:end])
-        grad_weight.addmm_(logits_s.T, hidden_s[start:end])
+        if start == 0:
+            torch.mm(logits_s.T, hidden_s[start:end], out=grad_weight)
+        else:
+            grad_weight.addmm_(logits_s.T, hidden_s[start:end])
 
 
 # ---- measurement (each call runs in a fresh process) ---------------------------------------------

@@ -128,3 +128,18 @@ def test_log_softmax_in_place_keeps_float32_resolution_near_zero_at_a_large_logi
     result, _ = log_softmax_and_exp_(logits.clone(), scratch=torch.empty_like(logits))
     assert float((result[:, :2].double() - reference[:, :2]).abs().max()) < 1e-6  # logsumexp's form: 7e-6
     torch.testing.assert_close(result.double(), reference, rtol=1e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["eopd", "fkl"])
+def test_the_weight_gradient_is_written_by_the_first_tile_and_zero_without_one(name):
+    # The output weight's gradient is not zeroed before the tiles: the first tile's product writes it.
+    # With no valid position there is no tile, and the gradient must still be zeros, not whatever the
+    # allocator hands back (made likely here by freeing a NaN-filled tensor of the same shape first).
+    batch = _batch()
+    for mask in (batch["mask"], torch.zeros_like(batch["mask"])):
+        stale = torch.full_like(batch["ws"], math.nan)
+        del stale
+        _, grad_h, grad_w, _, _ = _run(name, 3, dict(batch, mask=mask), 1.0)
+        assert torch.isfinite(grad_w).all() and torch.isfinite(grad_h).all()
+        if not mask.any():
+            assert grad_w.abs().max() == 0 and grad_h.abs().max() == 0
