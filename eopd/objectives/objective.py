@@ -362,15 +362,18 @@ class Objective:
         pairs = None if flat_teacher is None else {"teacher_logits": "logits", "teacher_p": "p"}
         buffers = TileBuffers(pairs=pairs)
 
-        def tile_loss(student_logits: Tensor, start: int, end: int) -> Tensor:
-            logp = torch.log_softmax(student_logits / self.temperature, dim=-1)  # (n, V)
-            tile = Tile(
+        def rows_tile(start: int, end: int, old_logprobs: Tensor | None) -> Tile:
+            return Tile(
                 tokens=flat_tokens[start:end],
-                old_logprobs=None,
+                old_logprobs=old_logprobs,
                 stats=stats.rows(slice(start, end)),
                 teacher_logp=None,
                 advantages=None if flat_advantages is None else flat_advantages[start:end],
             )
+
+        def tile_loss(student_logits: Tensor, start: int, end: int) -> Tensor:
+            logp = torch.log_softmax(student_logits / self.temperature, dim=-1)  # (n, V)
+            tile = rows_tile(start, end, None)
             token_logp = logp.gather(-1, tile.tokens[:, None]).squeeze(-1)
             if flat_token_logp is not None:
                 flat_token_logp[start:end] = token_logp.detach()
@@ -398,15 +401,12 @@ class Objective:
             return total
 
         def closed_form_tile(student_logits: Tensor, start: int, end: int, need_grad: bool):
-            tile = Tile(
-                tokens=flat_tokens[start:end],
-                old_logprobs=None if flat_old is None else flat_old[start:end],
-                stats=stats.rows(slice(start, end)),
-                teacher_logp=None,
-                advantages=None if flat_advantages is None else flat_advantages[start:end],
-            )
+            tile = rows_tile(start, end, None if flat_old is None else flat_old[start:end])
             if flat_teacher is not None:
-                tile.teacher = softmaxed_tile(flat_teacher, start, end, self.temperature, buffers, "teacher_")
+                peaks = tile.stats.topk_indices[:, :1]  # where the teacher's maxima lie: a gather, no pass
+                tile.teacher = softmaxed_tile(
+                    flat_teacher, start, end, self.temperature, buffers, "teacher_", peaks
+                )
             return loss_and_grad(
                 self.terms,
                 self.temperature,

@@ -20,7 +20,7 @@ from eopd.objectives import divergences as D
 from eopd.objectives.gates import Gate, NoGate
 from eopd.objectives.policy_gradient import check_clip_range, ppo_clipped_reverse_kl, ppo_clipped_surrogate
 from eopd.objectives.teacher_stats import TeacherStats
-from eopd.objectives.tile_softmax import Softmaxed
+from eopd.objectives.tile_softmax import Softmaxed, pair_combination
 from eopd.schedules import Schedule, as_schedule, schedule_range
 
 
@@ -153,12 +153,18 @@ def _forward_kl_dense(student: Softmaxed, tile: Tile, opt, scale: Tensor | None,
     if scale is None:
         return values, None
     teacher = tile.teacher
-    grad = torch.mul(
-        teacher.e, (-scale / teacher.sums.squeeze(-1))[:, None], out=teacher.e if consume else None
+    # c (p - p_t) = e (c / s) - e_t (c / s_t); a consumed teacher's z - max is no longer read: its memory
+    # takes the gradient.
+    grad = pair_combination(
+        student.e,
+        teacher.e,
+        scale / student.sums.squeeze(-1),
+        -scale / teacher.sums.squeeze(-1),
+        out=teacher.shifted if consume else None,
     )
     if consume:
         tile.teacher = None
-    return values, grad.addcmul_(student.e, (scale / student.sums.squeeze(-1))[:, None])
+    return values, grad
 
 
 def _reverse_kl_dense(student: Softmaxed, tile: Tile, opt, scale: Tensor | None, consume: bool):

@@ -86,7 +86,8 @@ def test_exact_kls_and_entropy_match_float64_definitions(columns, paired):
 
 def test_the_objective_reads_its_full_vocabulary_sums_from_one_batched_product(monkeypatch):
     # The student's tile and the teacher's are halves of one allocation: every exact KL and the
-    # student's entropy come from the batched product, never from the row-dot fallback.
+    # student's entropy come from the batched product, never from the row-dot fallback, and so does
+    # the forward KL's gradient.
     g = torch.Generator().manual_seed(2)
     hs, ws = torch.randn(2, 5, 8, generator=g).requires_grad_(), torch.randn(40, 8, generator=g)
     teacher = LinearLogits(torch.randn(2, 5, 8, generator=g) * 4, torch.randn(40, 8, generator=g))
@@ -96,10 +97,47 @@ def test_the_objective_reads_its_full_vocabulary_sums_from_one_batched_product(m
     def no_row_dot(*args):
         raise AssertionError("a row-dot fallback ran")
 
+    class NoMultiply:  # torch, but for the forward KL gradient's multiply-and-addcmul fallback
+        def __getattr__(self, name):
+            if name == "mul":
+                raise AssertionError("the gradient's multiply-and-addcmul fallback ran")
+            return getattr(torch, name)
+
     monkeypatch.setattr(ts, "row_dot", no_row_dot)
+    monkeypatch.setattr(ts, "torch", NoMultiply())
     for name in ("fkl", "rkl"):
         out = preset(name, top_k=4, chunk_size=3)(
             student=LinearLogits(hs, ws), tokens=tokens, mask=mask, teacher_stats=stats, teacher=teacher
         )
         out.loss.backward()
         assert torch.isfinite(hs.grad).all() and out.metrics.means()["div/fkl"] > 0
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_pair_combination_is_the_row_weighted_sum_of_the_two_tiles(paired):
+    first, second, out, _ = _pairs(ROW_DOT_LOOP_MIN_COLUMNS + 100, paired)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(5, generator=g), -torch.rand(5, generator=g)
+    reference = a[:, None].double() * first.double() + b[:, None].double() * second.double()
+    torch.testing.assert_close(ts.pair_combination(first, second, a, b).double(), reference)
+    result = ts.pair_combination(first, second, a, b, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out.double(), reference)
+    # Into the second tile's own memory (the fallback's in-place form).
+    torch.testing.assert_close(ts.pair_combination(first, second, a, b, out=second).double(), reference)
+
+
+def test_the_peak_ids_shift_is_the_maxima_and_a_wrong_id_is_shifted_again():
+    g = torch.Generator().manual_seed(4)
+    rows, columns = 6, 9000
+    z = torch.randn(rows, columns, generator=g) * torch.tensor([1.0, 5.0, 20.0, 60.0, 60.0, 3.0])[:, None]
+    expected = ts.softmaxed(z.clone(), torch.empty_like(z))
+    peaks = z.argmax(-1, keepdim=True)
+    for ids in (peaks, (peaks + 1) % columns, torch.zeros_like(peaks)):  # the peaks, then wrong ids
+        got = ts.softmaxed(z.clone(), torch.empty_like(z), peak_ids=ids)
+        assert float(got.shifted.amax()) == 0.0 and bool((got.sums <= columns).all())
+        torch.testing.assert_close(got.shifted, expected.shifted, rtol=0, atol=1e-4)
+        torch.testing.assert_close(got.sums, expected.sums)
+        torch.testing.assert_close(got.entropy(), expected.entropy(), rtol=1e-5, atol=1e-5)
+    exact = ts.softmaxed(z.clone(), torch.empty_like(z), peak_ids=peaks)
+    assert torch.equal(exact.shifted, expected.shifted) and torch.equal(exact.sums, expected.sums)
