@@ -20,11 +20,15 @@ warm-up call, into buffers already written once):
     copy of the logits;
   - the four row-wise sums of products of two pairs of (n, V) tensors: four `row_dot`s against
     `cross_dots` on two `TileBuffers` pairs (one batched product);
+  - the forward KL's gradient from the two exps, e_s (c / s_s) - e_t (c / s_t): a multiply and an
+    addcmul against `pair_combination` (one batched product over a `TileBuffers` pair);
+  - the teacher's shift: its tile's row maxima (amax) against the logits gathered at its top-1 ids
+    (as the loss pass reads them from the teacher's statistics);
   - one loss tile of the full-vocabulary forward KL after its two matrix products (the student's
     entropy, both exact KLs, the gradient times its coefficient), as computed before (both models'
     log-probs and probabilities in full, four `row_dot`s, p - p_t) and as the closed-form path computes
-    it (`softmaxed` into a pair of buffers, `exact_kls`, the forward KL's dense gradient), both from a
-    copy of the two models' logits.
+    it (`softmaxed` into a pair of buffers, the teacher's shift at its top-1 ids, `exact_kls`, the
+    forward KL's dense gradient), both from a copy of the two models' logits.
 Nothing here is a test: it prints milliseconds and ratios.
 """
 
@@ -52,6 +56,7 @@ from eopd.objectives.tile_softmax import (
     exact_kls,
     log_softmax_and_exp_,
     log_softmax_and_softmax_,
+    pair_combination,
     shifted_exp_,
     softmaxed,
 )
@@ -186,6 +191,22 @@ def loss_tile(n: int, vocab: int, generator: torch.Generator, repeats: int) -> N
         torch.empty(n, 1).uniform_(1.6, 3.9, generator=generator)
     )
     coefficient = torch.rand(n, generator=generator)
+    peaks = z_t.argmax(-1, keepdim=True)  # the teacher's top-1 ids, as its statistics hold them
+
+    a, b = torch.rand(n, generator=generator), -torch.rand(n, generator=generator)
+    print(f"\nthe forward KL's gradient a e_s + b e_t per row from two ({n}, {vocab}) float32 tensors")
+    print(f"{'mul + addcmul ms':>17} {'pair_combination ms':>20} {'ratio':>7}")
+    two = median_ms(
+        lambda: torch.mul(apart[3], b[:, None], out=apart[1]).addcmul_(apart[2], a[:, None]), repeats
+    )
+    one = median_ms(lambda: pair_combination(pair[2], pair[3], a, b, out=pair[1]), repeats)
+    print(f"{two:17.1f} {one:20.1f} {two / one:6.2f}x")
+
+    print(f"\nthe teacher's shift of a ({n}, {vocab}) tile of logits (scale 5-50 per row)")
+    print(f"{'amax ms':>8} {'gather at top-1 ms':>19} {'ratio':>7}")
+    amax = median_ms(lambda: z_t.amax(-1, keepdim=True), repeats)
+    gathered = median_ms(lambda: z_t.gather(-1, peaks), repeats)
+    print(f"{amax:8.1f} {gathered:19.3f} {amax / gathered:6.0f}x")
 
     def before() -> None:
         logp_t, p_t = log_softmax_and_softmax_(apart[1].copy_(z_t), apart[3])
@@ -194,7 +215,7 @@ def loss_tile(n: int, vocab: int, generator: torch.Generator, repeats: int) -> N
         torch.sub(p, p_t, out=p_t).mul_(coefficient[:, None])
 
     def after() -> None:
-        teacher = softmaxed(pair[1].copy_(z_t), pair[3])
+        teacher = softmaxed(pair[1].copy_(z_t), pair[3], peak_ids=peaks)
         student = softmaxed(pair[0].copy_(z_s), pair[2])
         _, fkl, _ = exact_kls(student, teacher)
         tile = Tile(
