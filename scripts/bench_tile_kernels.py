@@ -20,8 +20,9 @@ warm-up call, into buffers already written once):
     copy of the logits;
   - the four row-wise sums of products of two pairs of (n, V) tensors: four `row_dot`s against
     `cross_dots` on two `TileBuffers` pairs (one batched product);
-  - the forward KL's gradient from the two exps, e_s (c / s_s) - e_t (c / s_t): a multiply and an
-    addcmul against `pair_combination` (one batched product over a `TileBuffers` pair);
+  - the forward KL's gradient from the two exps, e_s (c / s_s) - e_t (c / s_t), at a few tile sizes: a
+    multiply and an addcmul against one batched product over a `TileBuffers` pair (which
+    `pair_combination` takes from `PAIR_COMBINATION_MIN_VALUES` values per tile);
   - the teacher's shift: its tile's row maxima (amax) against the logits gathered at its top-1 ids
     (as the loss pass reads them from the teacher's statistics);
   - one loss tile of the full-vocabulary forward KL after its two matrix products (the student's
@@ -42,6 +43,7 @@ from collections.abc import Callable
 
 import torch
 
+from eopd.objectives import tile_softmax
 from eopd.objectives.fused import (
     ROW_DOT_LOOP_MIN_COLUMNS,
     TileBuffers,
@@ -52,6 +54,7 @@ from eopd.objectives.fused import (
 )
 from eopd.objectives.terms import TERM_KINDS, Tile
 from eopd.objectives.tile_softmax import (
+    PAIR_COMBINATION_MIN_VALUES,
     cross_dots,
     exact_kls,
     log_softmax_and_exp_,
@@ -172,6 +175,28 @@ def main() -> None:
     loss_tile(n, vocab, generator, args.repeats)
 
 
+def combination_ms(rows: int, columns: int, generator: torch.Generator, repeats: int) -> tuple[float, ...]:
+    """a e_s + b e_t per row into a third tensor, median milliseconds of: a multiply and an addcmul on two
+    separate tensors; `pair_combination`'s batched product on the two halves of a `TileBuffers` pair (its
+    threshold set to 0 for this timing); `pair_combination` as it is, which takes one or the other."""
+    buffers = TileBuffers(pairs={"second": "first"})
+    first, second = (buffers.take(name, rows, columns, torch.device("cpu")) for name in ("first", "second"))
+    first.normal_(generator=generator), second.normal_(generator=generator)
+    first_apart, second_apart, out = first.clone(), second.clone(), torch.empty(rows, columns)
+    a, b = torch.rand(rows, generator=generator), -torch.rand(rows, generator=generator)
+    two = median_ms(
+        lambda: torch.mul(second_apart, b[:, None], out=out).addcmul_(first_apart, a[:, None]), repeats
+    )
+    shipped = median_ms(lambda: pair_combination(first, second, a, b, out=out), repeats)
+    threshold = tile_softmax.PAIR_COMBINATION_MIN_VALUES
+    tile_softmax.PAIR_COMBINATION_MIN_VALUES = 0
+    try:
+        batched = median_ms(lambda: pair_combination(first, second, a, b, out=out), repeats)
+    finally:
+        tile_softmax.PAIR_COMBINATION_MIN_VALUES = threshold
+    return two, batched, shipped
+
+
 def loss_tile(n: int, vocab: int, generator: torch.Generator, repeats: int) -> None:
     cpu = torch.device("cpu")
     buffers = TileBuffers(pairs={"teacher_logits": "logits", "teacher_p": "p"})
@@ -193,14 +218,16 @@ def loss_tile(n: int, vocab: int, generator: torch.Generator, repeats: int) -> N
     coefficient = torch.rand(n, generator=generator)
     peaks = z_t.argmax(-1, keepdim=True)  # the teacher's top-1 ids, as its statistics hold them
 
-    a, b = torch.rand(n, generator=generator), -torch.rand(n, generator=generator)
-    print(f"\nthe forward KL's gradient a e_s + b e_t per row from two ({n}, {vocab}) float32 tensors")
-    print(f"{'mul + addcmul ms':>17} {'pair_combination ms':>20} {'ratio':>7}")
-    two = median_ms(
-        lambda: torch.mul(apart[3], b[:, None], out=apart[1]).addcmul_(apart[2], a[:, None]), repeats
+    print("\nthe forward KL's gradient a e_s + b e_t per row from two (rows, V) float32 tensors: a multiply")
+    print(
+        f"  and an addcmul against one batched product (`pair_combination` from {PAIR_COMBINATION_MIN_VALUES:,} values)"
     )
-    one = median_ms(lambda: pair_combination(pair[2], pair[3], a, b, out=pair[1]), repeats)
-    print(f"{two:17.1f} {one:20.1f} {two / one:6.2f}x")
+    print(
+        f"{'rows':>6} {'V':>8} {'mul + addcmul ms':>17} {'batched ms':>11} {'ratio':>7} {'as chosen ms':>13}"
+    )
+    for rows, columns in ((8, 32_768), (32, 8_192), (128, 8_192), (32, 32_768), (256, 32_768), (n, vocab)):
+        two, batched, chosen = combination_ms(rows, columns, generator, repeats)
+        print(f"{rows:6d} {columns:8d} {two:17.3f} {batched:11.3f} {two / batched:6.2f}x {chosen:13.3f}")
 
     print(f"\nthe teacher's shift of a ({n}, {vocab}) tile of logits (scale 5-50 per row)")
     print(f"{'amax ms':>8} {'gather at top-1 ms':>19} {'ratio':>7}")

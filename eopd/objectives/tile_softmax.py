@@ -100,7 +100,7 @@ def softmaxed(
 
     `peak_ids` (n, 1) are the ids where the rows' maxima are expected, e.g. a teacher's top-1 from its
     statistics. On the CPU the shift is then read there, one gather instead of a pass over the tile
-    (25 ms of a (256, 151,936) tile unvectorised, 10 ms with AVX-512). The shift need not be the exact
+    (23-25 ms of a (256, 151,936) tile unvectorised, 9 ms with AVX-512; `scripts/bench_tile_kernels.py`). The shift need not be the exact
     maximum, only its value at some id; a row whose id was not its peak shows it in its sum: every
     exp(z - z[id]) at most 1 gives s <= V. A tile where a sum is above V (or not a number) is shifted
     again by its maxima, which leaves z - max and e as if `maxes` had been read.
@@ -161,18 +161,25 @@ def cross_dots(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> Tensor:
     return torch.stack([torch.stack([row_dot(x, y) for y in b], dim=-1) for x in a], dim=1)
 
 
+# From this many values per tile `pair_combination` takes the batched product: below it, at (32, 8,192) or
+# (8, 32,768) say, that path's fixed cost (about 40 us: the weights' stack, the pair's checks) outweighs
+# the pass it saves (AVX-512 kernels, 2 threads of an Intel Xeon; `scripts/bench_tile_kernels.py`).
+PAIR_COMBINATION_MIN_VALUES = 1 << 20
+
+
 def pair_combination(
     first: Tensor, second: Tensor, a: Tensor, b: Tensor, out: Tensor | None = None
 ) -> Tensor:
     """a[:, None] * first + b[:, None] * second for two (n, V) tensors and weights a, b (n,): (n, V), in
     `out` when it is given (which must not be `first`).
 
-    When the two are the halves of one allocation (`pair_view`) this is one batched product of (n, 1, 2)
-    by (n, 2, V), which reads each once and writes the result once: 25-29 ms against 37-57 ms for a
-    multiply and an addcmul at (256, 151,936), 2 threads of an Intel Xeon, both kernel sets
-    (`scripts/bench_tile_kernels.py`). Otherwise, and under autograd, that multiply and addcmul.
+    When the two are the halves of one allocation (`pair_view`) of at least `PAIR_COMBINATION_MIN_VALUES`
+    each, this is one batched product of (n, 1, 2) by (n, 2, V), which reads each once and writes the
+    result once: 24-25 ms against 34-53 ms for a multiply and an addcmul at (256, 151,936), 2 threads of
+    an Intel Xeon, both kernel sets (`scripts/bench_tile_kernels.py`). Otherwise, and under autograd,
+    that multiply and addcmul.
     """
-    pair = pair_view(first, second)
+    pair = pair_view(first, second) if first.numel() >= PAIR_COMBINATION_MIN_VALUES else None
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (first, second, a, b))
     if pair is not None and not grad and out is not first and out is not second:
         weights = torch.stack([a, b], dim=-1).to(pair.dtype)[:, None, :]  # (n, 1, 2)

@@ -103,18 +103,33 @@ def test_the_objective_reads_its_full_vocabulary_sums_from_one_batched_product(m
                 raise AssertionError("the gradient's multiply-and-addcmul fallback ran")
             return getattr(torch, name)
 
-    monkeypatch.setattr(ts, "row_dot", no_row_dot)
-    monkeypatch.setattr(ts, "torch", NoMultiply())
-    for name in ("fkl", "rkl"):
+    def run(name):
+        student = hs.detach().clone().requires_grad_()
         out = preset(name, top_k=4, chunk_size=3)(
-            student=LinearLogits(hs, ws), tokens=tokens, mask=mask, teacher_stats=stats, teacher=teacher
+            student=LinearLogits(student, ws), tokens=tokens, mask=mask, teacher_stats=stats, teacher=teacher
         )
         out.loss.backward()
-        assert torch.isfinite(hs.grad).all() and out.metrics.means()["div/fkl"] > 0
+        return out.loss.detach(), student.grad, out.metrics.means()
+
+    # What the small tiles compute without the batched paths (their fallbacks, checked against float64
+    # elsewhere), then with them forced.
+    expected = {name: run(name) for name in ("fkl", "rkl")}
+    monkeypatch.setattr(ts, "row_dot", no_row_dot)
+    monkeypatch.setattr(ts, "torch", NoMultiply())
+    monkeypatch.setattr(ts, "PAIR_COMBINATION_MIN_VALUES", 0)  # these tiles are small
+    for name, (loss, grad, metrics) in expected.items():
+        got_loss, got_grad, got_metrics = run(name)
+        torch.testing.assert_close(got_loss, loss)
+        torch.testing.assert_close(got_grad, grad)
+        assert (
+            got_metrics["div/fkl"] == pytest.approx(metrics["div/fkl"], rel=1e-5) and metrics["div/fkl"] > 0
+        )
 
 
+@pytest.mark.parametrize("batched_from", [0, ts.PAIR_COMBINATION_MIN_VALUES])  # batched, then too small
 @pytest.mark.parametrize("paired", [True, False])
-def test_pair_combination_is_the_row_weighted_sum_of_the_two_tiles(paired):
+def test_pair_combination_is_the_row_weighted_sum_of_the_two_tiles(paired, batched_from, monkeypatch):
+    monkeypatch.setattr(ts, "PAIR_COMBINATION_MIN_VALUES", batched_from)
     first, second, out, _ = _pairs(ROW_DOT_LOOP_MIN_COLUMNS + 100, paired)
     g = torch.Generator().manual_seed(3)
     a, b = torch.rand(5, generator=g), -torch.rand(5, generator=g)
