@@ -100,10 +100,10 @@ def softmaxed(
 
     `peak_ids` (n, 1) are the ids where the rows' maxima are expected, e.g. a teacher's top-1 from its
     statistics. On the CPU the shift is then read there, one gather instead of a pass over the tile
-    (23-25 ms of a (256, 151,936) tile unvectorised, 9 ms with AVX-512; `scripts/bench_tile_kernels.py`). The shift need not be the exact
-    maximum, only its value at some id; a row whose id was not its peak shows it in its sum: every
-    exp(z - z[id]) at most 1 gives s <= V. A tile where a sum is above V (or not a number) is shifted
-    again by its maxima, which leaves z - max and e as if `maxes` had been read.
+    (23-25 ms of a (256, 151,936) tile unvectorised, 9 ms with AVX-512; `scripts/bench_tile_kernels.py`).
+    The shift need not be the exact maximum, only its value at some id; a row whose id was not its peak
+    shows it in its sum: every exp(z - z[id]) at most 1 gives s <= V. A tile where a sum is above V (or
+    not a number) is shifted again by its maxima, which leaves z - max and e as if `maxes` had been read.
     """
     if maxes is None and peak_ids is not None and logits.device.type == "cpu":
         shifted, sums = shifted_exp_(logits, scratch, logits.gather(-1, peak_ids))
