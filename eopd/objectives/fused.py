@@ -353,7 +353,7 @@ class _LinearTiledLoss(torch.autograd.Function):
     ) -> Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_h or need_w
-        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_hidden = torch.empty_like(hidden) if need_h else None  # every row is a tile's
         # Written by the first tile's product, not zeroed first: the fill alone is a pass over V x H floats
         # (216 ms of a 2,048 x 1,024 x 151,936 call, 2 threads). Zeros when there is no tile.
         make = torch.zeros if hidden.shape[0] == 0 else torch.empty
@@ -395,7 +395,7 @@ class _LogitsTiledLoss(torch.autograd.Function):
         ctx, logits: Tensor, value_and_grad: TileValueAndGrad, chunk_size: int, buffers: TileBuffers
     ) -> Tensor:
         need_grad = ctx.needs_input_grad[0]
-        grad_logits = torch.zeros_like(logits) if need_grad else None
+        grad_logits = torch.empty_like(logits) if need_grad else None  # every row is a tile's, no fill
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], chunk_size):
             end = min(start + chunk_size, logits.shape[0])
