@@ -45,7 +45,9 @@ def direct_decode_step(
     values (each is a function of its position alone), without the module's operations at every step.
     Rotary kinds that rescale with the sequence length (dynamic, longrope) are computed at every step.
 
-    Any other model (LoRA, a device map, FSDP, another attention, older transformers) gets None.
+    Any other model (LoRA, a device map, FSDP, another attention, older transformers) gets None, and so
+    does a model with forward hooks (a probe, steering, an adapter) on any of its modules or on all
+    modules: the step calls many of them as functions of their weights, which would skip the hooks.
     """
     config = getattr(model, "config", None)
     decoder = decoder_of(model)
@@ -57,6 +59,7 @@ def direct_decode_step(
         or getattr(model, "hf_device_map", None) is not None
         or not is_full_attention_sdpa_llama(config)
         or any(type(m).__name__.startswith("FSDP") for m in (model, decoder))
+        or _has_forward_hooks(model)
     ):
         return None
     parts = [getattr(decoder, name, None) for name in ("embed_tokens", "layers", "norm", "rotary_emb")]
@@ -80,8 +83,7 @@ def direct_decode_step(
     # As in `fused_layer`: on the CPU, plain modules are called as their forward's function directly.
     if fused is not None and head.weight.device.type == "cpu":
         head_call = _plain_linear(head)
-        plain_embedding = type(embed) is torch.nn.Embedding and embed.max_norm is None
-        if plain_embedding and not (embed._forward_hooks or embed._forward_pre_hooks):
+        if type(embed) is torch.nn.Embedding and embed.max_norm is None:
             embed_call = partial(F.embedding, weight=embed.weight, padding_idx=embed.padding_idx)
 
     def step(token: Tensor, attention_mask: Tensor, position_ids: Tensor, cache: Any) -> Tensor:
@@ -125,8 +127,9 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
     together: one `torch.rms_norm` without weight times the two norms' weights side by side (the same
     products as each norm's), and the model's `rotate_half` over all their heads at once. The output
     and down projections, SiLU, and on the decoder the embedding and output layers run as the
-    functions their plain modules' forwards call (CPU; a module with hooks, or another class, is
-    called as a module), and the norms read their weights once.
+    functions their plain modules' forwards call (CPU; a subclass of Linear or Embedding is called as
+    a module and is not stacked), and the norms read their weights once. Hooks are not run here:
+    `direct_decode_step` leaves a hooked model to its own forward.
 
     None for layers that are not the plain kind: biases, another activation, tensor-parallel slicing,
     missing parts.
@@ -175,9 +178,13 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
         o_proj = _plain_linear(attention.o_proj)
         down_proj = _plain_linear(mlp.down_proj)
         act = F.silu  # what transformers' "silu" activation module calls
+        # Only exact Linear modules are stacked: a subclass's forward may not be x @ weight.T.
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
         with torch.no_grad():
-            qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
-            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            if all(type(m) is torch.nn.Linear for m in projections):
+                qkv = torch.cat([m.weight for m in projections])
+            if type(mlp.gate_proj) is type(mlp.up_proj) is torch.nn.Linear:
+                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             # q and k sit side by side in the stacked product: one norm and one rotation for both.
             if q_norm is not None and k_norm is not None and _same_rms(q_norm, k_norm, weight.dtype):
                 qk_weight = torch.cat(
@@ -228,9 +235,19 @@ def fused_layer(layer: torch.nn.Module, config: Any) -> Callable | None:
     return layer_step
 
 
+def _has_forward_hooks(model: torch.nn.Module) -> bool:
+    """Whether a forward hook or pre-hook is registered on any module of `model` or on all modules."""
+    from torch.nn.modules import module as modules
+
+    if modules._global_forward_hooks or modules._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def _plain_linear(module: torch.nn.Linear) -> Callable[[Tensor], Tensor]:
-    """`module`'s forward as a function of its current weight and bias (a plain Linear, no hooks)."""
-    if type(module) is not torch.nn.Linear or module._forward_hooks or module._forward_pre_hooks:
+    """`module`'s forward as a function of its current weight and bias; a subclass of Linear, whose
+    forward may compute something else from them (quantised weights, say), stays a module call."""
+    if type(module) is not torch.nn.Linear:
         return module
     return partial(F.linear, weight=module.weight, bias=module.bias)
 

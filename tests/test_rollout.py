@@ -215,27 +215,76 @@ def test_the_fused_layer_step_equals_the_layer_modules(dtype):
     assert torch.equal(logits[True], logits[False])
 
 
-def test_modules_with_hooks_are_called_as_modules_by_the_decoding_step():
-    # The decoding step calls plain Linear and Embedding modules as functions of their weights; a module
-    # someone hooks (a probe, an adapter) must still run its hooks at every step.
+@pytest.mark.parametrize("where", ["o_proj", "q_proj", "gate_proj", "input_layernorm", "mlp", "layer", "all"])
+def test_hooked_models_run_every_hook_at_every_decoding_step(where):
+    # The decoding step calls many modules as functions of their weights (stacked q/k/v, the norms, the
+    # layers' bodies); a hook someone registers (a probe, steering, an adapter) anywhere in the model,
+    # or on all modules, must still run at every step and see what the model's forward gives it.
     model = build_causal_lm(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4)
-    calls = {"o_proj": 0, "head": 0, "embed": 0}
-    hooked = {
-        "o_proj": model.model.layers[1].self_attn.o_proj,
-        "head": model.get_output_embeddings(),
-        "embed": model.get_input_embeddings(),
+    layer = model.model.layers[1]
+    modules = {
+        "o_proj": layer.self_attn.o_proj,
+        "q_proj": layer.self_attn.q_proj,
+        "gate_proj": layer.mlp.gate_proj,
+        "input_layernorm": layer.input_layernorm,
+        "mlp": layer.mlp,
+        "layer": layer,
     }
-    handles = [
-        module.register_forward_hook(lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
-        for name, module in hooked.items()
-    ]
+    calls = []
+
+    def count(module, args, output):
+        if where == "all" and module is not layer:
+            return None
+        calls.append(output.clone())
+        return output * 1.5 if where == "mlp" else None  # a hook that changes the output, too
+
+    if where == "all":
+        handle = torch.nn.modules.module.register_module_forward_hook(count)
+    else:
+        handle = modules[where].register_forward_hook(count)
     try:
-        batch = sample(model, PROMPTS, max_new_tokens=4, eos_token_ids=49, pad_token_id=PAD)
+        assert direct_decode_step(model, "cache") is None
+        batch = sample(model, PROMPTS, max_new_tokens=4, eos_token_ids=49, pad_token_id=PAD,
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+        with torch.no_grad():
+            scored = response_logits(model, batch).log_softmax(-1)  # the hooks run here too
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
+    assert direct_decode_step(model, "cache") is not None  # unhooked: the fast step again
     steps = batch.responses.shape[1]  # the prefill (the model's forward) and steps - 1 decoding steps
-    assert calls == {"o_proj": steps, "head": steps, "embed": steps}
+    assert len(calls) == steps + 1  # and the scoring forward
+    sampled = scored.gather(-1, batch.responses[..., None]).squeeze(-1)
+    mask = batch.response_mask
+    torch.testing.assert_close(sampled[mask], batch.sampler_logprobs[mask], rtol=0, atol=2e-5)
+
+
+def test_subclasses_of_linear_decode_through_their_own_forward(monkeypatch):
+    # A Linear subclass (a quantised or otherwise wrapped projection) may compute something other than
+    # x @ weight.T from its weight: the step must call it, not stack or reuse its raw weight.
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = build_causal_lm(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, seed=0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            parents = {"k_proj": layer.self_attn, "up_proj": layer.mlp, "down_proj": layer.mlp}
+            for name, parent in parents.items():
+                old = getattr(parent, name)
+                new = Doubled(old.in_features, old.out_features, bias=False)
+                new.weight.copy_(old.weight)
+                setattr(parent, name, new)
+    assert direct_decode_step(model, "cache") is not None  # the fast step still runs, around them
+
+    def draw():
+        return sample(model, PROMPTS, max_new_tokens=6, eos_token_ids=49, pad_token_id=PAD,
+                      generator=torch.Generator().manual_seed(1))  # fmt: skip
+
+    direct = draw()
+    monkeypatch.setattr("eopd.rollout.direct_decode_step", lambda *args: None)
+    through_forward = draw()
+    assert torch.equal(direct.input_ids, through_forward.input_ids)
+    assert torch.equal(direct.sampler_logprobs, through_forward.sampler_logprobs)
 
 
 def test_layers_with_biases_or_another_activation_decode_through_their_modules():
