@@ -3,6 +3,7 @@
     make bench-trl                                            # creates .bench-venv (eopd + TRL), both sizes
     .bench-venv/bin/python scripts/bench_vs_trl.py --sizes tiny --repeats 5
     .bench-venv/bin/python scripts/bench_vs_trl.py --sizes large --repeats 3 --steps 2
+    .venv/bin/python scripts/bench_vs_trl.py --sizes tiny --profile-ops 12   # eopd's side alone: its operators
     git archive main eopd | tar -x -C /tmp/base && .bench-venv/bin/python scripts/bench_vs_trl.py \
         --baseline /tmp/base                     # also times another eopd source tree: before and after
 
@@ -285,6 +286,47 @@ def in_fresh_process(side: str, size: str, args: argparse.Namespace) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def step_counts(size: str, args: argparse.Namespace) -> tuple[int, int, int]:
+    """Processes per side, measured steps and warm-up steps for `size`: the arguments or the defaults."""
+    defaults = (5, 20, 3) if size == "tiny" else (3, 2, 1)
+    return (
+        args.repeats or defaults[0],
+        args.steps or defaults[1],
+        args.warmup if args.warmup is not None else defaults[2],
+    )
+
+
+def profile_eopd(size_name: str, args: argparse.Namespace) -> None:
+    """Print eopd's most costly operators over the measured steps of one process (torch.profiler): self
+    CPU time and calls per step. The profiler's own cost per operator inflates the small ones."""
+    import lightning as L
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(args.threads)
+    size = SIZES[size_name]
+    _, steps, warmup = step_counts(size_name, args)
+    tokenizer, student, teacher = build_pair(size)
+    module = eopd_module(size, tokenizer, student, teacher, args.seed)
+    profiler = profile(activities=[ProfilerActivity.CPU])
+
+    class Window(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == warmup:
+                profiler.start()
+
+    fit_eopd(module, tokenizer, size, warmup + steps, [Window()])
+    profiler.stop()
+    events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+    print(
+        f"{size_name}: eopd's operators over {steps} steps after {warmup} warm-up, {total:.1f} ms per step in all"
+    )
+    print(f"{'ms / step':>10}{'calls / step':>14}  operator")
+    for event in events[: args.profile_ops]:
+        print(f"{event.self_cpu_time_total / 1e3 / steps:>10.2f}{event.count / steps:>14.1f}  {event.key}")
+
+
 def describe(values: list[float], fmt: str) -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
@@ -309,11 +351,22 @@ def main() -> None:
         action="store_true",
         help="both sides keep freed memory in the C allocator (eopd.train keep_freed_memory=true)",
     )
+    parser.add_argument(
+        "--profile-ops",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: profile eopd's side in this process and print its N most costly operators",
+    )
     parser.add_argument("--worker", choices=["trl", "eopd"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-size", choices=list(SIZES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.profile_ops:
+        for size in args.sizes:
+            profile_eopd(size, args)
         return
     try:
         import trl
@@ -341,11 +394,8 @@ def main() -> None:
     sides = ("trl", "eopd") + (("eopd-base",) if args.baseline else ())
     table = []
     for size in args.sizes:
-        defaults = (5, 20, 3) if size == "tiny" else (3, 2, 1)
-        repeats = args.repeats or defaults[0]
         run_args = argparse.Namespace(**vars(args))
-        run_args.steps = args.steps or defaults[1]
-        run_args.warmup = args.warmup if args.warmup is not None else defaults[2]
+        repeats, run_args.steps, run_args.warmup = step_counts(size, args)
         results: dict[str, list[dict]] = {side: [] for side in sides}
         for _ in range(repeats):
             for side in sides:
