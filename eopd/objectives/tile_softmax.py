@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -78,9 +79,9 @@ class Softmaxed:
     e: Tensor
     sums: Tensor
 
-    @property
+    @cached_property
     def log_sums(self) -> Tensor:
-        """log s per row: (n,)."""
+        """log s per row: (n,); taken once, as the log-probs, the KLs and the gradients each read it."""
         return torch.log(self.sums).squeeze(-1)
 
     def log_probs_at(self, index: Tensor) -> Tensor:
