@@ -98,8 +98,9 @@ def test_full_kl_over_a_peaked_teacher_matches_float64_definition(vocab, directi
     ref = (kl * d["mask"]).sum() / d["mask"].sum()
     r_h, r_w = torch.autograd.grad(ref, (hs, ws))
     assert float(out.loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
-    torch.testing.assert_close(g_h, r_h.float(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(g_w, r_w.float(), rtol=1e-4, atol=1e-6)
+    # float32 sums over thousands of ids: within 1e-4 of the largest entry (AVX-512 kernels differ by 1e-5)
+    torch.testing.assert_close(g_h, r_h.float(), rtol=1e-4, atol=1e-4 * float(r_h.abs().max()))
+    torch.testing.assert_close(g_w, r_w.float(), rtol=1e-4, atol=1e-4 * float(r_w.abs().max()))
     metrics = out.metrics.means()
     m = d["mask"]
     for name, values in (("div/fkl", fkl), ("div/rkl", rkl), ("entropy/student", -(ls.exp() * ls).sum(-1))):
