@@ -9,6 +9,8 @@ Metrics (keys as logged during training under `val/`):
     paths/distinct    distinct correct solution paths per problem (tasks that define paths)
     entropy/student   the student's token entropy on its own samples; entropy/student_high_frac: >= tau
     entropy/teacher_high_frac, div/fkl_high_entropy: the teacher on the same samples (when given)
+    div/fkl, div/rkl  KL(teacher || model) and KL(model || teacher) over the full vocabulary, per token of
+                      the model's own samples (when a teacher is given)
 `evaluate` returns them as `EvalResult.metrics`, with `EvalResult.problems` (`eopd.metrics.ProblemResults`):
 per problem its id, how many of the n samples were correct and how many distinct correct paths they took,
 from which avg@n, every pass@k and paths/distinct are per-problem means (intervals over problems in
@@ -26,9 +28,21 @@ import torch
 
 from eopd.data import PromptFormat
 from eopd.metrics import ProblemResults, distinct_correct_paths, maj_at_k, pass_at_k_curve
-from eopd.objectives import PAPER_TAU, LinearLogits, forward_kl, per_token_fused, teacher_token_stats
+from eopd.objectives import (
+    PAPER_TAU,
+    LinearLogits,
+    forward_kl,
+    per_token_fused,
+    reverse_kl,
+    teacher_token_stats,
+)
 from eopd.rollout import sample
-from eopd.scoring import output_weight, response_hidden_states, teacher_hidden_states, teacher_output_weight
+from eopd.scoring import (
+    output_weight,
+    response_hidden_states_shared_prompts,
+    teacher_hidden_states,
+    teacher_output_weight,
+)
 
 log = logging.getLogger("eopd.evaluation")
 
@@ -100,7 +114,25 @@ class MathGrader:
         return f" The answer is $\\boxed{{{record['answer']}}}$."
 
 
-GRADERS = {"embedded": EmbeddedGrader, "math": MathGrader}
+class FreeTextMathGrader(MathGrader):
+    """Math answers in free text: the `\\boxed{}` answer if there is one, else math-verify's own reading of
+    the response (its last stated number or expression), so a chat model's own words are graded."""
+
+    def grade(self, record: dict[str, Any], response: str) -> bool:
+        from eopd.tasks.math_grader import grade_math
+
+        return grade_math(response, str(record["answer"]), require_boxed=False)
+
+    def answer(self, record: dict[str, Any], response: str) -> Hashable | None:
+        from eopd.tasks.math_grader import stated_answer
+
+        return stated_answer(response)
+
+    def example_response(self, record: dict[str, Any]) -> str:
+        return f"The answer is {record['answer']}."
+
+
+GRADERS = {"embedded": EmbeddedGrader, "math": MathGrader, "math_text": FreeTextMathGrader}
 
 
 @dataclass(frozen=True)
@@ -195,7 +227,7 @@ def evaluate(
     answer_flags: list[list[bool]] = []
     paths: list[list[Hashable | None]] = []
     entropy_sum = entropy_high = tokens = truncated = 0.0
-    teacher_high = fkl_high_sum = fkl_high_count = 0.0
+    teacher_high = fkl_high_sum = fkl_high_count = fkl_sum = rkl_sum = 0.0
     try:
         for start in range(0, len(records), spec.batch_size):
             chunk = list(records[start : start + spec.batch_size])
@@ -228,7 +260,8 @@ def evaluate(
                     [grader.path(record, texts[i]) if correct[-1][j] else None for j, i in enumerate(block)]
                 )
             truncated += float(batch.truncated.float().sum())
-            hidden = response_hidden_states(model, batch, pack=True)[mask]
+            # The n samples of a prompt are adjacent rows: each prompt is read once per model.
+            hidden = response_hidden_states_shared_prompts(model, batch, pack=True)[mask]
             s_source = LinearLogits(hidden, output_weight(model), vocab_size)
             s_stats = teacher_token_stats(s_source, batch.responses[mask], k=1, temperature=spec.temperature)
             entropy_sum += float(s_stats.entropy.sum())
@@ -243,6 +276,7 @@ def evaluate(
                     pad_token_id=pad,
                     remap_end_token_ids=remap_end_token_ids,
                     pack=True,
+                    share_prompts=True,
                 )[mask]
                 t_weight = teacher_output_weight(teacher.model, remap_end_token_ids)
                 t_source = LinearLogits(t_hidden, t_weight, vocab_size)
@@ -254,6 +288,9 @@ def evaluate(
                 fkl = per_token_fused(forward_kl, s_source, t_source, temperature=spec.temperature)
                 fkl_high_sum += float(fkl[high].sum())
                 fkl_high_count += float(high.sum())
+                fkl_sum += float(fkl.sum())
+                rkl = per_token_fused(reverse_kl, s_source, t_source, temperature=spec.temperature)
+                rkl_sum += float(rkl.sum())
     finally:
         model.train(was_training)
 
@@ -272,6 +309,8 @@ def evaluate(
         results["entropy/teacher_high_frac"] = teacher_high / max(tokens, 1)
         if fkl_high_count:
             results["div/fkl_high_entropy"] = fkl_high_sum / fkl_high_count
+        results["div/fkl"] = fkl_sum / max(tokens, 1)
+        results["div/rkl"] = rkl_sum / max(tokens, 1)
     problems = ProblemResults(
         ids=tuple(record.get("id", index) for index, record in enumerate(records)),
         n=n,

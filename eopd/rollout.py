@@ -160,6 +160,20 @@ def _reserved_layer_class() -> type:
     return ReservedLayer
 
 
+def _repeated_rows(prompts: list[list[int]], device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """Rows whose prompt repeats the previous row's: (first row of each run, run index of every row).
+
+    (None, None) when no prompt repeats its predecessor, so that every row is prefilled as before.
+    """
+    runs = [0]
+    for index in range(1, len(prompts)):
+        runs.append(runs[-1] + (prompts[index] != prompts[index - 1]))
+    if runs[-1] == len(prompts) - 1:
+        return None, None
+    firsts = [index for index in range(len(prompts)) if index == 0 or runs[index] != runs[index - 1]]
+    return torch.tensor(firsts, device=device), torch.tensor(runs, device=device)
+
+
 def _should_drop(ended: int, batch_size: int, decoding: Tensor | None) -> bool:
     """Drop the ended rows from the model's batch once they are a quarter of it or more.
 
@@ -269,10 +283,16 @@ def sample(
         # can be used by autograd (saved for backward) like any other.
         with torch.inference_mode():
             cache = _new_cache(model, input_ids.shape[1] + max_new_tokens)
+            # n samples of one prompt (adjacent rows) share one prefill: its keys and values are copied
+            # to each row, which then decodes alone.
+            unique, copies = (
+                _repeated_rows(prompts, device) if hasattr(cache, "batch_select_indices") else (None, None)
+            )
+            prefill = slice(None) if unique is None else unique
             out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
+                input_ids=input_ids[prefill],
+                attention_mask=attention_mask[prefill],
+                position_ids=position_ids_from_mask(attention_mask[prefill]),
                 use_cache=True,
                 **{cache_keyword: cache},
                 **prefill_extra,
@@ -280,7 +300,10 @@ def sample(
             # Every row is drawn from at every step, ended or not, so that the random stream (one
             # exponential per row and id in torch.multinomial) is the same whichever rows the model
             # still computes; an ended row keeps its last logits, and its draw is discarded.
-            next_logits = out.logits[:, -1, :vocab_size].float()  # (B, V)
+            next_logits = out.logits[:, -1, :vocab_size].float()  # (B, V), or (unique prompts, V)
+            if copies is not None:
+                cache.batch_select_indices(copies)
+                next_logits = next_logits[copies]
             prompt_length = input_ids.shape[1]
             # The mask of prompts and responses so far: the first columns of storage for every position
             # the loop can reach, written one column per step.

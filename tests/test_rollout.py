@@ -1,5 +1,6 @@
 """Tests for eopd.rollout: the batch layout, end/pad handling, top-p, and KV-cached sampling vs scoring."""
 
+import functools
 import math
 
 import pytest
@@ -132,6 +133,48 @@ def test_sampler_logprobs_match_scoring_at_the_same_temperature(model, temperatu
     scored = logprobs.gather(-1, batch.responses[..., None]).squeeze(-1) * batch.response_mask
     torch.testing.assert_close(batch.sampler_logprobs, scored, atol=1e-5, rtol=1e-5)
     assert batch.sampler_logprobs[~batch.response_mask].eq(0).all()
+
+
+def test_repeated_prompts_share_one_prefill_and_sample_as_the_model_scores(model, monkeypatch):
+    """n samples of a prompt (adjacent rows) are prefilled once; each row still samples its own tokens."""
+    prompts = [p for p in PROMPTS for _ in range(3)]  # 3 samples of each prompt
+    prefilled = []
+    forward = type(model).forward
+
+    @functools.wraps(forward)  # the sampler reads the forward's signature
+    def counting(self, input_ids=None, **kwargs):
+        if input_ids is not None and input_ids.shape[1] > 1:
+            prefilled.append(input_ids.shape[0])
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting)
+    batch = sample(
+        model, prompts, max_new_tokens=10, eos_token_ids=[3, 4], pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    monkeypatch.undo()
+
+    assert prefilled == [len(PROMPTS)]
+    assert len({tuple(r) for r in batch.responses[:3].tolist()}) > 1, "samples of one prompt differ"
+    with torch.no_grad():
+        logprobs = torch.log_softmax(response_logits(model, batch).float(), dim=-1)
+    scored = logprobs.gather(-1, batch.responses[..., None]).squeeze(-1) * batch.response_mask
+    torch.testing.assert_close(batch.sampler_logprobs, scored, atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_repeated_prompts_once_gives_the_full_scoring(model):
+    from eopd.scoring import response_hidden_states, response_hidden_states_shared_prompts
+
+    prompts = [p for p in PROMPTS for _ in range(4)]
+    batch = sample(
+        model, prompts, max_new_tokens=9, eos_token_ids=[3, 4], pad_token_id=PAD,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    with torch.no_grad():
+        full = response_hidden_states(model, batch)
+        shared = response_hidden_states_shared_prompts(model, batch)
+    mask = batch.response_mask
+    torch.testing.assert_close(shared[mask], full[mask], atol=1e-5, rtol=1e-5)
 
 
 def test_seeded_generator_reproduces_the_rollout(model):
