@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from eopd.conversion import GgufSource
+from eopd.pruning import StudentInit
 from eopd.scoring import is_peft, output_weight
 
 # transformers' modeling code takes seconds to import: it is imported where a model is built or loaded.
@@ -317,6 +319,10 @@ class ModelSource:
             module then leaves its placement alone. None loads on the CPU and Lightning moves the model.
         shard: the teacher under trainer=fsdp only: shard its decoder layers over the ranks like the
             student's (each GPU holds 1/N of it, gathered layer by layer to score); False replicates it.
+        gguf: the model comes from a GGUF file (`eopd.conversion.GgufSource` or its fields), converted
+            once into `path` (Hugging Face format) and loaded from there.
+        init: the student is made from the checkpoint at `path` (usually the teacher's) by keeping some
+            of its decoder layers (`eopd.pruning.StudentInit` or its fields: keep_layers or drop_layers).
     """
 
     path: str | None = None
@@ -333,8 +339,16 @@ class ModelSource:
     lora: LoraSpec | dict | None = None
     device_map: str | dict | None = None
     shard: bool = False
+    gguf: GgufSource | dict | None = None
+    init: StudentInit | dict | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.gguf, dict):
+            object.__setattr__(self, "gguf", GgufSource(**self.gguf))
+        if isinstance(self.init, dict):
+            object.__setattr__(self, "init", StudentInit(**self.init))
+        if (self.gguf is not None or self.init is not None) and self.path is None:
+            raise ValueError("gguf and init need a path: where the model is converted to, or whose layers")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
         if isinstance(self.lora, dict):
@@ -342,13 +356,27 @@ class ModelSource:
         if self.lora is not None and importlib.util.find_spec("peft") is None:
             raise ValueError("lora needs the peft package: pip install 'eopd[lora]' (or pip install peft)")
         if self.device_map is not None:
+            if self.init is not None:
+                raise ValueError("device_map and init together: a pruned student is built on one device")
             if self.path is None:
                 raise ValueError("device_map applies to a model loaded from path, not to a built one")
             if importlib.util.find_spec("accelerate") is None:
                 raise ValueError("device_map needs the accelerate package: pip install accelerate")
 
-    def check(self, key: str) -> None:
-        """Fail before anything loads when `path` is neither a local model directory nor a plausible hub id."""
+    def check(self, key: str, *, converted: Collection[str] = ()) -> None:
+        """Fail before anything loads when `path` is neither a local model directory nor a plausible hub id.
+
+        A path in `converted` (or this source's own GGUF target) is written by a conversion before it
+        loads; then the GGUF file must be found instead.
+        """
+        if self.gguf is not None:
+            try:
+                self.gguf.locate()
+            except FileNotFoundError as error:
+                raise ValueError(f"{key}.gguf: {error}") from None
+            return
+        if self.path in converted:
+            return
         if self.path is None:
             if self.tokenizer is None:
                 raise ValueError(
@@ -410,6 +438,10 @@ def load_model(
             **(special_ids or {}),
         )
         return model.to(DTYPES[dtype])
+    if source.init is not None:  # some layers of the checkpoint at path (a student made from its teacher)
+        from eopd.pruning import load_pruned
+
+        return load_pruned(source.path, source.init, dtype=DTYPES[dtype])
     from transformers import AutoModelForCausalLM
 
     placement = {} if source.device_map is None else {"device_map": source.device_map}

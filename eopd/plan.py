@@ -126,10 +126,16 @@ def plan(cfg: DictConfig, run_dir: Path | str) -> Plan:
     for side in ("student", "teacher"):
         fields = plain(pair[side])
         fields.setdefault("tokenizer", pair.get("tokenizer"))
-        source = build(f"pair.{side}", lambda fields=fields: ModelSource(**fields))
+        sources[side] = build(f"pair.{side}", lambda fields=fields: ModelSource(**fields))
+    converted = {source.path for source in sources.values() if source.gguf is not None}
+    for side, source in sources.items():
         if recipe is None:  # a pair with a recipe is built before it loads
-            build(f"pair.{side}", lambda source=source, side=side: source.check(f"pair.{side}"))
-        sources[side] = source
+            build(f"pair.{side}", lambda s=source, k=side: s.check(f"pair.{k}", converted=converted))
+    if sources["teacher"].init is not None:
+        raise ConfigError(
+            "config 'pair.teacher.init' is set, but only a student is made from another model's layers; "
+            "move it to pair.student.init"
+        )
     for option in ("lora", "gradient_checkpointing"):
         if getattr(sources["teacher"], option):
             raise ConfigError(

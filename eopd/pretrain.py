@@ -354,7 +354,7 @@ def describe_pair(directory: Path | str) -> str:
 
 
 def main() -> None:
-    """`python -m eopd.pretrain [pair.build.teacher.max_steps=...]`: build or reuse the pair, then say what it reached."""
+    """`python -m eopd.pretrain [pair=...] [pair.build.teacher.max_steps=...]`: build, convert or reuse the pair."""
     import hydra
     from omegaconf import OmegaConf
 
@@ -362,6 +362,9 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=conf_dir, config_name="pretrain")
     def _main(cfg) -> None:
+        if cfg.pair.get("build") is None:  # a pair of existing models: convert what comes from GGUF files
+            _convert_pair(OmegaConf.to_container(cfg.pair, resolve=True))
+            return
         build = OmegaConf.to_container(cfg.pair.build, resolve=True)
         recipe = PairRecipe.from_dict(
             build,
@@ -372,6 +375,23 @@ def main() -> None:
         print(f"\n{describe_pair(directory)}\n")
 
     _main()
+
+
+def _convert_pair(pair: dict) -> None:
+    """Convert each side of `pair` that comes from a GGUF file (once), and say where it is."""
+    from eopd.conversion import ensure_converted
+    from eopd.models import ModelSource
+
+    for side in ("teacher", "student"):
+        source = ModelSource(**pair[side])
+        if source.gguf is None:
+            print(f"{side}: {source.path}" + (f" ({source.init})" if source.init is not None else ""))
+            continue
+        directory = ensure_converted(source.gguf, source.path)
+        report = json.loads((directory / "convert.json").read_text())
+        print(
+            f"{side}: {directory} ({report['parameters'] / 1e6:.1f}M params, from {report['source']['resolved']})"
+        )
 
 
 if __name__ == "__main__":

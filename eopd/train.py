@@ -100,6 +100,11 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
         ensure_pair(p.recipe, Path(pair.build_dir))
         if primary:
             print(f"\n{describe_pair(pair.build_dir)}\n", flush=True)
+    for source in (p.teacher_source, p.student_source):  # a model from a GGUF file: converted once
+        if source.gguf is not None:
+            from eopd.conversion import ensure_converted
+
+            ensure_converted(source.gguf, source.path)
     student_tokenizer = load_tokenizer(p.student_source, eos_token=pair.student_eos)
     teacher_tokenizer = load_tokenizer(p.teacher_source, eos_token=pair.teacher_eos)
     pair_spec = build(
@@ -420,7 +425,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path, steps_per_rollout: int) -> list:
             dirpath=str(run_dir / "checkpoints"),
             every_n_train_steps=every if every and every > 0 else None,
             save_last=True,
-            save_top_k=-1 if every else 0,
+            save_top_k=(-1 if cfg.callbacks.get("keep_checkpoints", True) else 0) if every else 0,
             save_on_train_epoch_end=False,
         )
     ]
