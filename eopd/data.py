@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 TEMPLATES = ("plain", "chat")
-SOURCES = ("embedded", "math")
+SOURCES = ("embedded", "math", "word_arithmetic")
 LONG_PROMPTS = ("drop", "truncate")
 
 
@@ -235,6 +235,12 @@ def load_records(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         }
     if source == "math":
         return _math_splits(data)
+    if source == "word_arithmetic":
+        from dataclasses import fields
+
+        from eopd.tasks.word_arithmetic import WordTask, make_splits
+
+        return make_splits(WordTask(**{f.name: data[f.name] for f in fields(WordTask) if f.name in data}))
     raise ValueError(f"data.source={source!r} is unknown; allowed: {', '.join(SOURCES)}")
 
 

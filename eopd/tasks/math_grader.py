@@ -82,3 +82,20 @@ def grade_math(response: str, gold: str, *, require_boxed: bool = True) -> bool:
         return bool(verify(gold_parsed, predicted, timeout_seconds=timeout))
     except Exception:  # math-verify raises on timeouts and on expressions sympy cannot handle
         return False
+
+
+def stated_answer(response: str) -> str | None:
+    """The answer a free-text response states: its last `\\boxed{...}`, else math-verify's reading of it.
+
+    math-verify reads the final number or expression (preferring one after "the answer is"); this is
+    what `grade_math(..., require_boxed=False)` compares, as a string for majority votes.
+    """
+    boxed = extract_boxed(response)
+    if boxed is not None:
+        return boxed.strip()
+    timeout = _TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+    try:
+        parsed = parse(response, parsing_timeout=timeout)
+    except Exception:  # noqa: BLE001 - math-verify raises on timeouts and on what sympy cannot handle
+        return None
+    return str(parsed[-1]) if parsed else None
