@@ -85,13 +85,16 @@ def report_table(results, spec, final, run_dir: Path, loggers: list = ()) -> Non
         "entropy/student",
         "entropy/student_high_frac",
         "div/fkl_high_entropy",
+        "div/fkl",
+        "div/rkl",
     ]
     text = format_table(table, keys)
     header = (
         f"final evaluation on {final.n_problems} {final.split} problems, {n} samples each, "
         f"temperature {spec.temperature}, top-p {spec.top_p}"
     )
-    print(f"\n{header}\n{text}\n", flush=True)
+    change = training_change(results)
+    print(f"\n{header}\n{text}\n" + (f"{change}\n" if change else ""), flush=True)
     problems = {model: result.problems.to_json() for model, result in results.items()}
     (run_dir / "eval.json").write_text(eval_json_text({**table, "problems": problems}))
     for logger in loggers:
@@ -105,6 +108,24 @@ def report_table(results, spec, final, run_dir: Path, loggers: list = ()) -> Non
         logger.experiment.summary.update(summary)
         rows = [[model, *(metrics.get(key) for key in keys)] for model, metrics in table.items()]
         logger.log_table("test/final", columns=["model", *keys], data=rows)
+
+
+def training_change(results) -> str | None:
+    """One line on what training changed, when the table has the student before and after: the Avg@n
+    difference with its standard error over problems (paired by problem), and each KL's ratio."""
+    before, after = results.get("student before"), results.get("student after")
+    if before is None or after is None or before.problems.ids != after.problems.ids:
+        return None
+    import numpy as np
+
+    n = after.problems.n
+    diff = (np.array(after.problems.correct) - np.array(before.problems.correct)) / n
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    line = f"student after - before: avg@{n} {diff.mean():+.3f} (standard error {se:.3f}, paired over {len(diff)} problems)"
+    for key in ("div/fkl", "div/rkl"):
+        if before.metrics.get(key) and key in after.metrics:
+            line += f"; {key} x{after.metrics[key] / before.metrics[key]:.2f}"
+    return line
 
 
 def eval_json_text(saved: dict) -> str:

@@ -57,6 +57,21 @@ def test_the_final_table_reaches_eval_json_and_the_wandb_summary(tmp_path, capsy
     assert "student after" in capsys.readouterr().out
 
 
+def test_the_table_says_what_training_changed_paired_by_problem():
+    ids = tuple(f"test-{i}" for i in range(4))
+    before = EvalResult({"div/fkl": 1.0, "div/rkl": 2.0}, ProblemResults(ids, 8, (0, 2, 4, 8), (0,) * 4))
+    after = EvalResult({"div/fkl": 0.5, "div/rkl": 1.5}, ProblemResults(ids, 8, (2, 4, 4, 8), (0,) * 4))
+
+    line = reports.training_change({"student before": before, "student after": after})
+
+    # differences 2/8, 2/8, 0, 0: mean 0.125, standard deviation 0.1443, standard error 0.0722
+    assert line.startswith(
+        "student after - before: avg@8 +0.125 (standard error 0.072, paired over 4 problems)"
+    )
+    assert line.endswith("div/fkl x0.50; div/rkl x0.75")
+    assert reports.training_change({"student after": after}) is None
+
+
 def test_the_wandb_logger_is_made_without_the_anonymous_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: offline
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
