@@ -2,8 +2,9 @@
 
 A problem is one or two operations on small whole numbers, told about a person and some objects:
 
-    Mia has 7 marbles. She gets 5 more. How many marbles does Mia have now?          (one step: 12)
-    Leo has 9 shells. He gets 4 more, then gives 6 to Ana. How many shells ...?      (two steps: 7)
+    Ben has 5 peaches and 3 bananas. How many fruits does Ben have in total?            (one step: 8)
+    Ivy has 4 tulips. She gives away 2 tulips, then she finds 3 more tulips. How many tulips does Ivy
+    have now?                                                                           (two steps: 5)
 
 The answer is a whole number; a response is graded by math-verify on its free text (no `\\boxed{}`
 needed: the last number stated, `eopd.tasks.math_grader.grade_math` with `require_boxed=False`), so a
