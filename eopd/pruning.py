@@ -10,6 +10,7 @@ Llama and Qwen-family decoders (`model.layers.<i>.` in their state dicts) are su
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,6 +131,6 @@ def prune_layers(model: PreTrainedModel, keep: Sequence[int]) -> PreTrainedModel
     pruned.load_state_dict(state, strict=not config.tie_word_embeddings)
     if config.tie_word_embeddings:
         pruned.tie_weights()
-    pruned.generation_config = model.generation_config
+    pruned.generation_config = copy.deepcopy(model.generation_config)  # its own: a trainer may write to it
     pruned.train(model.training)
     return pruned

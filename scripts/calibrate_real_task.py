@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_pruning import load_pair_config  # noqa: E402
+from compare_pruning import load_teacher  # noqa: E402
 
 
 def kind(record: dict) -> str:
@@ -46,17 +46,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from eopd.conversion import ensure_converted
     from eopd.data import PromptFormat, load_records
     from eopd.evaluation import GRADERS, EvalSpec, ModelSide, evaluate
-    from eopd.models import ModelSource, load_model, load_tokenizer
     from eopd.plan import plain
 
-    cfg = load_pair_config(args.overrides)
-    source = ModelSource(**plain(cfg.pair.teacher))
-    ensure_converted(source.gguf, source.path)
-    tokenizer = load_tokenizer(source)
-    teacher = load_model(source, vocab_size=len(tokenizer)).eval()
+    cfg, tokenizer, teacher = load_teacher(args.overrides)
     records = load_records(plain(cfg.data))["val"][: args.problems]
     spec = EvalSpec(
         n_samples=args.samples, temperature=cfg.rollout.temperature, max_new_tokens=cfg.rollout.max_new_tokens,

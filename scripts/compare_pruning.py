@@ -49,6 +49,19 @@ def load_pair_config(overrides: list[str]):
         return compose("train", overrides=["experiment=real", *overrides])
 
 
+def load_teacher(overrides: list[str]):
+    """(config, tokenizer, teacher) of experiment=real with `overrides`; the teacher converted if need be."""
+    from eopd.conversion import ensure_converted
+    from eopd.models import ModelSource, load_model, load_tokenizer
+    from eopd.plan import plain
+
+    cfg = load_pair_config(overrides)
+    source = ModelSource(**plain(cfg.pair.teacher))
+    ensure_converted(source.gguf, source.path)
+    tokenizer = load_tokenizer(source)
+    return cfg, tokenizer, load_model(source, vocab_size=len(tokenizer)).eval()
+
+
 def teacher_samples(
     teacher, tokenizer, records, prompt_format, *, samples: int, temperature: float, max_new_tokens: int
 ):
@@ -98,19 +111,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from eopd.conversion import ensure_converted
     from eopd.data import PromptFormat, load_records
     from eopd.evaluation import GRADERS, EvalSpec, ModelSide, evaluate
-    from eopd.models import ModelSource, load_model, load_tokenizer
     from eopd.plan import plain
     from eopd.pruning import prune_layers
 
-    cfg = load_pair_config(args.overrides)
-    teacher_source = ModelSource(**plain(cfg.pair.teacher))
-    ensure_converted(teacher_source.gguf, teacher_source.path)
-    tokenizer = load_tokenizer(teacher_source)
+    cfg, tokenizer, teacher = load_teacher(args.overrides)
     vocab = len(tokenizer)
-    teacher = load_model(teacher_source, vocab_size=vocab).eval()
     prompt_format = PromptFormat(**plain(cfg.pair.teacher_format))
     records = load_records(plain(cfg.data))["val"][: args.problems]
     temperature, max_new = cfg.rollout.temperature, cfg.rollout.max_new_tokens

@@ -47,7 +47,7 @@ class WordTask:
     Attributes:
         seed: draws every problem.
         n_train, n_val, n_test: problems per split, no prompt shared between splits.
-        max_operand: operands are drawn from 1..max_operand (a loss never exceeds what is held).
+        max_operand: operands are drawn from 2..max_operand; a loss always leaves at least one.
         two_step_fraction: share of problems with two operations.
         loss_fraction: share of operations that take away (subtraction) rather than add.
         suffix: text after the question, e.g. an instruction on how to answer.
