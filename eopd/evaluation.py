@@ -227,7 +227,7 @@ def evaluate(
     answer_flags: list[list[bool]] = []
     paths: list[list[Hashable | None]] = []
     entropy_sum = entropy_high = tokens = truncated = 0.0
-    teacher_high = fkl_high_sum = fkl_high_count = fkl_sum = rkl_sum = 0.0
+    teacher_sums = dict.fromkeys(("high", "fkl_high", "fkl", "rkl"), 0.0)  # sums over tokens
     try:
         for start in range(0, len(records), spec.batch_size):
             chunk = list(records[start : start + spec.batch_size])
@@ -268,29 +268,11 @@ def evaluate(
             entropy_high += float((s_stats.entropy >= spec.tau).sum())
             tokens += float(mask.sum())
             if teacher is not None:
-                t_prompts = [teacher.prompt_format.encode(teacher.tokenizer, r["prompt"]) for r in rows]
-                t_hidden = teacher_hidden_states(
-                    teacher.model,
-                    batch,
-                    t_prompts,
-                    pad_token_id=pad,
-                    remap_end_token_ids=remap_end_token_ids,
-                    pack=True,
-                    share_prompts=True,
-                )[mask]
-                t_weight = teacher_output_weight(teacher.model, remap_end_token_ids)
-                t_source = LinearLogits(t_hidden, t_weight, vocab_size)
-                t_stats = teacher_token_stats(
-                    t_source, batch.responses[mask], k=1, temperature=spec.temperature
+                scored = _teacher_sums(
+                    teacher, batch, rows, s_source, pad, remap_end_token_ids, spec, vocab_size
                 )
-                high = t_stats.entropy >= spec.tau
-                teacher_high += float(high.sum())
-                fkl = per_token_fused(forward_kl, s_source, t_source, temperature=spec.temperature)
-                fkl_high_sum += float(fkl[high].sum())
-                fkl_high_count += float(high.sum())
-                fkl_sum += float(fkl.sum())
-                rkl = per_token_fused(reverse_kl, s_source, t_source, temperature=spec.temperature)
-                rkl_sum += float(rkl.sum())
+                for key, value in scored.items():
+                    teacher_sums[key] += value
     finally:
         model.train(was_training)
 
@@ -306,11 +288,11 @@ def evaluate(
     results["len_mean"] = tokens / (len(correct) * n)
     results["truncated_frac"] = truncated / (len(correct) * n)
     if teacher is not None:
-        results["entropy/teacher_high_frac"] = teacher_high / max(tokens, 1)
-        if fkl_high_count:
-            results["div/fkl_high_entropy"] = fkl_high_sum / fkl_high_count
-        results["div/fkl"] = fkl_sum / max(tokens, 1)
-        results["div/rkl"] = rkl_sum / max(tokens, 1)
+        results["entropy/teacher_high_frac"] = teacher_sums["high"] / max(tokens, 1)
+        if teacher_sums["high"]:
+            results["div/fkl_high_entropy"] = teacher_sums["fkl_high"] / teacher_sums["high"]
+        results["div/fkl"] = teacher_sums["fkl"] / max(tokens, 1)
+        results["div/rkl"] = teacher_sums["rkl"] / max(tokens, 1)
     problems = ProblemResults(
         ids=tuple(record.get("id", index) for index, record in enumerate(records)),
         n=n,
@@ -318,6 +300,30 @@ def evaluate(
         paths=tuple(distinct_correct_paths(p) for p in paths),
     )
     return EvalResult(results, problems)
+
+
+def _teacher_sums(
+    teacher: ModelSide, batch, rows, s_source, pad: int, remap, spec: EvalSpec, vocab_size: int
+):
+    """The teacher on a batch of the model's samples, summed over its response tokens: how many have teacher
+    entropy >= tau ("high"), the forward KL over those ("fkl_high"), and both KLs over all ("fkl", "rkl")."""
+    mask = batch.response_mask
+    t_prompts = [teacher.prompt_format.encode(teacher.tokenizer, r["prompt"]) for r in rows]
+    t_hidden = teacher_hidden_states(
+        teacher.model, batch, t_prompts, pad_token_id=pad, remap_end_token_ids=remap, pack=True,
+        share_prompts=True,
+    )[mask]  # fmt: skip
+    t_source = LinearLogits(t_hidden, teacher_output_weight(teacher.model, remap), vocab_size)
+    t_stats = teacher_token_stats(t_source, batch.responses[mask], k=1, temperature=spec.temperature)
+    high = t_stats.entropy >= spec.tau
+    fkl = per_token_fused(forward_kl, s_source, t_source, temperature=spec.temperature)
+    rkl = per_token_fused(reverse_kl, s_source, t_source, temperature=spec.temperature)
+    return {
+        "high": float(high.sum()),
+        "fkl_high": float(fkl[high].sum()),
+        "fkl": float(fkl.sum()),
+        "rkl": float(rkl.sum()),
+    }
 
 
 def format_table(rows: dict[str, dict[str, float]], keys: Sequence[str]) -> str:

@@ -160,6 +160,31 @@ def _reserved_layer_class() -> type:
     return ReservedLayer
 
 
+def _prefill(model, prompts, input_ids, attention_mask, cache, cache_keyword: str, extra: dict) -> Tensor:
+    """Run the prompts into `cache`; the last position's logits, (B, V_model).
+
+    n samples of one prompt (adjacent rows) share one prefill: its keys and values are copied to each
+    row of the run, which then decodes alone.
+    """
+    first, run_of = (
+        _repeated_rows(prompts, input_ids.device) if hasattr(cache, "batch_select_indices") else (None, None)
+    )
+    rows = slice(None) if first is None else first
+    out = model(
+        input_ids=input_ids[rows],
+        attention_mask=attention_mask[rows],
+        position_ids=position_ids_from_mask(attention_mask[rows]),
+        use_cache=True,
+        **{cache_keyword: cache},
+        **extra,
+    )
+    logits = out.logits[:, -1]
+    if run_of is None:
+        return logits
+    cache.batch_select_indices(run_of)
+    return logits[run_of]
+
+
 def _repeated_rows(prompts: list[list[int]], device: torch.device) -> tuple[Tensor | None, Tensor | None]:
     """Rows whose prompt repeats the previous row's: (first row of each run, run index of every row).
 
@@ -283,27 +308,13 @@ def sample(
         # can be used by autograd (saved for backward) like any other.
         with torch.inference_mode():
             cache = _new_cache(model, input_ids.shape[1] + max_new_tokens)
-            # n samples of one prompt (adjacent rows) share one prefill: its keys and values are copied
-            # to each row, which then decodes alone.
-            unique, copies = (
-                _repeated_rows(prompts, device) if hasattr(cache, "batch_select_indices") else (None, None)
-            )
-            prefill = slice(None) if unique is None else unique
-            out = model(
-                input_ids=input_ids[prefill],
-                attention_mask=attention_mask[prefill],
-                position_ids=position_ids_from_mask(attention_mask[prefill]),
-                use_cache=True,
-                **{cache_keyword: cache},
-                **prefill_extra,
-            )
             # Every row is drawn from at every step, ended or not, so that the random stream (one
             # exponential per row and id in torch.multinomial) is the same whichever rows the model
             # still computes; an ended row keeps its last logits, and its draw is discarded.
-            next_logits = out.logits[:, -1, :vocab_size].float()  # (B, V), or (unique prompts, V)
-            if copies is not None:
-                cache.batch_select_indices(copies)
-                next_logits = next_logits[copies]
+            next_logits = _prefill(
+                model, prompts, input_ids, attention_mask, cache, cache_keyword, prefill_extra
+            )
+            next_logits = next_logits[:, :vocab_size].float()  # (B, V)
             prompt_length = input_ids.shape[1]
             # The mask of prompts and responses so far: the first columns of storage for every position
             # the loop can reach, written one column per step.
