@@ -209,7 +209,8 @@ def bootstrap_tables(comparison: Any, metrics: Sequence[str]) -> list[str]:
     )
     lines = [
         "",
-        f"Bootstrap over problems within seeds, {level}: mean over seeds of the mean over problems "
+        f"Bootstrap over problems within seeds, {level} (the test problems' share of the uncertainty, the "
+        "seeds held fixed): mean over seeds of the mean over problems "
         f"[{percentiles} percentiles of {comparison.replicates} replicates, each resampling every seed's "
         "problems with replacement]; `-` where the per-problem results do not determine the metric.",
         "",

@@ -15,12 +15,14 @@ seed there is none. The difference against the baseline is paired: per seed, var
 then the same interval over those differences. Writes report.md, comparison.md, comparison.csv and the
 PNG plots into `--out` (default: `<folder>/compare`).
 
-When the runs' eval.json hold per-problem results, avg@n, pass@k and paths/distinct also get an interval
-over problems and seeds (`eopd.bootstrap`): a percentile bootstrap that resamples
-each seed's problems (2000 replicates, fixed seed), per variant and, paired by problem id within each seed,
-for the difference against the baseline. Two more markdown tables ("bootstrap over problems within seeds")
-and the CSV's `boot_*` columns hold them, next to the t intervals over seed means; runs without
-per-problem results give the same tables and CSV as before.
+When the runs' eval.json hold per-problem results and every seed saw the same problems, avg@n, pass@k and
+paths/distinct also get an interval over seeds and problems crossed (`eopd.crossed`): the first tables,
+the CSV's `crossed_*` columns, and the verdicts. A sweep that declares its primary metrics
+(`study.primary`) gets a verdict per variant and primary metric against the baseline, with Holm's
+correction within each family of comparisons it declares (`study.families`: name -> variants; default
+one family of every variant). The t intervals over seed means (every metric) and the bootstrap over
+problems within seeds (`eopd.bootstrap`, the CSV's `boot_*` columns) follow, each labelled for the share
+of the uncertainty it measures.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import math
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from eopd.bootstrap import BOOTSTRAP_CSV_COLUMNS, bootstrap_csv_cells, bootstrap_tables
@@ -52,6 +54,13 @@ from eopd.comparison import (
     config_value,
     is_wandb_path,
     load_records,
+)
+from eopd.crossed import (
+    CROSSED_CSV_COLUMNS,
+    crossed_csv_cells,
+    crossed_tables,
+    family_verdicts,
+    verdict_lines,
 )
 from eopd.markdown import fmt_number, markdown_table
 
@@ -95,11 +104,17 @@ def format_cell(interval: Interval, signed: bool = False) -> str:
 
 
 def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None) -> str:
-    """The final-metric table and the paired-difference table, in markdown; with per-problem results,
-    the same two from the bootstrap over problems within seeds."""
+    """In markdown: with per-problem results, the crossed intervals per variant and against the baseline;
+    then the t intervals over seed means (every metric) and the bootstrap over problems within seeds."""
     metrics = list(metrics or comparison.metrics)
     level = f"{comparison.confidence:.0%}"
-    lines = [f"Final metrics: mean ± {level} confidence half-width over seeds (t interval, n-1 dof).", ""]
+    lines = crossed_tables(comparison, metrics)
+    lines += ["", ""] if lines else []
+    lines += [
+        f"Over seed means: mean ± {level} confidence half-width (t interval, n-1 dof): the variation between "
+        "training seeds on these fixed test problems, not the sampling of the problems.",
+        "",
+    ]
     lines += markdown_table(
         "seeds",
         metrics,
@@ -115,8 +130,8 @@ def markdown_tables(comparison: Comparison, metrics: Sequence[str] | None = None
     if comparison.difference:
         lines += [
             "",
-            f"Paired difference against `{comparison.baseline}` (variant - baseline on the same seed; "
-            f"mean ± {level} half-width over seeds both ran).",
+            f"Paired difference against `{comparison.baseline}` over seed means (variant - baseline on the "
+            f"same seed; mean ± {level} half-width over seeds both ran; the problems held fixed).",
             "",
         ]
         lines += markdown_table(
@@ -154,21 +169,28 @@ CSV_COLUMNS = (
 def write_csv(comparison: Comparison, path: Path) -> None:
     """One row per variant and metric (long format); empty cells where an interval is undefined.
 
-    The `boot_*` columns follow when any run has per-problem results (see `BOOTSTRAP_CSV_COLUMNS`).
+    The `crossed_*` and `boot_*` columns follow when any run has per-problem results (see
+    `CROSSED_CSV_COLUMNS`, `BOOTSTRAP_CSV_COLUMNS`).
     """
 
     def cell(x: float | None) -> str:
         return "" if x is None or not math.isfinite(x) else repr(float(x))
 
     with_bootstrap = bool(comparison.bootstrap or comparison.bootstrap_difference)
+    with_crossed = bool(comparison.crossed or comparison.crossed_difference)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS + (BOOTSTRAP_CSV_COLUMNS if with_bootstrap else ()))
+        writer.writerow(
+            CSV_COLUMNS
+            + (CROSSED_CSV_COLUMNS if with_crossed else ())
+            + (BOOTSTRAP_CSV_COLUMNS if with_bootstrap else ())
+        )
         for variant in comparison.variants:
             for metric in comparison.metrics:
                 s = comparison.summary[variant][metric]
                 d = comparison.difference.get(variant, {}).get(metric)
-                extra = bootstrap_csv_cells(comparison, variant, metric) if with_bootstrap else []
+                extra = crossed_csv_cells(comparison, variant, metric) if with_crossed else []
+                extra += bootstrap_csv_cells(comparison, variant, metric) if with_bootstrap else []
                 writer.writerow(
                     [
                         variant,
@@ -198,6 +220,67 @@ def primary_metrics(records: Sequence[RunRecord]) -> list[str]:
         except (KeyError, TypeError):
             return []
     return list(next(iter(named))) if len(named) == 1 else []
+
+
+def declared_families(records: Sequence[RunRecord], comparison: Comparison) -> dict[str, list[str]]:
+    """The families of comparisons a sweep declared before running (`study.families`: name -> variants),
+    when every run names the same ones; else one family, `all`, of every variant but the baseline."""
+    declared = []
+    for record in records:
+        try:
+            declared.append(config_value(record.config, "study.families"))
+        except (KeyError, TypeError):
+            declared.append(None)
+    first = declared[0] if declared else None
+    if isinstance(first, Mapping) and first and all(d == first for d in declared):
+        return {str(name): [str(v) for v in members] for name, members in first.items()}
+    return {"all": [v for v in comparison.variants if v != comparison.baseline]}
+
+
+def verdict_section(
+    records: Sequence[RunRecord], comparison: Comparison, primary: Sequence[str]
+) -> list[str]:
+    """The report's verdicts: each declared comparison against the baseline on each primary metric, from
+    its crossed interval, with Holm's correction within its family; a note where none can be given."""
+    if not primary:
+        return [
+            "No primary metrics were declared (`study.primary` in the sweep's config), so no verdicts: every "
+            "interval below stands alone, with no correction for the number of comparisons.",
+            "",
+        ]
+    families = declared_families(records, comparison)
+    verdicts, missing = family_verdicts(
+        comparison.crossed_difference, families, primary, comparison.confidence
+    )
+    left_out = [
+        f"Declared in family `{name}` but without a crossed interval against `{comparison.baseline}` (no runs "
+        f"among those compared, or no per-problem results), so outside its correction: {', '.join(absent)}."
+        for name, absent in missing.items()
+    ]
+    if not verdicts:
+        return [
+            "No verdicts: the primary metrics have no crossed interval against the baseline (they need "
+            "per-problem results in eval.json, the same problems for every seed, and at least two seeds).",
+            "",
+            *left_out,
+        ]
+    sizes = "; ".join(
+        f"`{name}`: {len(members)} variants × {len(primary)} metrics" for name, members in families.items()
+    )
+    return [
+        f"Each declared comparison against `{comparison.baseline}` on each primary metric, from its interval "
+        f"over seeds and problems crossed; Holm's correction within each family ({sizes}), family-wise error "
+        f"at most {1 - comparison.confidence:g}. "
+        + (
+            "Families from the sweep's config (`study.families`)."
+            if families != {"all": [v for v in comparison.variants if v != comparison.baseline]}
+            else "One family of every variant (the sweep's config declares no `study.families`)."
+        ),
+        "",
+        *verdict_lines(verdicts, comparison.baseline, comparison.confidence),
+        "",
+        *(line + "\n" for line in left_out),
+    ]
 
 
 def sweep_provenance(records: Sequence[RunRecord]) -> str:
@@ -293,7 +376,8 @@ def write_report(
             + ", ".join(f"`{m}`" for m in primary)
             + ". Every other metric is reported too.",
         ]
-    lines += ["", "## Final metrics", "", tables, "", "Every metric of every variant: `comparison.csv`.", ""]
+    lines += ["", "## Verdicts", "", *verdict_section(records, comparison, primary)]
+    lines += ["## Final metrics", "", tables, "", "Every metric of every variant: `comparison.csv`.", ""]
     for other in also_against:
         against = compare(records, baseline=other, metrics=every, confidence=confidence)
         write_csv(against, out / f"comparison_vs_{other}.csv")

@@ -1,24 +1,20 @@
-"""Reading finished runs and comparing them across variants and seeds: t intervals, paired differences and
-a bootstrap over problems within seeds.
+"""Reading finished runs and comparing them across variants and seeds.
 
 The library behind `python -m eopd.compare` (which writes the tables, plots and report). A run is a folder
 holding `config.yaml` and `metrics.csv` (what `eopd.train` writes), or a wandb run. Its variant is the value
 of `by` in its config (default `objective.name`); its seed is `seed`. Final metrics come from `eval.json`
 ("student after") when the run has one, otherwise from the last logged value of each column of
-`metrics.csv`. Intervals are two-sided t intervals over seeds (n - 1 degrees of freedom); with one seed
-there is none. The difference against the baseline is paired: per seed, variant minus baseline, then the
-same interval over those differences.
+`metrics.csv`.
 
-When eval.json also holds the trained student's per-problem results ("problems", which `eopd.train`
-writes), the metrics they determine (avg@n, pass@k, paths/distinct) also get a percentile bootstrap over
-problems within seeds: a replicate resamples each seed's problems with replacement (independently per
-seed), takes the mean over problems in each seed, then the mean over seeds. For the difference against the
-baseline, problems are paired by id within a seed and resampled together, so a replicate is the mean over
-seeds of the mean over the same resampled problems of variant - baseline.
-`eopd.bootstrap.BOOTSTRAP_REPLICATES` replicates from a fixed seed: the same runs give the same intervals.
-The seeds are not resampled: the bootstrap measures the test set's share of the uncertainty, the t
-interval the variation between seeds. Runs without per-problem results get the t intervals alone, as
-before.
+Three intervals, each for what it measures:
+- **Seeds and problems crossed** (`eopd.crossed`), where eval.json holds the trained student's per-problem
+  results (avg@n, pass@k, paths/distinct) and every seed saw the same problems: the interval a conclusion
+  about new seeds *and* new problems needs; the verdicts use it. Against the baseline, per seed and problem
+  (paired by id) variant minus baseline.
+- **t interval over seed means** (n - 1 degrees of freedom; none with one seed), for every metric: the
+  variation between training seeds on these fixed problems. Against the baseline, paired by seed.
+- **Bootstrap over problems within seeds** (`eopd.bootstrap`): the test problems' share with the seeds held
+  fixed.
 """
 
 from __future__ import annotations
@@ -35,55 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from eopd.bootstrap import BOOTSTRAP_REPLICATES, BootstrapInterval, bootstrap_comparison
+from eopd.crossed import CrossedInterval, crossed_comparison
 from eopd.metrics import ProblemResults
+from eopd.t_distribution import t_quantile
 
 DEFAULT_BY = ("objective.name",)
 
 
 # ---- statistics ------------------------------------------------------------------------------------------
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t distribution with an integer number of degrees of freedom.
-
-    Inverts the closed-form CDF for integer df (Abramowitz & Stegun 26.7.3-4) by bisection; no scipy.
-    """
-    if not 0.5 < p < 1:
-        raise ValueError(f"p={p} must lie in (0.5, 1)")
-    if int(df) != df or df < 1:
-        raise ValueError(f"df={df} must be a positive integer")
-    target = 2 * p - 1  # P(-t < T < t)
-    low, high = 0.0, 1.0
-    while _t_central_mass(high, int(df)) < target:
-        low, high = high, 2 * high
-    for _ in range(200):
-        mid = (low + high) / 2
-        if _t_central_mass(mid, int(df)) < target:
-            low = mid
-        else:
-            high = mid
-        if high - low < 1e-12 * high:
-            break
-    return (low + high) / 2
-
-
-def _t_central_mass(t: float, df: int) -> float:
-    """P(-t < T < t) for T ~ Student t with integer df."""
-    theta = math.atan(t / math.sqrt(df))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if df % 2 == 1:
-        total, term = 0.0, 1.0
-        if df > 1:
-            total = 1.0
-            for j in range(1, (df - 3) // 2 + 1):  # term_j = prod (2i)/(2i+1) * cos^(2j)
-                term *= (2 * j) / (2 * j + 1) * c2
-                total += term
-        return 2 / math.pi * (theta + s * math.cos(theta) * total)
-    total, term = 1.0, 1.0
-    for j in range(1, (df - 2) // 2 + 1):  # term_j = prod (2i-1)/(2i) * cos^(2j)
-        term *= (2 * j - 1) / (2 * j) * c2
-        total += term
-    return s * total
 
 
 @dataclass(frozen=True)
@@ -354,6 +309,9 @@ class Comparison:
     bootstrap: dict[str, dict[str, BootstrapInterval]] = field(default_factory=dict)
     bootstrap_difference: dict[str, dict[str, BootstrapInterval]] = field(default_factory=dict)
     replicates: int = BOOTSTRAP_REPLICATES
+    # variant -> metric -> interval over seeds and problems crossed (eopd.crossed); the verdicts use these
+    crossed: dict[str, dict[str, CrossedInterval]] = field(default_factory=dict)
+    crossed_difference: dict[str, dict[str, CrossedInterval]] = field(default_factory=dict)
 
 
 def by_variant_and_seed(records: Sequence[RunRecord]) -> dict[str, dict[Any, RunRecord]]:
@@ -450,6 +408,7 @@ def compare(
     bootstrap, bootstrap_difference = bootstrap_comparison(
         grouped, variants, baseline, metrics, confidence, replicates
     )
+    crossed, crossed_difference = crossed_comparison(grouped, variants, baseline, metrics, confidence)
     return Comparison(
         variants,
         baseline,
@@ -461,6 +420,8 @@ def compare(
         bootstrap,
         bootstrap_difference,
         replicates,
+        crossed,
+        crossed_difference,
     )
 
 

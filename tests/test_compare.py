@@ -32,10 +32,10 @@ from eopd.comparison import (
     paired_difference,
     read_run,
     record_from_wandb_run,
-    t_quantile,
     variant_label,
 )
 from eopd.metrics import ProblemResults
+from eopd.t_distribution import t_quantile
 
 REPO = Path(eopd.train.CONF_DIR).parent
 # Two-sided 95% t quantiles t_{0.975, df} from published tables.
@@ -395,7 +395,8 @@ def test_eval_json_without_per_problem_results_compares_exactly_as_before(sweep_
         key: {column: row[column] for column in CSV_COLUMNS} for key, row in with_problems.items()
     }
     table = (report / "comparison.md").read_text()
-    assert (out / "comparison.md").read_text() == table.split("\n\nBootstrap over problems")[0] + "\n"
+    over_seeds = table[table.index("Over seed means") :].split("\n\nBootstrap over problems")[0]
+    assert (out / "comparison.md").read_text() == over_seeds + "\n"  # no crossed or bootstrap tables
     assert all(read_run(run).problems is None for run in old.iterdir())
 
 
@@ -445,7 +446,8 @@ def test_one_seed_per_variant_reports_n1_without_an_interval(sweep_dir, tmp_path
 
     assert main([*runs, "--out", str(tmp_path)]) == 0
 
-    t_tables = (tmp_path / "comparison.md").read_text().split("\n\nBootstrap over problems")[0]
+    markdown = (tmp_path / "comparison.md").read_text()
+    t_tables = markdown[markdown.index("Over seed means") :].split("\n\nBootstrap over problems")[0]
     rows_md = [line for line in t_tables.splitlines() if "opd |" in line]
     assert len(rows_md) == 3  # opd, eopd, and eopd - opd
     assert all("(n=1)" in line and "±" not in line for line in rows_md)
