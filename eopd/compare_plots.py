@@ -29,6 +29,18 @@ CURVES = (
         "high-entropy fraction",
     ),
     (
+        "entropy/high_frac_gap",
+        "high_entropy_gap.png",
+        "Student's high-entropy fraction minus the teacher's on the student's rollouts",
+        "student - teacher (below 0: surer than the teacher)",
+    ),
+    (
+        "val/entropy/high_frac_gap",
+        "val_high_entropy_gap.png",
+        "Validation: student's high-entropy fraction minus the teacher's on the same samples",
+        "student - teacher",
+    ),
+    (
         "val/paths/distinct",
         "val_distinct_paths.png",
         "Validation: distinct correct solution paths per problem",

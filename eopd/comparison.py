@@ -158,6 +158,7 @@ def parse_history(
         values = {k: v for k, v in values.items() if v is not None}
         if not values:
             continue
+        values |= _high_frac_gaps(values)
         x = values.get("step/rollout")
         if x is None:
             step = _number(row.get(step_key))
@@ -172,6 +173,19 @@ def parse_history(
     for points in curves.values():
         points.sort(key=lambda p: p[0])
     return dict(curves), last
+
+
+def _high_frac_gaps(values: Mapping[str, float]) -> dict[str, float]:
+    """`entropy/high_frac_gap` (and `val/...`): the student's high-entropy fraction minus the teacher's on
+    the same samples, where a row logs both; below zero, the student is surer than its teacher (the
+    collapse the paper attributes to reverse KL)."""
+    gaps = {}
+    for prefix in ("", "val/"):
+        student = values.get(f"{prefix}entropy/student_high_frac")
+        teacher = values.get(f"{prefix}entropy/teacher_high_frac")
+        if student is not None and teacher is not None:
+            gaps[f"{prefix}entropy/high_frac_gap"] = student - teacher
+    return gaps
 
 
 def _number(value: Any) -> float | None:

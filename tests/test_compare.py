@@ -30,6 +30,7 @@ from eopd.comparison import (
     is_wandb_path,
     mean_interval,
     paired_difference,
+    parse_history,
     read_run,
     record_from_wandb_run,
     variant_label,
@@ -413,6 +414,7 @@ def test_plots_exist_and_the_report_embeds_them_with_the_table_and_command(repor
 
     images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
     expected = {"student_entropy.png", "fkl_high_entropy.png", "gate_fraction.png", "val_avg_at_k.png"}
+    expected |= {"high_entropy_gap.png"}  # the student's high-entropy fraction against the teacher's
     assert expected | {"pass_at_k.png"} <= set(images)
     for name in images:
         png = (report / name).read_bytes()
@@ -454,6 +456,17 @@ def test_one_seed_per_variant_reports_n1_without_an_interval(sweep_dir, tmp_path
     rows = _comparison_rows(tmp_path)
     assert rows["eopd", "pass@1"]["ci_low"] == "" and rows["eopd", "pass@1"]["diff_ci_low"] == ""
     assert rows["eopd", "pass@1"]["n"] == "1"
+
+
+def test_the_high_entropy_gap_is_the_students_fraction_minus_the_teachers_on_the_same_rows():
+    rows = [
+        {"step": 1, "step/rollout": 1, "entropy/student_high_frac": 0.2, "entropy/teacher_high_frac": 0.15},
+        {"step": 2, "val/entropy/student_high_frac": 0.05, "val/entropy/teacher_high_frac": 0.15},
+        {"step": 3, "step/rollout": 2, "entropy/student_high_frac": 0.1},  # no teacher: no gap
+    ]
+    curves, _ = parse_history(rows, step_key="step", steps_per_rollout=1)
+    assert curves["entropy/high_frac_gap"] == [(1, pytest.approx(0.05))]
+    assert curves["val/entropy/high_frac_gap"] == [(2, pytest.approx(-0.1))]
 
 
 def test_a_run_without_eval_json_falls_back_to_its_last_logged_values(sweep_dir, tmp_path):
