@@ -54,7 +54,7 @@ real: $(VENV)/.real-installed ## distil SmolLM2-135M-Instruct into a student pru
 REAL_STUDY_DIR ?= outputs/sweeps/real/latest
 study-real: $(VENV)/.real-installed ## OPD against EOPD on the real pair, 5 seeds each, report in docs/real-study
 	rm -rf $(REAL_STUDY_DIR)
-	$(PY) -m eopd.train experiment=real sweep=real hydra.sweep.dir=$(REAL_STUDY_DIR) $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m eopd.train experiment=real sweep=real hydra/launcher=parallel hydra.sweep.dir=$(REAL_STUDY_DIR) $(ARGS)
 	$(PY) -m eopd.compare $(REAL_STUDY_DIR) --baseline opd --out docs/real-study
 
 DEMO_DIR ?= outputs/sweeps/demo/latest
