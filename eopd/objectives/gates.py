@@ -111,21 +111,32 @@ def _min_max(values: Tensor, mask: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class SoftOr:
     """TIP's score over two axes (2604.14084, Eq. 5): a + b - a b of the two signals min-max normalised
-    over the batch's valid tokens. High when either is high; "student_entropy" and "rkl" is the paper's."""
+    over the batch's valid tokens. High when either is high; "student_entropy" and "rkl" is the paper's.
+
+    `clip_quantile` first clips the first signal at that quantile of its valid values (TIP clips the
+    student's entropy at the batch's 98th percentile, so that a few very uncertain tokens do not squash
+    the normalised scale of the rest); None: no clip.
+    """
 
     first: str = "student_entropy"
     second: str = "rkl"
+    clip_quantile: float | None = None
 
     def __post_init__(self) -> None:
         _check_signal(self.first)
         _check_signal(self.second)
+        if self.clip_quantile is not None and not 0.0 < self.clip_quantile <= 1.0:
+            raise ValueError(f"clip_quantile={self.clip_quantile!r} must lie in (0, 1] (TIP clips at 0.98)")
 
     @property
     def names(self) -> frozenset[str]:
         return frozenset({self.first, self.second})
 
     def __call__(self, signals: Signals, mask: Tensor) -> Tensor:
-        a = _min_max(signals.get(self.first), mask)
+        first = signals.get(self.first).float()
+        if self.clip_quantile is not None and bool(mask.any()):
+            first = first.clamp(max=torch.quantile(first[mask], self.clip_quantile))
+        a = _min_max(first, mask)
         b = _min_max(signals.get(self.second), mask)
         return a + b - a * b
 
@@ -238,11 +249,15 @@ class QuantileGate:
     """Opens the top fraction `q` of the batch's valid tokens by `signal` (the teacher's entropy by default).
 
     Exactly round(q * n_valid) tokens open (ties broken by position), so the gated fraction is the same
-    for every teacher: a threshold that transfers across teachers, unlike an absolute tau.
+    for every teacher: a threshold that transfers across teachers, unlike an absolute tau. With
+    `per_response`, each response (a row of the mask) opens floor(q * its valid tokens) of its own
+    highest-scoring tokens instead (TIP's rule): no response goes unsupervised because others score
+    higher. The scores are still computed over the whole batch (a min-max score normalises over it).
     """
 
     q: float | Schedule = 0.2
     signal: str | Score = "teacher_entropy"
+    per_response: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "q", as_schedule(self.q))
@@ -256,8 +271,10 @@ class QuantileGate:
         return _names(self.signal)
 
     def __call__(self, signals: Signals | Tensor, mask: Tensor, *, step: int = 0) -> Tensor:
-        value = _value(self.signal, signals, mask).float()
-        return _open_top(value.masked_fill(~mask, float("-inf")), mask, self.q(step))
+        value = _value(self.signal, signals, mask).float().masked_fill(~mask, float("-inf"))
+        if self.per_response:
+            return _open_top_per_row(value, mask, self.q(step))
+        return _open_top(value, mask, self.q(step))
 
 
 @dataclass(frozen=True)
@@ -338,6 +355,26 @@ class RandomGate:
 
 
 Gate = NoGate | HardGate | SoftGate | QuantileGate | RandomGate | AllOf | AnyOf | Not
+
+
+def _open_top_per_row(scores: Tensor, mask: Tensor, fraction: float) -> Tensor:
+    """Weights 1 on each row's floor(fraction * its valid tokens) highest-scoring valid positions.
+
+    Args:
+        scores: (rows, positions) with -inf at invalid positions; mask: the same shape.
+    """
+    if mask.ndim != 2:
+        raise ValueError(
+            f"a per-response gate needs a (responses, positions) mask, got shape {tuple(mask.shape)}"
+        )
+    counts = torch.floor(
+        mask.sum(-1).double() * fraction + 1e-9
+    ).long()  # (rows,); 1e-9: 0.29 * 100 is 28.99.. in floats
+    # A stable sort breaks ties by position, so the same inputs always open the same tokens.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(mask.shape[-1], device=mask.device).expand_as(order))
+    return ((rank < counts[:, None]) & mask).float()
 
 
 def _open_top(scores: Tensor, mask: Tensor, fraction: float) -> Tensor:

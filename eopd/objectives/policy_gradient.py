@@ -13,9 +13,10 @@ class PPOTerm(NamedTuple):
     """Per-token outputs of `ppo_clipped_reverse_kl`, each of shape (...)."""
 
     loss: Tensor
-    """max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A); differentiable through r."""
+    """max(-r A, -clip(r, 1 - eps_low, 1 + eps_high) A), capped at -c A where A < 0 with a dual clip c;
+    differentiable through r."""
     clipped: Tensor
-    """1.0 where the clipped branch is strictly larger (so the token has no gradient), else 0.0."""
+    """1.0 where a clipped branch is strictly chosen (so the token has no gradient), else 0.0."""
     ratio: Tensor
     """r = pi_theta(y) / pi_old(y), detached."""
 
@@ -28,6 +29,7 @@ def ppo_clipped_reverse_kl(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     reward_floor: float | None = None,
+    dual_clip: float | None = None,
 ) -> PPOTerm:
     """Sampled-token reverse KL as a PPO-clipped policy gradient (PAPER.md section 2, step 1).
 
@@ -47,6 +49,7 @@ def ppo_clipped_reverse_kl(
         eps_high: upper clip range (r <= 1 + eps_high), > 0.
         reward_floor: when set, A_t = max(A_t, reward_floor): REOPOLD's reward clipping (2603.11137,
             Eq. 5), whose floor is log(lambda) / (1 - lambda) for a teacher/student mixture weight lambda.
+        dual_clip: see `ppo_clipped_surrogate`.
 
     Returns:
         PPOTerm of per-token loss, clip indicator and ratio.
@@ -55,7 +58,7 @@ def ppo_clipped_reverse_kl(
     if reward_floor is not None:
         advantage = advantage.clamp(min=reward_floor)
     return ppo_clipped_surrogate(
-        student_logprobs, old_logprobs, advantage, eps_low=eps_low, eps_high=eps_high
+        student_logprobs, old_logprobs, advantage, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip
     )
 
 
@@ -66,6 +69,7 @@ def ppo_clipped_surrogate(
     *,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
+    dual_clip: float | None = None,
 ) -> PPOTerm:
     """The PPO-clipped surrogate for any per-token advantage A_t (detached here):
 
@@ -73,19 +77,37 @@ def ppo_clipped_surrogate(
 
     With A_t = log pi_te(y_t) - log pi_old(y_t) it is `ppo_clipped_reverse_kl`; with a sequence's
     group-normalised reward broadcast over its tokens it is GRPO's token-level loss.
+
+    `dual_clip` c > 1 (dual-clip PPO, verl's `clip_ratio_c`, 3 there) also caps the loss of tokens with
+    A_t < 0 at -c A_t: min(L_t, -c A_t). Without it a token the student has made far likelier than at the
+    rollout (r_t > c) and that the teacher disfavours has an unbounded loss. None (the paper's PPO term):
+    no cap.
     """
     check_clip_range(eps_low, eps_high)
+    check_dual_clip(dual_clip)
     logp = student_logprobs.float()
     old = old_logprobs.float().detach()
     advantage = advantage.float().detach()
     ratio = torch.exp(logp - old)
     unclipped = -ratio * advantage
     clipped = -ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantage
-    return PPOTerm(
-        loss=torch.maximum(unclipped, clipped),
-        clipped=(clipped > unclipped).float().detach(),
-        ratio=ratio.detach(),
-    )
+    loss = torch.maximum(unclipped, clipped)
+    no_gradient = clipped > unclipped
+    if dual_clip is not None:
+        cap = -dual_clip * advantage
+        capped = (advantage < 0) & (cap < loss)
+        loss = torch.where(capped, cap, loss)
+        no_gradient = no_gradient | capped
+    return PPOTerm(loss=loss, clipped=no_gradient.float().detach(), ratio=ratio.detach())
+
+
+def check_dual_clip(dual_clip: float | None) -> None:
+    """Raise a ValueError naming the argument when a dual clip is set and not above 1."""
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(
+            f"dual_clip={dual_clip!r} must be > 1 (the cap -c A must lie above the clipped branch; verl uses 3), "
+            "or null for none"
+        )
 
 
 def check_clip_range(eps_low: float, eps_high: float) -> None:

@@ -41,6 +41,7 @@ class _Knobs:
     tail: str
     eps_low: float
     eps_high: float
+    dual_clip: float | None
     q: float | Schedule
     width: float
     beta: float
@@ -58,8 +59,8 @@ class _Knobs:
     kd_coef: float | Schedule
 
     @property
-    def clip(self) -> dict[str, float]:
-        return {"eps_low": self.eps_low, "eps_high": self.eps_high}
+    def clip(self) -> dict[str, float | None]:
+        return {"eps_low": self.eps_low, "eps_high": self.eps_high, "dual_clip": self.dual_clip}
 
     @property
     def ppo(self) -> Term:
@@ -68,9 +69,10 @@ class _Knobs:
     def fkl(self, gate: Gate) -> Term:
         return Term("topk_fkl", weight=self.alpha, gate=gate, options={"k": self.top_k, "tail": self.tail})
 
-    def tip(self, score: SoftOr | Overconfident, rho: float) -> tuple[Term, ...]:
+    def tip(self, score: SoftOr | Overconfident, rho: float, per_response: bool) -> tuple[Term, ...]:
         # Eq. 7: the full-vocabulary reverse KL, averaged over the retained tokens only.
-        return (Term("reverse_kl", gate=QuantileGate(rho, signal=score), normalize="gate"),)
+        gate = QuantileGate(rho, signal=score, per_response=per_response)
+        return (Term("reverse_kl", gate=gate, normalize="gate"),)
 
     def sead(self) -> tuple[Term, ...]:
         teacher_high = QuantileGate(self.zone_teacher_q, signal="teacher_entropy")
@@ -105,6 +107,9 @@ class _Knobs:
         return Term("ppo_reward", options=self.clip)
 
 
+TIP_ENTROPY_CLIP = 0.98
+"""TIP clips the student's entropy at this quantile of the rollout batch before min-max normalising it."""
+
 _RECIPES: dict[str, Callable[[_Knobs], tuple[Term, ...]]] = {
     "opd": lambda k: (k.ppo,),
     "eopd": lambda k: (k.ppo, k.fkl(HardGate(k.tau))),
@@ -117,8 +122,9 @@ _RECIPES: dict[str, Callable[[_Knobs], tuple[Term, ...]]] = {
     "fkl": lambda k: (Term("forward_kl"),),
     "jsd": lambda k: (Term("generalized_jsd", options={"beta": k.beta}),),
     "kd": lambda k: (Term("forward_kl"),),
-    "tip": lambda k: k.tip(SoftOr("student_entropy", "rkl"), k.rho),
-    "tip_q3": lambda k: k.tip(Overconfident("fkl", "student_entropy"), k.rho_q3),
+    "tip": lambda k: k.tip(SoftOr("student_entropy", "rkl", TIP_ENTROPY_CLIP), k.rho, per_response=True),
+    "tip_global": lambda k: k.tip(SoftOr("student_entropy", "rkl"), k.rho, per_response=False),
+    "tip_q3": lambda k: k.tip(Overconfident("fkl", "student_entropy"), k.rho_q3, per_response=False),
     "sead": lambda k: k.sead(),
     "sead_tokens": lambda k: k.sead(),
     "reopold": lambda k: k.reopold(),
@@ -138,6 +144,7 @@ def preset(
     tail: str = "renorm",
     eps_low: float = 0.2,
     eps_high: float = 0.2,
+    dual_clip: float | None = None,
     q: float | Schedule = 0.2,
     width: float = 0.1,
     beta: float = 0.5,
@@ -172,10 +179,13 @@ def preset(
             teacher (the training config `objective=kd` selects `rollout=teacher`).
 
     Later papers' token selection (every signal measured at the rollout policy, every batch-level rank
-    and min-max over the valid tokens of the whole rollout batch: the papers leave the scope open):
-        tip: TIP (2604.14084, section 6): the full-vocabulary reverse KL on the top `rho` of tokens by the
-            soft-OR of the student's entropy and the reverse KL (each min-max normalised), averaged over
-            those tokens (Eq. 7). rho 0.5, the paper's best on maths.
+    and min-max over the valid tokens of the whole rollout batch):
+        tip: TIP (2604.14084, section 6): the full-vocabulary reverse KL on the top `rho` of each response's
+            tokens (floor(rho x its length)) by the soft-OR of the student's entropy, clipped at the batch's
+            98th percentile, and the reverse KL, each min-max normalised over the batch; averaged over the
+            kept tokens (Eq. 7). rho 0.5, the paper's best on maths.
+        tip_global: tip's score without the clip, keeping the top `rho` of the whole batch's tokens (a
+            response may keep none): the reading of TIP before the per-response rule.
         tip_q3: TIP's overconfident-token rule (section 7.3): the top `rho_q3` (0.2; the paper uses 0.2 and
             0.1) by forward KL x (1 - normalised student entropy), the same loss and mean.
         sead: SEAD (2606.28562) zones from the joint entropies: the top `zone_teacher_q` of tokens by the
@@ -219,13 +229,15 @@ def preset(
     ):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"objective.{knob}={value!r} must lie in [0, 1] (a fraction)")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"objective.dual_clip={dual_clip!r} must be > 1 (verl uses 3) or null for none")
     if not 0.0 < mix_lambda < 1.0:
         raise ValueError(f"objective.mix_lambda={mix_lambda!r} must lie in (0, 1) (REOPOLD uses 0.3)")
     for knob, value in (("switch_step", switch_step), ("anneal_steps", anneal_steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"objective.{knob}={value!r} must be a positive number of optimizer steps")
     knobs = _Knobs(
-        tau, alpha, top_k, tail, eps_low, eps_high, q, width, beta, entropy_bonus, seed, rho, rho_q3, mix_lambda,
+        tau, alpha, top_k, tail, eps_low, eps_high, dual_clip, q, width, beta, entropy_bonus, seed, rho, rho_q3, mix_lambda,
         keep, switch_step, zone_teacher_q, zone_student_q, fkl_start, anneal_steps, kd_coef,
     )  # fmt: skip
     return Objective(

@@ -18,7 +18,12 @@ from torch import Tensor
 
 from eopd.objectives import divergences as D
 from eopd.objectives.gates import Gate, NoGate
-from eopd.objectives.policy_gradient import check_clip_range, ppo_clipped_reverse_kl, ppo_clipped_surrogate
+from eopd.objectives.policy_gradient import (
+    check_clip_range,
+    check_dual_clip,
+    ppo_clipped_reverse_kl,
+    ppo_clipped_surrogate,
+)
 from eopd.objectives.teacher_stats import TeacherStats
 from eopd.objectives.tile_softmax import Softmaxed, pair_combination
 from eopd.schedules import Schedule, as_schedule, schedule_range
@@ -92,6 +97,7 @@ def _ppo_gathered(at_tokens: Tensor, tile: Tile, opt: Mapping[str, Any]) -> Tens
         eps_low=opt["eps_low"],
         eps_high=opt["eps_high"],
         reward_floor=opt["reward_floor"],
+        dual_clip=opt["dual_clip"],
     ).loss
 
 
@@ -101,7 +107,12 @@ def _ppo(logp: Tensor, tile: Tile, opt: Mapping[str, Any]) -> Tensor:
 
 def _reward_gathered(at_tokens: Tensor, tile: Tile, opt: Mapping[str, Any]) -> Tensor:
     return ppo_clipped_surrogate(
-        at_tokens[:, 0], tile.old_logprobs, tile.advantages, eps_low=opt["eps_low"], eps_high=opt["eps_high"]
+        at_tokens[:, 0],
+        tile.old_logprobs,
+        tile.advantages,
+        eps_low=opt["eps_low"],
+        eps_high=opt["eps_high"],
+        dual_clip=opt["dual_clip"],
     ).loss
 
 
@@ -194,9 +205,9 @@ TERM_KINDS: dict[str, TermKind] = {
     "ppo_rkl": TermKind(
         _ppo,
         needs_old_logprobs=True,
-        options={"eps_low": 0.2, "eps_high": 0.2, "reward_floor": None},
+        options={"eps_low": 0.2, "eps_high": 0.2, "reward_floor": None, "dual_clip": None},
         doc="PPO-clipped sampled-token reverse KL, advantage log p_te(y) - log p_old(y) (the OPD term); "
-        "reward_floor clips the advantage from below (REOPOLD)",
+        "reward_floor clips the advantage from below (REOPOLD), dual_clip caps the loss where it is negative",
         support=_ppo_support,
         gathered=_ppo_gathered,
     ),
@@ -204,7 +215,7 @@ TERM_KINDS: dict[str, TermKind] = {
         _reward,
         needs_old_logprobs=True,
         needs_advantages=True,
-        options={"eps_low": 0.2, "eps_high": 0.2},
+        options={"eps_low": 0.2, "eps_high": 0.2, "dual_clip": None},
         doc="PPO-clipped sampled-token surrogate on a task reward's advantage (GRPO's loss; no teacher)",
         support=_ppo_support,
         gathered=_reward_gathered,
@@ -350,6 +361,7 @@ def normalizer_weights(terms: tuple[Term, ...], gates: Tensor, mask: Tensor) -> 
 def _check_options(kind: str, opt: Mapping[str, Any]) -> None:
     if kind in ("ppo_rkl", "ppo_reward"):
         check_clip_range(opt["eps_low"], opt["eps_high"])
+        check_dual_clip(opt["dual_clip"])
     if opt.get("reward_floor") is not None and not opt["reward_floor"] < 0:
         raise ValueError(
             f"reward_floor={opt['reward_floor']!r} must be < 0 (REOPOLD's floor log(lambda) / (1 - lambda) "

@@ -3,6 +3,7 @@ reward baselines (GRPO), each against a float64 reference written from its defin
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ from eopd.objectives import (
     preset,
     teacher_token_stats,
 )
-from eopd.objectives.gates import Overconfident, SoftOr
+from eopd.objectives.gates import Overconfident, QuantileGate, SoftOr
 from eopd.objectives.policy_gradient import group_advantages
 from eopd.objectives.terms import normalizer_weights
 
@@ -134,15 +135,58 @@ def test_soft_or_and_overconfident_scores_match_their_definitions():
 # ---- presets against float64 references -------------------------------------------------------------
 
 
-def test_tip_is_the_reverse_kl_averaged_over_the_top_rho_tokens_by_the_soft_or_score():
+def test_tip_global_is_the_reverse_kl_averaged_over_the_top_rho_tokens_of_the_batch_by_the_soft_or():
     d = make_batch()
     x = per_token64(d)
     a, b = min_max(x["h_s"]), min_max(x["rkl"])
     kept = top_fraction(a + b - a * b, 0.5)
     expected = float((kept * x["rkl"]).sum() / kept.sum())
-    out = call(preset("tip", top_k=K, rho=0.5), d)
+    out = call(preset("tip_global", top_k=K, rho=0.5), d)
     assert float(out.loss) == pytest.approx(expected, rel=1e-5)
     assert out.metrics.means()["gate/fraction"] == pytest.approx(float(kept.mean()))
+
+
+def tip_kept64(x, rows, rho, clip=0.98):
+    """TIP's rule from its definition: the student's entropy clipped at the batch's `clip` quantile (linear
+    interpolation, as numpy's default), both axes min-max normalised over the batch, soft-OR, then in each
+    response the floor(rho x its length) highest scores."""
+    h = x["h_s"].clamp(max=float(np.quantile(x["h_s"].numpy(), clip)))
+    a, b = min_max(h), min_max(x["rkl"])
+    score = a + b - a * b
+    kept = torch.zeros_like(score)
+    for row in rows.unique():
+        where = (rows == row).nonzero()[:, 0]
+        count = math.floor(rho * len(where))
+        kept[where[torch.argsort(score[where], descending=True)[:count]]] = 1.0
+    return kept
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.3])
+def test_tip_keeps_floor_rho_times_each_responses_length_by_the_clipped_soft_or_score(rho):
+    d = make_batch()
+    x = per_token64(d)
+    rows = torch.arange(B)[:, None].expand(B, T)[d["mask"]]
+    kept = tip_kept64(x, rows, rho)
+    expected = float((kept * x["rkl"]).sum() / kept.sum())
+    assert float(call(preset("tip", top_k=K, rho=rho), d).loss) == pytest.approx(expected, rel=1e-5)
+    lengths = d["mask"].sum(-1)
+    per_row = torch.zeros(B).index_add_(0, rows, kept.float())
+    assert per_row.tolist() == [math.floor(rho * int(n)) for n in lengths]  # every response its share
+
+
+def test_the_clip_changes_which_tokens_tip_keeps_when_one_entropy_dwarfs_the_rest():
+    # One token far more uncertain than the rest squashes the others' normalised entropies toward 0
+    # unless it is clipped first.
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    signals = Signals(
+        teacher_entropy=torch.zeros(1, 6),
+        student_entropy=torch.tensor([[50.0, 1.0, 0.9, 0.2, 0.1, 0.0]]),
+        rkl=torch.tensor([[0.0, 0.0, 0.1, 0.6, 0.5, 1.0]]),
+    )
+    clipped = QuantileGate(0.5, SoftOr("student_entropy", "rkl", 0.8), per_response=True)(signals, mask)
+    unclipped = QuantileGate(0.5, SoftOr("student_entropy", "rkl"), per_response=True)(signals, mask)
+    assert clipped.tolist() != unclipped.tolist()
+    assert clipped.sum() == unclipped.sum() == 3
 
 
 def test_tip_q3_keeps_the_confident_tokens_the_teacher_disagrees_with():
@@ -292,3 +336,35 @@ def test_split_batches_with_whole_batch_gates_and_normalisers_equal_the_unsplit_
         total += float(out.loss)
     assert total == pytest.approx(float(full), rel=1e-5, abs=1e-7)
     torch.testing.assert_close(parts.grad, whole.grad, rtol=1e-4, atol=1e-7)
+
+
+def ppo_dual64(ls, y, old, advantage, eps=0.2, c=3.0):
+    loss = ppo64(ls, y, old, advantage, eps)
+    return torch.where(advantage < 0, torch.minimum(loss, -c * advantage), loss)
+
+
+def test_the_dual_clip_caps_the_loss_of_negative_advantages_at_minus_c_a_and_stops_their_gradient():
+    d = make_batch()
+    d["old"] = d["old"] - 1.5  # ratios far above 1: some tokens pass the cap
+    x = per_token64(d)
+    lt_y = x["lt"].gather(-1, x["y"][:, None])[:, 0]
+    advantage = lt_y - x["old"]
+    per_token = ppo_dual64(x["ls"], x["y"], x["old"], advantage)
+    plain = ppo64(x["ls"], x["y"], x["old"], advantage)
+    assert (per_token < plain).any()  # the cap acts in this batch
+    student = d["student"].clone().requires_grad_(True)
+    out = call(Objective((Term("ppo_rkl", options={"dual_clip": 3.0}),), top_k=K), d | {"student": student})
+    assert float(out.loss) == pytest.approx(float(per_token.mean()), rel=1e-5)
+
+    ls64 = d["student"].double().requires_grad_(True)
+    logp = torch.log_softmax(ls64, -1)[d["mask"]]
+    ppo_dual64(logp, x["y"], x["old"], advantage).mean().backward()
+    out.loss.backward()
+    torch.testing.assert_close(student.grad.double(), ls64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_dual_clip_at_or_below_one_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"dual_clip=1.0 must be > 1 .*verl uses 3"):
+        preset("opd", dual_clip=1.0)
+    with pytest.raises(ValueError, match=r"dual_clip=0.5 must be > 1"):
+        Objective((Term("ppo_rkl", options={"dual_clip": 0.5}),), top_k=K)
