@@ -66,7 +66,8 @@ from eopd.markdown import fmt_number, markdown_table
 
 # Final metrics shown in the markdown table unless --metrics names others (the CSV holds all of them).
 _TABLE_PATTERN = re.compile(
-    r"^(?:val/|test/)?(avg@\d+|pass@\d+|maj@\d+|paths/distinct|entropy/student|div/fkl_high_entropy)$"
+    r"^(?:val/|test/)?(avg@\d+|pass@\d+|maj@\d+|paths/distinct|paths/even_spread|forks/kl|entropy/student"
+    r"|div/fkl_high_entropy)$"
     r"|^bench/mean/(avg|pass)@\d+$"  # the math benchmarks' mean (each benchmark is in the CSV)
 )
 _PASS_AT_K = re.compile(r"^((?:val/|test/)?)pass@(\d+)$")
@@ -76,7 +77,7 @@ def table_metrics(records: Sequence[RunRecord]) -> list[str]:
     """The final metrics shown by default: accuracy, coverage, diversity and the entropy diagnostics.
 
     In the order of `eopd.train`'s final table: avg@n, pass@1, pass@n (the largest k; the plot shows
-    every k), maj@n, paths/distinct, entropy/student, div/fkl_high_entropy.
+    every k), maj@n, paths/distinct, paths/even_spread, forks/kl, entropy/student, div/fkl_high_entropy.
     """
     keys = {k for r in records for k in r.final if _TABLE_PATTERN.match(k)}
     passes = sorted((k for k in keys if _PASS_AT_K.match(k)), key=_metric_order)
@@ -88,7 +89,16 @@ def table_metrics(records: Sequence[RunRecord]) -> list[str]:
 
 def _metric_order(name: str) -> tuple[int, int, str]:
     bare = re.sub(r"^(?:val/|test/)", "", name)
-    ranks = ("avg@", "pass@", "maj@", "paths/distinct", "entropy/student", "div/fkl_high_entropy")
+    ranks = (
+        "avg@",
+        "pass@",
+        "maj@",
+        "paths/distinct",
+        "paths/even_spread",
+        "forks/kl",
+        "entropy/student",
+        "div/fkl_high_entropy",
+    )
     rank = next((i for i, prefix in enumerate(ranks) if bare.startswith(prefix)), len(ranks))
     k = int(bare.split("@")[1]) if re.match(r"^\w+@\d+$", bare) else 0
     return rank, k, name

@@ -7,6 +7,8 @@ Metrics (keys as logged during training under `val/`):
     pass@k            unbiased Pass@k for every k <= n, averaged over problems
     maj@n             majority vote over the n answers is correct
     paths/distinct    distinct correct solution paths per problem (tasks that define paths)
+    paths/even_spread, forks/kl, forks/count: coverage apart from accuracy (`eopd.coverage`; tasks whose
+                      grader knows its paths)
     entropy/student   the student's token entropy on its own samples; entropy/student_high_frac: >= tau
     entropy/teacher_high_frac, div/fkl_high_entropy: the teacher on the same samples (when given)
     div/fkl, div/rkl  KL(teacher || model) and KL(model || teacher) over the full vocabulary, per token of
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 
+from eopd.coverage import ForkKL, even_spread
 from eopd.data import PromptFormat
 from eopd.metrics import ProblemResults, distinct_correct_paths, maj_at_k, pass_at_k_curve
 from eopd.objectives import (
@@ -87,6 +90,17 @@ class EmbeddedGrader:
         from eopd.tasks.multipath import solution_text
 
         return solution_text(record["problem"], record["problem"].terms)
+
+    def num_paths(self, record: dict[str, Any]) -> int:
+        return record["problem"].num_paths
+
+    def forks(self, record: dict[str, Any], tokens: Sequence[str]) -> list[tuple[int, dict[str, float]]]:
+        from eopd.tasks.multipath import forks_along
+
+        return [
+            (position, {str(term): p for term, p in distribution.items()})
+            for position, distribution in forks_along(record["problem"], tokens)
+        ]
 
 
 class MathGrader:
@@ -228,6 +242,7 @@ def evaluate(
     paths: list[list[Hashable | None]] = []
     entropy_sum = entropy_high = tokens = truncated = 0.0
     teacher_sums = dict.fromkeys(("high", "fkl_high", "fkl", "rkl"), 0.0)  # sums over tokens
+    fork_kl = ForkKL()
     try:
         for start in range(0, len(records), spec.batch_size):
             chunk = list(records[start : start + spec.batch_size])
@@ -264,6 +279,14 @@ def evaluate(
             hidden = response_hidden_states_shared_prompts(model, batch, pack=True)[mask]
             s_source = LinearLogits(hidden, output_weight(model), vocab_size)
             s_stats = teacher_token_stats(s_source, batch.responses[mask], k=1, temperature=spec.temperature)
+            fork_kl.add(
+                grader,
+                rows,
+                [batch.responses[i][mask[i]].tolist() for i in range(batch.batch_size)],
+                _logits_at(s_source, mask),
+                student.tokenizer,
+                spec.temperature,
+            )
             entropy_sum += float(s_stats.entropy.sum())
             entropy_high += float((s_stats.entropy >= spec.tau).sum())
             tokens += float(mask.sum())
@@ -283,6 +306,10 @@ def evaluate(
         correct
     )
     results["paths/distinct"] = sum(distinct_correct_paths(p) for p in paths) / len(paths)
+    spread = even_spread(grader, records, [sum(bool(c) for c in row) for row in correct])
+    if spread is not None:
+        results["paths/even_spread"] = spread
+    results.update(fork_kl.metrics())
     results["entropy/student"] = entropy_sum / max(tokens, 1)
     results["entropy/student_high_frac"] = entropy_high / max(tokens, 1)
     results["len_mean"] = tokens / (len(correct) * n)
@@ -300,6 +327,17 @@ def evaluate(
         paths=tuple(distinct_correct_paths(p) for p in paths),
     )
     return EvalResult(results, problems)
+
+
+def _logits_at(source: LinearLogits, mask: torch.Tensor):
+    """(sample, token index) pairs -> the logits there, for `source` over the valid tokens of `mask`."""
+    offsets = torch.cumsum(mask.sum(-1), 0) - mask.sum(-1)
+
+    def at(where: list[tuple[int, int]]) -> torch.Tensor:
+        index = torch.tensor([int(offsets[i]) + j for i, j in where], device=mask.device)
+        return source.rows(index).logits()
+
+    return at
 
 
 def _teacher_sums(

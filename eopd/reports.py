@@ -82,6 +82,7 @@ def report_table(results, spec, final, run_dir: Path, loggers: list = ()) -> Non
         f"pass@{n}",
         f"maj@{n}",
         "paths/distinct",
+        *(k for k in ("paths/even_spread", "forks/kl") if any(k in row for row in table.values())),
         "entropy/student",
         "entropy/student_high_frac",
         "div/fkl_high_entropy",

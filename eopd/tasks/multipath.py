@@ -183,6 +183,36 @@ def term_positions(n: int) -> list[int]:
     return [0, *(2 + 4 * step for step in range(n - 1))]
 
 
+def forks_along(problem: Problem, tokens: Sequence[str]) -> list[tuple[int, dict[int, float]]]:
+    """The forks along one response: (token index, `next_term_distribution` there) at every term choice
+    with at least two valid terms.
+
+    The response is followed along its own choices while it keeps the solution format (`+` before a term,
+    `=` and a one-digit total before the next `+`) and picks a term the reference sampler could pick; the
+    first fork where it does not is still returned (the choice there is what is measured), none after it.
+
+    Args:
+        tokens: the response's token strings, one character each (the embedded tokenizer's).
+    """
+    found: list[tuple[int, dict[int, float]]] = []
+    prefix: list[int] = []
+    for k, position in enumerate(term_positions(len(problem.terms))):
+        if position >= len(tokens):
+            break
+        if k >= 1 and tokens[position - 1] != "+":
+            break
+        if k >= 2 and not (tokens[position - 3] == "=" and tokens[position - 2].isdigit()):
+            break
+        distribution = next_term_distribution(problem, prefix)
+        if len(distribution) >= 2:
+            found.append((position, distribution))
+        token = tokens[position]
+        if not (len(token) == 1 and token.isdigit() and int(token) in distribution):
+            break
+        prefix.append(int(token))
+    return found
+
+
 def canonical_solution(problem: Problem) -> str:
     """The one-branch solution: the terms added in the order the prompt shows them, `before` ignored.
 
