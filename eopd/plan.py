@@ -452,6 +452,33 @@ def _check_sharded(trainer: DictConfig, engine: str) -> None:
         )
 
 
+def check_trainer_options(trainer: DictConfig) -> None:
+    """Raise a ConfigError naming the option when Lightning's Trainer would reject `trainer`: an option it
+    does not have, or a value its constructor refuses. Builds (and drops) a Trainer from these options
+    alone, before any model loads; imports Lightning."""
+    import inspect
+    import tempfile
+
+    import lightning as L
+
+    kwargs = trainer_arguments(trainer)
+    known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    if unknown := sorted(set(kwargs) - known):
+        raise ConfigError(
+            f"config 'trainer.{unknown[0]}'={kwargs[unknown[0]]!r} is not an option of Lightning's Trainer; "
+            f"remove it (options: {', '.join(sorted(known))})"
+        )
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            L.Trainer(**{**kwargs, **quiet, "enable_model_summary": False, "default_root_dir": scratch})
+        except Exception as error:  # noqa: BLE001 - Lightning raises several types for a bad option
+            raise ConfigError(
+                f"config 'trainer': Lightning's Trainer rejects these options ({', '.join(f'{k}={v!r}' for k, v in plain(trainer).items())}): "
+                f"{error}. Fix the value in conf/trainer/ or on the command line (trainer.<option>=...)"
+            ) from None
+
+
 def trainer_arguments(trainer: DictConfig) -> dict[str, Any]:
     """Lightning Trainer arguments; strategy 'fsdp' becomes FSDP2 over all ranks (ModelParallelStrategy).
 

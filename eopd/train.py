@@ -21,7 +21,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from eopd.plan import ConfigError, Plan, build, plain, plan, trainer_arguments
+from eopd.plan import ConfigError, Plan, build, check_trainer_options, plain, plan, trainer_arguments
 
 log = logging.getLogger("eopd.train")
 
@@ -33,6 +33,18 @@ def _optimizer_steps(
 ) -> int:
     from eopd.specs import optimizer_steps_per_rollout
 
+    keys = (
+        "rollout_steps",
+        "update.ppo_epochs",
+        "data.batch_size",
+        "update.mini_batch_size",
+        "rollout.n_samples",
+    )
+    values = (rollout_steps, ppo_epochs, batch_size, mini_batch_size, n_samples)
+    for key, value in zip(keys, values, strict=True):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)):
+            # Raised inside OmegaConf's resolution: `main` reports it as a config error (exit code 2).
+            raise ValueError(f"config '{key}'={value!r} must be a whole number, e.g. {key}=8")
     rows = int(batch_size) * int(n_samples)
     return int(rollout_steps) * optimizer_steps_per_rollout(ppo_epochs, rows, mini_batch_size)
 
@@ -46,7 +58,23 @@ OmegaConf.register_new_resolver(
 def _run_dir_for(base: str, stamp: str, resume: str | None) -> str:
     from eopd.checkpointing import run_dir_for
 
+    _check_creatable(Path(base))
     return run_dir_for(base, stamp, resume)
+
+
+def _check_creatable(directory: Path) -> None:
+    """Exit with code 2, naming output_root, when `directory` cannot be created: Hydra makes the run
+    directory before `main` runs, so this check lives in the resolver that names it (and makes the
+    directory above the run's, as Hydra would next)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(
+            f"config 'output_root': cannot create {directory}: {error.strerror or error}. "
+            "Give a writable folder: output_root=<path>",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 OmegaConf.register_new_resolver("eopd.run_dir", _run_dir_for, replace=True)  # hydra.run.dir, for resume=auto
@@ -55,6 +83,7 @@ OmegaConf.register_new_resolver("eopd.run_dir", _run_dir_for, replace=True)  # h
 def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
     """Train with a composed config, writing into `run_dir`; returns the final logged metrics."""
     p = plan(cfg, run_dir)  # every check that needs no model, before Lightning is imported
+    check_trainer_options(cfg.trainer)  # builds a Trainer from the options alone: before any model loads
 
     import lightning as L
 
@@ -337,6 +366,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the metric a sweeper maximises: the final validation Pass@k (k = n)."""
     from hydra.core.hydra_config import HydraConfig
+    from omegaconf.errors import OmegaConfBaseException
 
     from eopd.checkpointing import NonFiniteTraining, Preempted
 
@@ -345,6 +375,11 @@ def main(cfg: DictConfig) -> float:
         metrics = run(cfg, run_dir)
     except ConfigError as error:
         log.error("%s", error)
+        sys.exit(2)
+    except OmegaConfBaseException as error:  # a value an interpolation or a resolver could not use
+        text = str(error).splitlines()[0]
+        named = text[text.index("config '") :] if "config '" in text else None  # a resolver's own message
+        log.error("%s", named or f"config {getattr(error, 'full_key', None)!r}: {text}")
         sys.exit(2)
     except Preempted as stop:
         log.warning("%s", stop)

@@ -59,6 +59,24 @@ CASES = {
         ConfigError,
         ["pair.student.path", "no_such_model", "config.json", "Fix the path"],
     ),
+    "model-path-is-a-file": Case(
+        ["pair.student.path={tmp}/model.safetensors"],
+        ConfigError,
+        ["pair.student.path", "is a file, not a model directory", "save_pretrained"],
+        files={"model.safetensors": "not a directory"},
+    ),
+    "model-directory-without-weights": Case(
+        ["pair.student.path={tmp}"],
+        ConfigError,
+        ["pair.student.path", "no weight files", "save or copy the model again"],
+        files={"config.json": "{}", "tokenizer.json": "{}"},
+    ),
+    "model-directory-without-a-tokenizer": Case(
+        ["pair.student.path={tmp}", "++pair.student.tokenizer=null"],
+        ConfigError,
+        ["pair.student.path", "has no tokenizer", "pair.student.tokenizer"],
+        files={"config.json": "{}", "model.safetensors": "weights"},
+    ),
     "teacher-student-vocabulary-mismatch": Case(
         ["+pair.teacher.tokenizer={tmp}/other_tokenizer"],
         ConfigError,
@@ -221,6 +239,19 @@ CASES = {
         ConfigError,
         ["llm_kwargs sets enable_sleep_mode", "use the fields of rollout.engine_options"],
     ),
+    "a-kept-fraction-of-zero": Case(
+        ["objective=tip", "objective.rho=0"],
+        ConfigError,
+        ["objective.rho=0", "no token to train on", "(0, 1]"],
+    ),
+    "unknown-trainer-option": Case(
+        ["+trainer.bogus=1"],
+        ConfigError,
+        ["'trainer.bogus'=1", "not an option of Lightning's Trainer", "remove it"],
+    ),
+    "trainer-value-lightning-rejects": Case(
+        ["trainer.precision=bogus"], ConfigError, ["'trainer'", "precision='bogus'", "Fix the value"]
+    ),
 }
 if not vllm_available():
     CASES["vllm-without-the-extra"] = Case(
@@ -322,6 +353,39 @@ def test_bad_dataset_file_on_the_command_line_exits_2_naming_file_and_line(tmp_p
     assert result.returncode == 2, output
     assert f"{data}:3" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # data.batch_size feeds total_optimizer_steps through a resolver: the error arises while resolving.
+        (
+            "data.batch_size=abc",
+            "config 'data.batch_size'='abc' must be a whole number, e.g. data.batch_size=8",
+        ),
+        # Hydra makes the run directory before the run starts.
+        (
+            "output_root={tmp}/a_file/outputs",
+            "config 'output_root': cannot create {tmp}/a_file/outputs/runs/",
+        ),
+    ],
+)
+def test_errors_raised_before_the_run_starts_exit_2_naming_the_key(override, message, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    override, message = (x.replace("{tmp}", str(tmp_path)) for x in (override, message))
+    result = subprocess.run(
+        [sys.executable, "-m", "eopd.train", "pair=tiny_random", f"output_root={tmp_path}/outputs", override],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert message in output
+    assert "Traceback" not in output and "Error:" not in output.replace("ERROR", "")
 
 
 # ---- prompts over the length limit ----------------------------------------------------------------------

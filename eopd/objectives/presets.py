@@ -229,6 +229,19 @@ def preset(
     ):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"objective.{knob}={value!r} must lie in [0, 1] (a fraction)")
+    kept = {
+        "tip": ("rho", rho),
+        "tip_global": ("rho", rho),
+        "tip_q3": ("rho_q3", rho_q3),
+        "reopold": ("keep", keep),
+    }
+    kept["eopd_quantile"] = ("q", q)
+    knob, value = kept.get(name, (None, None))
+    if isinstance(value, int | float) and value == 0:
+        raise ValueError(
+            f"objective.{knob}=0 leaves objective {name!r} no token to train on (it keeps that fraction of "
+            f"tokens); give a fraction in (0, 1], e.g. objective.{knob}=0.5"
+        )
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"objective.dual_clip={dual_clip!r} must be > 1 (verl uses 3) or null for none")
     if not 0.0 < mix_lambda < 1.0:
