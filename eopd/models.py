@@ -385,42 +385,15 @@ class ModelSource:
             return
         local = Path(self.path).expanduser()
         looks_local = self.path.startswith((".", "/", "~")) or local.exists() or self.path.count("/") != 1
-        if looks_local and local.is_file():
-            raise ValueError(
-                f"{key}.path={self.path!r} is a file, not a model directory: give the directory that "
-                "save_pretrained wrote (config.json, the weights and the tokenizer)"
-                + (f"; for a GGUF file use {key}.gguf" if local.suffix == ".gguf" else "")
-            )
-        if looks_local and not (local / "config.json").is_file():
-            raise ValueError(
-                f"{key}.path={self.path!r}: no model there (expected a directory with config.json, saved by "
-                "save_pretrained). Fix the path, or give a hub id such as Qwen/Qwen3-1.7B-Base"
-            )
         if looks_local:
-            _check_model_files(key, local, needs_tokenizer=self.tokenizer is None)
+            from eopd.model_files import check_model_directory
+
+            check_model_directory(key, self.path, needs_tokenizer=self.tokenizer is None)
         if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(self.path):
             raise ValueError(
                 f"{key}.path={self.path!r} is a hub id, but HF_HUB_OFFLINE=1 and it is not in the local cache: "
                 "download it first (unset HF_HUB_OFFLINE with network access) or point to a local directory"
             )
-
-
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def _check_model_files(key: str, directory: Path, *, needs_tokenizer: bool) -> None:
-    """A local model directory holds weights, and a tokenizer unless another source gives one."""
-    if not any(any(directory.glob(pattern)) for pattern in WEIGHT_FILES):
-        raise ValueError(
-            f"{key}.path={str(directory)!r} has config.json but no weight files ({', '.join(WEIGHT_FILES)}): "
-            "it was not saved with save_pretrained, or the copy is incomplete; save or copy the model again"
-        )
-    if needs_tokenizer and not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(
-            f"{key}.path={str(directory)!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the "
-            f"tokenizer beside the model (tokenizer.save_pretrained) or name one with {key}.tokenizer"
-        )
 
 
 def _in_hub_cache(repo_id: str) -> bool:

@@ -21,7 +21,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from eopd.plan import ConfigError, Plan, build, check_trainer_options, plain, plan, trainer_arguments
+from eopd.plan import ConfigError, Plan, build, plain, plan
+from eopd.trainer_options import check_trainer_options, trainer_arguments
 
 log = logging.getLogger("eopd.train")
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 import eopd.models
 import eopd.plan
 import eopd.train
+import eopd.trainer_options
 from eopd.objectives import PRESETS, Objective
 from eopd.rollout_engines import vllm_available
 from eopd.schedules import Constant, Cosine, Linear, Step
@@ -306,14 +307,14 @@ def test_trainer_fsdp_shards_the_student_over_every_process(monkeypatch):
 
     monkeypatch.setenv("EOPD_NODES", "2")
     monkeypatch.setenv("EOPD_GPUS_PER_NODE", "4")
-    arguments = eopd.plan.trainer_arguments(compose_train(["trainer=fsdp"]).trainer)
+    arguments = eopd.trainer_options.trainer_arguments(compose_train(["trainer=fsdp"]).trainer)
 
     strategy = arguments["strategy"]
     assert isinstance(strategy, ModelParallelStrategy)
     # One data-parallel dimension over all 8 processes: DistillModule.configure_model shards over it.
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (8, 1)
     assert (arguments["devices"], arguments["num_nodes"]) == (4, 2)
-    assert eopd.plan.trainer_arguments(compose_train(["trainer=ddp"]).trainer)["strategy"] == "ddp"
+    assert eopd.trainer_options.trainer_arguments(compose_train(["trainer=ddp"]).trainer)["strategy"] == "ddp"
 
 
 def test_off_policy_kd_selects_the_teacher_rollout_unless_the_command_line_says_otherwise():
