@@ -63,6 +63,7 @@ from eopd.crossed import (
     verdict_lines,
 )
 from eopd.markdown import fmt_number, markdown_table
+from eopd.provenance import describe_commits, read_code_version
 
 # Final metrics shown in the markdown table unless --metrics names others (the CSV holds all of them).
 _TABLE_PATTERN = re.compile(
@@ -371,6 +372,7 @@ def write_report(
         "",
         f"Produced by `{command}`." if command else "",
         sweep_provenance(records),
+        describe_commits([read_code_version(Path(r.source)) for r in records if not is_wandb_path(r.source)]),
         "",
         f"{len(records)} runs, {len(comparison.variants)} variants, seeds per variant: "
         + "; ".join(f"{v}: {len(s)}" for v, s in comparison.seeds.items())

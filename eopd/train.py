@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from eopd.plan import ConfigError, Plan, build, plain, plan
+from eopd.provenance import write_code_version
 from eopd.trainer_options import check_trainer_options, trainer_arguments
 
 log = logging.getLogger("eopd.train")
@@ -117,6 +118,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
                 log.warning("resuming with a config that differs from the run's in: %s", ", ".join(changed))
     if primary:
         OmegaConf.save(cfg, p.run_dir / "config.yaml", resolve=True)
+        write_code_version(p.run_dir)  # the commit, so that a comparison can name the code it compares
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("keep_freed_memory", False):
         from eopd.allocator import keep_freed_memory

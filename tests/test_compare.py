@@ -421,6 +421,11 @@ def test_plots_exist_and_the_report_embeds_them_with_the_table_and_command(repor
         assert png.startswith(b"\x89PNG") and len(png) > 1000, name
     assert (report / "comparison.md").read_text().strip() in text
     assert "python -m eopd.compare " in text and "--baseline opd" in text
+    from eopd.provenance import code_version
+
+    head = code_version()["commit"]
+    if head is not None:  # a git checkout, as in CI: every run recorded the commit it ran at
+        assert f"Code: commit {head[:12]}" in text
 
 
 def test_training_and_validation_curves_share_the_rollout_step_axis(sweep_dir):
