@@ -33,7 +33,7 @@ import math
 import re
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from eopd.bootstrap import BOOTSTRAP_CSV_COLUMNS, bootstrap_csv_cells, bootstrap_tables
@@ -55,15 +55,10 @@ from eopd.comparison import (
     is_wandb_path,
     load_records,
 )
-from eopd.crossed import (
-    CROSSED_CSV_COLUMNS,
-    crossed_csv_cells,
-    crossed_tables,
-    family_verdicts,
-    verdict_lines,
-)
+from eopd.crossed import CROSSED_CSV_COLUMNS, crossed_csv_cells, crossed_tables
 from eopd.markdown import fmt_number, markdown_table
 from eopd.provenance import describe_commits, read_code_version
+from eopd.verdicts import verdict_section
 
 # Final metrics shown in the markdown table unless --metrics names others (the CSV holds all of them).
 _TABLE_PATTERN = re.compile(
@@ -233,67 +228,6 @@ def primary_metrics(records: Sequence[RunRecord]) -> list[str]:
     return list(next(iter(named))) if len(named) == 1 else []
 
 
-def declared_families(records: Sequence[RunRecord], comparison: Comparison) -> dict[str, list[str]]:
-    """The families of comparisons a sweep declared before running (`study.families`: name -> variants),
-    when every run names the same ones; else one family, `all`, of every variant but the baseline."""
-    declared = []
-    for record in records:
-        try:
-            declared.append(config_value(record.config, "study.families"))
-        except (KeyError, TypeError):
-            declared.append(None)
-    first = declared[0] if declared else None
-    if isinstance(first, Mapping) and first and all(d == first for d in declared):
-        return {str(name): [str(v) for v in members] for name, members in first.items()}
-    return {"all": [v for v in comparison.variants if v != comparison.baseline]}
-
-
-def verdict_section(
-    records: Sequence[RunRecord], comparison: Comparison, primary: Sequence[str]
-) -> list[str]:
-    """The report's verdicts: each declared comparison against the baseline on each primary metric, from
-    its crossed interval, with Holm's correction within its family; a note where none can be given."""
-    if not primary:
-        return [
-            "No primary metrics were declared (`study.primary` in the sweep's config), so no verdicts: every "
-            "interval below stands alone, with no correction for the number of comparisons.",
-            "",
-        ]
-    families = declared_families(records, comparison)
-    verdicts, missing = family_verdicts(
-        comparison.crossed_difference, families, primary, comparison.confidence
-    )
-    left_out = [
-        f"Declared in family `{name}` but without a crossed interval against `{comparison.baseline}` (no runs "
-        f"among those compared, or no per-problem results), so outside its correction: {', '.join(absent)}."
-        for name, absent in missing.items()
-    ]
-    if not verdicts:
-        return [
-            "No verdicts: the primary metrics have no crossed interval against the baseline (they need "
-            "per-problem results in eval.json, the same problems for every seed, and at least two seeds).",
-            "",
-            *left_out,
-        ]
-    sizes = "; ".join(
-        f"`{name}`: {len(members)} variants × {len(primary)} metrics" for name, members in families.items()
-    )
-    return [
-        f"Each declared comparison against `{comparison.baseline}` on each primary metric, from its interval "
-        f"over seeds and problems crossed; Holm's correction within each family ({sizes}), family-wise error "
-        f"at most {1 - comparison.confidence:g}. "
-        + (
-            "Families from the sweep's config (`study.families`)."
-            if families != {"all": [v for v in comparison.variants if v != comparison.baseline]}
-            else "One family of every variant (the sweep's config declares no `study.families`)."
-        ),
-        "",
-        *verdict_lines(verdicts, comparison.baseline, comparison.confidence),
-        "",
-        *(line + "\n" for line in left_out),
-    ]
-
-
 def sweep_provenance(records: Sequence[RunRecord]) -> str:
     """How the local Hydra sweeps behind `records` were run: per sweep folder (one holding
     `multirun.yaml`), its command and its wall time, from its first run's start (the run's `.hydra`
@@ -317,6 +251,13 @@ def sweep_provenance(records: Sequence[RunRecord]) -> str:
             line += f" Wall time {(max(ends) - min(starts)) / 60:.1f} min, from its first run's start to its last run's end."
         lines.append(line)
     return "\n".join(lines)
+
+
+def run_provenance(records: Sequence[RunRecord]) -> str:
+    """`sweep_provenance`, then the commits the local runs ran at (their `code.json`)."""
+    local = [r for r in records if not is_wandb_path(r.source)]
+    commits = describe_commits([read_code_version(Path(r.source)) for r in local]) if local else ""
+    return "\n".join(line for line in (sweep_provenance(records), commits) if line)
 
 
 def write_report(
@@ -371,8 +312,7 @@ def write_report(
         "# Run comparison",
         "",
         f"Produced by `{command}`." if command else "",
-        sweep_provenance(records),
-        describe_commits([read_code_version(Path(r.source)) for r in records if not is_wandb_path(r.source)]),
+        run_provenance(records),
         "",
         f"{len(records)} runs, {len(comparison.variants)} variants, seeds per variant: "
         + "; ".join(f"{v}: {len(s)}" for v, s in comparison.seeds.items())

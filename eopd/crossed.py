@@ -1,4 +1,4 @@
-"""Intervals over training seeds and test problems crossed, and Holm's correction across comparisons.
+"""Intervals over training seeds and test problems crossed (the verdicts that use them: `eopd.verdicts`).
 
 Every seed of a sweep is evaluated on the same test problems, so a per-problem value (or a per-problem
 difference against a baseline) forms a seeds x problems matrix x[s, p]. Read it as the two-way model
@@ -25,7 +25,7 @@ over seed means covers 70%. One seed (or one problem) gives the mean alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,22 +144,6 @@ def crossed_interval(matrix: np.ndarray, confidence: float = 0.95) -> CrossedInt
     return CrossedInterval(seeds, problems, mean, se, half, p, df, *variance_components(x))
 
 
-def holm(p_values: Mapping[Hashable, float]) -> dict[Hashable, float]:
-    """Holm's step-down adjusted p-values: the i-th smallest p times (m - i + 1), kept monotone, capped at 1.
-
-    A comparison's verdict holds at level alpha, with the family-wise error rate at most alpha over the
-    family, when its adjusted p is below alpha.
-    """
-    ordered = sorted(p_values.items(), key=lambda item: item[1])
-    adjusted: dict[Hashable, float] = {}
-    running = 0.0
-    m = len(ordered)
-    for i, (name, p) in enumerate(ordered):
-        running = max(running, min(1.0, (m - i) * p))
-        adjusted[name] = running
-    return adjusted
-
-
 def aligned_matrix(per_seed: Mapping[object, tuple[Sequence, np.ndarray]]) -> np.ndarray | None:
     """Per-seed (problem ids, values) as a (seeds, problems) matrix with the columns in one id order.
 
@@ -236,50 +220,6 @@ def crossed_comparison(
     return summary, difference
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """One declared comparison (variant - baseline on one metric) with its Holm-adjusted p-value."""
-
-    family: str
-    variant: str
-    metric: str
-    interval: CrossedInterval
-    p_holm: float
-    holds: bool  # p_holm < 1 - confidence: the difference is not zero, family-wise error controlled
-
-
-def family_verdicts(
-    difference: Mapping[str, Mapping[str, CrossedInterval]],
-    families: Mapping[str, Sequence[str]],
-    metrics: Sequence[str],
-    confidence: float,
-) -> tuple[list[Verdict], dict[str, list[str]]]:
-    """Holm's correction within each family: its variants x `metrics`, the comparisons against the
-    baseline that have a crossed interval with a p-value (at least two seeds).
-
-    Returns:
-        (the verdicts, family -> the variants it names that have no such interval: no runs among those
-        compared, or no per-problem results; they take no part in the correction).
-    """
-    verdicts: list[Verdict] = []
-    missing: dict[str, list[str]] = {}
-    for family, members in families.items():
-        if absent := [v for v in members if v not in difference]:
-            missing[family] = absent
-        tests = {
-            (v, m): difference[v][m]
-            for v in members
-            if v in difference
-            for m in metrics
-            if m in difference[v] and difference[v][m].p_value is not None
-        }
-        adjusted = holm({key: interval.p_value for key, interval in tests.items()})
-        for (variant, metric), interval in tests.items():
-            p = adjusted[(variant, metric)]
-            verdicts.append(Verdict(family, variant, metric, interval, p, p < 1 - confidence))
-    return verdicts, missing
-
-
 # ---- output ----------------------------------------------------------------------------------------------
 
 
@@ -335,25 +275,6 @@ def crossed_tables(comparison: object, metrics: Sequence[str]) -> list[str]:
                 (variant, _shape(row), [format_crossed_cell(row.get(m), True, True) for m in metrics])
                 for variant, row in comparison.crossed_difference.items()
             ),
-        )
-    return lines
-
-
-def verdict_lines(verdicts: Sequence[Verdict], baseline: str, confidence: float) -> list[str]:
-    """The verdicts as a markdown table, one row per declared comparison."""
-    alpha = 1 - confidence
-    lines = [
-        "| family | variant - "
-        + baseline
-        + " | metric | difference | crossed interval | p | p (Holm) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for v in verdicts:
-        i = v.interval
-        verdict = ("higher" if i.mean > 0 else "lower") if v.holds else f"no difference shown at {alpha:g}"
-        lines.append(
-            f"| {v.family} | {v.variant} | `{v.metric}` | {fmt_number(i.mean, True)} | "
-            f"[{fmt_number(i.low, True)}, {fmt_number(i.high, True)}] | {i.p_value:.2g} | {v.p_holm:.2g} | {verdict} |"
         )
     return lines
 

@@ -117,8 +117,7 @@ def run(cfg: DictConfig, run_dir: Path | str) -> dict[str, float]:
             if changed:
                 log.warning("resuming with a config that differs from the run's in: %s", ", ".join(changed))
     if primary:
-        OmegaConf.save(cfg, p.run_dir / "config.yaml", resolve=True)
-        write_code_version(p.run_dir)  # the commit, so that a comparison can name the code it compares
+        _record_run(cfg, p.run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.get("keep_freed_memory", False):
         from eopd.allocator import keep_freed_memory
@@ -434,6 +433,12 @@ def _curriculum(p: Plan, seed: int, sampler, items, grader, student_side, vocab_
 
 def _millions(model) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def _record_run(cfg: DictConfig, run_dir: Path) -> None:
+    """The run's config.yaml (resolved) and code.json (the commit, so that a comparison can name it)."""
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    write_code_version(run_dir)
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path, steps_per_rollout: int) -> list:

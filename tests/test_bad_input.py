@@ -322,7 +322,7 @@ def test_bad_input_is_named_with_its_fix_before_models_load_and_keeps_earlier_ou
     assert after == before
     new = tmp_path / "outputs" / "runs" / "new"
     if case.loads_tokenizers:  # the run had claimed its directory: it holds no output, and can be rerun
-        assert sorted(p.name for p in new.iterdir()) == ["config.yaml", "run.lock"]
+        assert sorted(p.name for p in new.iterdir()) == ["code.json", "config.yaml", "run.lock"]
         assert checkpointing.resume_checkpoint(None, new) is None
     else:
         assert not new.exists()

@@ -10,8 +10,9 @@ import pytest
 
 from eopd.compare import write_report
 from eopd.comparison import compare, mean_interval
-from eopd.crossed import aligned_matrix, crossed_interval, holm, variance_components
+from eopd.crossed import aligned_matrix, crossed_interval, variance_components
 from eopd.t_distribution import t_two_sided_p
+from eopd.verdicts import holm
 from tests.test_compare import _with_problems
 
 
