@@ -36,6 +36,9 @@ def main() -> None:
     before = load_row(args.before, "student before")
     for run in args.runs:
         path = run / "eval.json" if run.is_dir() else run
+        if not path.is_file():
+            print(f"{run}: no eval.json (not finished)")
+            continue
         after = load_row(path, "student after")
         line = training_change({"student before": before, "student after": after})
         if line is None:
