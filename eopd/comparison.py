@@ -233,6 +233,7 @@ def read_run(run_dir: Path | str, by: Sequence[str] = DEFAULT_BY) -> RunRecord:
         after = saved.get("student after")
         if after:
             final = {k: float(v) for k, v in after.items() if _number(v) is not None}
+            final |= _high_frac_gaps(final)
             final_source = "eval.json"
             saved_problems = (saved.get("problems") or {}).get("student after")
             if saved_problems:  # absent from eval.json written before per-problem results existed

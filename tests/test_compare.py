@@ -474,6 +474,12 @@ def test_the_high_entropy_gap_is_the_students_fraction_minus_the_teachers_on_the
     assert curves["val/entropy/high_frac_gap"] == [(2, pytest.approx(-0.1))]
 
 
+def test_the_final_high_entropy_gap_comes_from_the_trained_students_row(sweep_dir):
+    record = read_run(next(sweep_dir.glob("*_eopd-s0")))
+    gap = record.final["entropy/student_high_frac"] - record.final["entropy/teacher_high_frac"]
+    assert record.final["entropy/high_frac_gap"] == pytest.approx(gap)
+
+
 def test_a_run_without_eval_json_falls_back_to_its_last_logged_values(sweep_dir, tmp_path):
     source = next(sweep_dir.glob("*_opd-s0"))
     run = tmp_path / source.name
