@@ -57,47 +57,30 @@ from eopd.comparison import (
 )
 from eopd.crossed import CROSSED_CSV_COLUMNS, crossed_csv_cells, crossed_tables
 from eopd.markdown import fmt_number, markdown_table
+from eopd.metrics import FINAL_TABLE, PASS_AT_K, table_rank
 from eopd.provenance import describe_commits, read_code_version
 from eopd.verdicts import verdict_section
 
-# Final metrics shown in the markdown table unless --metrics names others (the CSV holds all of them).
-_TABLE_PATTERN = re.compile(
-    r"^(?:val/|test/)?(avg@\d+|pass@\d+|maj@\d+|paths/distinct|paths/even_spread|forks/kl|entropy/student"
-    r"|div/fkl_high_entropy)$"
-    r"|^bench/mean/(avg|pass)@\d+$"  # the math benchmarks' mean (each benchmark is in the CSV)
-)
-_PASS_AT_K = re.compile(r"^((?:val/|test/)?)pass@(\d+)$")
-
 
 def table_metrics(records: Sequence[RunRecord]) -> list[str]:
-    """The final metrics shown by default: accuracy, coverage, diversity and the entropy diagnostics.
-
-    In the order of `eopd.train`'s final table: avg@n, pass@1, pass@n (the largest k; the plot shows
-    every k), maj@n, paths/distinct, paths/even_spread, forks/kl, entropy/student, div/fkl_high_entropy.
-    """
-    keys = {k for r in records for k in r.final if _TABLE_PATTERN.match(k)}
-    passes = sorted((k for k in keys if _PASS_AT_K.match(k)), key=_metric_order)
-    shown = [k for k in keys if not _PASS_AT_K.match(k)]
+    """The final metrics shown by default: those of `eopd.train`'s final table (`eopd.metrics.FINAL_TABLE`)
+    that the runs have, in its order, with pass@1 and the largest pass@k only (the plot shows every k),
+    and the math benchmarks' mean Avg@k and Pass@k (each benchmark is in the CSV)."""
+    keys = {
+        k
+        for r in records
+        for k in r.final
+        if table_rank(k)[0] < len(FINAL_TABLE) or re.fullmatch(r"bench/mean/(avg|pass)@\d+", k)
+    }
+    passes = sorted((k for k in keys if PASS_AT_K.match(k)), key=_metric_order)
+    shown = [k for k in keys if not PASS_AT_K.match(k)]
     if passes:
         shown += {passes[0], passes[-1]}
     return sorted(shown, key=_metric_order)
 
 
 def _metric_order(name: str) -> tuple[int, int, str]:
-    bare = re.sub(r"^(?:val/|test/)", "", name)
-    ranks = (
-        "avg@",
-        "pass@",
-        "maj@",
-        "paths/distinct",
-        "paths/even_spread",
-        "forks/kl",
-        "entropy/student",
-        "div/fkl_high_entropy",
-    )
-    rank = next((i for i, prefix in enumerate(ranks) if bare.startswith(prefix)), len(ranks))
-    k = int(bare.split("@")[1]) if re.match(r"^\w+@\d+$", bare) else 0
-    return rank, k, name
+    return (*table_rank(name), name)
 
 
 def format_cell(interval: Interval, signed: bool = False) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from eopd.comparison import Comparison, Interval, RunRecord, mean_interval
+from eopd.metrics import PASS_AT_K
 
 # The diagnostics the paper argues with (PAPER.md section 5), plotted over training for every variant.
 CURVES = (
@@ -49,7 +50,6 @@ CURVES = (
 )
 PASS_AT_K_PNG = "pass_at_k.png"
 VAL_AVG_PNG = "val_avg_at_k.png"
-_PASS_AT_K = re.compile(r"^((?:val/|test/)?)pass@(\d+)$")
 
 
 def curve_band(
@@ -154,7 +154,7 @@ def pass_at_k_metrics(records: Sequence[RunRecord]) -> list[tuple[int, str]]:
     found: dict[str, dict[int, str]] = defaultdict(dict)
     for record in records:
         for key in record.final:
-            match = _PASS_AT_K.match(key)
+            match = PASS_AT_K.match(key)
             if match:
                 found[match.group(1)][int(match.group(2))] = key
     for prefix in ("", "test/", "val/"):

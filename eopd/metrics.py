@@ -1,5 +1,7 @@
 """Sampling metrics over graded responses: Avg@k, unbiased Pass@k, majority vote, distinct correct paths,
-and the per-problem results an evaluation keeps so that intervals can be taken over problems."""
+the per-problem results an evaluation keeps so that intervals can be taken over problems, and the one
+ordered list of the final table's metrics (`FINAL_TABLE`) that the table, `eopd.compare` and its plots
+read."""
 
 from __future__ import annotations
 
@@ -9,6 +11,46 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+FINAL_TABLE = (
+    "avg@n",
+    "pass@1",
+    "pass@n",
+    "maj@n",
+    "paths/distinct",
+    "paths/even_spread",
+    "forks/kl",
+    "entropy/student",
+    "entropy/student_high_frac",
+    "div/fkl_high_entropy",
+    "div/fkl",
+    "div/rkl",
+)
+"""The final table's columns in order; `n` is the samples per problem. Add a metric here and the table,
+`eopd.compare`'s default tables and their order follow."""
+
+MEASURED_BY_SOME_TASKS = frozenset({"paths/even_spread", "forks/kl"})
+"""Columns shown only when some row has them (tasks whose grader knows its paths)."""
+
+PASS_AT_K = re.compile(r"^((?:val/|test/)?)pass@(\d+)$")
+"""A Pass@k key, with the prefix of where it was logged (none: eval.json; val/ or test/)."""
+
+
+def final_table_keys(n: int, measured: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """The final table's metric names for n samples per problem; the task-specific ones only if measured."""
+    keys = [key.replace("@n", f"@{n}") for key in FINAL_TABLE]
+    return [k for k in keys if k not in MEASURED_BY_SOME_TASKS or k in measured]
+
+
+def table_rank(name: str) -> tuple[int, int]:
+    """Where `name` (maybe `val/`- or `test/`-prefixed, any k) sits in `FINAL_TABLE`: (position, k);
+    names outside the table rank after it."""
+    bare = re.sub(r"^(?:val/|test/)", "", name)
+    k = int(bare.split("@")[1]) if re.fullmatch(r"[a-z]+@\d+", bare) else 0
+    family = re.sub(r"@\d+$", "@n", bare)
+    if family == "pass@n":
+        return FINAL_TABLE.index("pass@1"), k
+    return (FINAL_TABLE.index(family) if family in FINAL_TABLE else len(FINAL_TABLE)), k
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -73,22 +73,11 @@ def report_table(results, spec, final, run_dir: Path, loggers: list = ()) -> Non
     be grouped and compared on them in the wandb UI; the Table `test/final` holds the printed table.
     """
     from eopd.evaluation import format_table
+    from eopd.metrics import final_table_keys
 
     table = {model: result.metrics for model, result in results.items()}
     n = spec.n_samples
-    keys = [
-        f"avg@{n}",
-        "pass@1",
-        f"pass@{n}",
-        f"maj@{n}",
-        "paths/distinct",
-        *(k for k in ("paths/even_spread", "forks/kl") if any(k in row for row in table.values())),
-        "entropy/student",
-        "entropy/student_high_frac",
-        "div/fkl_high_entropy",
-        "div/fkl",
-        "div/rkl",
-    ]
+    keys = final_table_keys(n, {k for row in table.values() for k in row})
     text = format_table(table, keys)
     header = (
         f"final evaluation on {final.n_problems} {final.split} problems, {n} samples each, "

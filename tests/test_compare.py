@@ -323,7 +323,9 @@ def test_every_run_is_found_with_its_variant_seed_and_final_metrics(sweep_dir):
     after = _eval_after(sweep_dir)
     for record in records:
         assert record.final_source == "eval.json"
-        assert record.final == pytest.approx(after[record.variant, record.seed])
+        derived = {"entropy/high_frac_gap"}  # the student's fraction minus the teacher's, read off the row
+        own = {k: v for k, v in record.final.items() if k not in derived}
+        assert own == pytest.approx(after[record.variant, record.seed])
 
 
 def test_table_means_and_intervals_equal_a_direct_computation(sweep_dir, report):
@@ -602,3 +604,14 @@ def test_a_sweep_folder_gives_the_report_its_command_and_wall_time(tmp_path):
     assert "(1 run). Wall time 5.0 min" in compare_module.sweep_provenance(records)
     records[0].source = str(tmp_path / "elsewhere" / "other")
     assert compare_module.sweep_provenance(records) == ""
+
+
+def test_the_comparison_shows_the_final_tables_metrics_in_its_order():
+    from eopd.metrics import final_table_keys
+
+    keys = final_table_keys(8, {"forks/kl"})
+    assert keys[:4] == ["avg@8", "pass@1", "pass@8", "maj@8"]
+    assert "forks/kl" in keys and "paths/even_spread" not in keys  # task-specific: only when measured
+    record = _record("eopd", 0, 0.5)
+    record.final = dict.fromkeys([*reversed(keys), "pass@2", "pass@4", "gate/fraction"], 0.5)
+    assert table_metrics([record]) == keys  # pass@1 and the largest k only; unlisted metrics in the CSV
