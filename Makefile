@@ -58,7 +58,8 @@ REAL_STUDY_METRICS := --metrics avg@8 pass@1 pass@2 pass@4 pass@8 maj@8 entropy/
 study-real: $(VENV)/.real-installed ## OPD against EOPD on the real pair, 5 seeds each, report in docs/real-study
 	rm -rf $(REAL_STUDY_DIR)
 	OMP_NUM_THREADS=1 $(PY) -m eopd.train experiment=real sweep=real hydra/launcher=parallel hydra.sweep.dir=$(REAL_STUDY_DIR) $(ARGS)
-	$(PY) -m eopd.compare $(REAL_STUDY_DIR) --baseline opd --out docs/real-study $(REAL_STUDY_METRICS)
+	$(PY) scripts/keep_run_files.py $(REAL_STUDY_DIR) docs/real-study/runs
+	$(PY) -m eopd.compare docs/real-study/runs --baseline opd --out docs/real-study $(REAL_STUDY_METRICS)
 
 DEMO_DIR ?= outputs/sweeps/demo/latest
 demo: $(VENV)/.installed ## the paper's comparison on the embedded default (opd, eopd, fkl, jsd x 5 seeds), report in docs/demo

@@ -24,12 +24,16 @@ def load_row(path: Path, row: str) -> EvalResult:
     """One row of an eval.json (e.g. "student before") with its per-problem results."""
     saved = json.loads(path.read_text())
     if row not in saved:
-        raise SystemExit(f"{path} has no {row!r} row (rows: {', '.join(k for k in saved if k != 'problems')})")
+        raise SystemExit(
+            f"{path} has no {row!r} row (rows: {', '.join(k for k in saved if k != 'problems')})"
+        )
     return EvalResult(saved[row], ProblemResults.from_json(saved["problems"][row]))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("before", type=Path, help="an eval.json holding the 'student before' row")
     parser.add_argument("runs", type=Path, nargs="+", help="run folders (or their eval.json files)")
     args = parser.parse_args()
