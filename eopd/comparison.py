@@ -33,7 +33,7 @@ from typing import Any
 from eopd.bootstrap import BOOTSTRAP_REPLICATES, BootstrapInterval, bootstrap_comparison
 from eopd.crossed import CrossedInterval, crossed_comparison
 from eopd.metrics import ProblemResults
-from eopd.t_distribution import t_quantile
+from eopd.t_distribution import SymmetricBounds, t_quantile
 
 DEFAULT_BY = ("objective.name",)
 
@@ -42,21 +42,13 @@ DEFAULT_BY = ("objective.name",)
 
 
 @dataclass(frozen=True)
-class Interval:
+class Interval(SymmetricBounds):
     """A mean over n values with the half-width of its confidence interval (None when n < 2)."""
 
     n: int
     mean: float
     std: float | None = None
     half_width: float | None = None
-
-    @property
-    def low(self) -> float | None:
-        return None if self.half_width is None else self.mean - self.half_width
-
-    @property
-    def high(self) -> float | None:
-        return None if self.half_width is None else self.mean + self.half_width
 
 
 def mean_interval(values: Iterable[float], confidence: float = 0.95) -> Interval:

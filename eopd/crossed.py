@@ -32,11 +32,11 @@ import numpy as np
 
 from eopd.bootstrap import matching_problems
 from eopd.markdown import fmt_number, markdown_table
-from eopd.t_distribution import t_quantile, t_two_sided_p
+from eopd.t_distribution import SymmetricBounds, t_quantile, t_two_sided_p
 
 
 @dataclass(frozen=True)
-class CrossedInterval:
+class CrossedInterval(SymmetricBounds):
     """The grand mean of a seeds x problems matrix and its crossed standard error.
 
     Attributes:
@@ -59,14 +59,6 @@ class CrossedInterval:
     var_seed: float
     var_problem: float
     var_residual: float
-
-    @property
-    def low(self) -> float | None:
-        return None if self.half_width is None else self.mean - self.half_width
-
-    @property
-    def high(self) -> float | None:
-        return None if self.half_width is None else self.mean + self.half_width
 
 
 def _mean_squares(x: np.ndarray) -> tuple[float, float, float]:

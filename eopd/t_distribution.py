@@ -52,3 +52,18 @@ def _t_central_mass(t: float, df: int) -> float:
         term *= (2 * j - 1) / (2 * j) * c2
         total += term
     return s * total
+
+
+class SymmetricBounds:
+    """`low` and `high` of an interval held as `mean` and `half_width` (None: no interval)."""
+
+    mean: float
+    half_width: float | None
+
+    @property
+    def low(self) -> float | None:
+        return None if self.half_width is None else self.mean - self.half_width
+
+    @property
+    def high(self) -> float | None:
+        return None if self.half_width is None else self.mean + self.half_width

@@ -328,28 +328,24 @@ def test_bad_input_is_named_with_its_fix_before_models_load_and_keeps_earlier_ou
         assert not new.exists()
 
 
-def test_bad_dataset_file_on_the_command_line_exits_2_naming_file_and_line(tmp_path):
-    data = tmp_path / "prompts.jsonl"
-    data.write_text('{"problem": "1+2=", "answer": "3"}\n\n{"text": "3+4="}\n')
-
+def run_train_command(*overrides: str) -> tuple[subprocess.CompletedProcess, str]:
+    """`python -m eopd.train pair=tiny_random <overrides>` offline; the result and its stdout + stderr."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eopd.train",
-            "pair=tiny_random",
-            *JSONL,
-            f"data.path={data}",
-            f"output_root={tmp_path}/outputs",
-        ],
+        [sys.executable, "-m", "eopd.train", "pair=tiny_random", *overrides],
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
         capture_output=True,
         text=True,
         timeout=120,
     )
+    return result, result.stdout + result.stderr
 
-    output = result.stdout + result.stderr
+
+def test_bad_dataset_file_on_the_command_line_exits_2_naming_file_and_line(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"problem": "1+2=", "answer": "3"}\n\n{"text": "3+4="}\n')
+
+    result, output = run_train_command(*JSONL, f"data.path={data}", f"output_root={tmp_path}/outputs")
     assert result.returncode == 2, output
     assert f"{data}:3" in output
     assert "Traceback" not in output
@@ -373,16 +369,7 @@ def test_bad_dataset_file_on_the_command_line_exits_2_naming_file_and_line(tmp_p
 def test_errors_raised_before_the_run_starts_exit_2_naming_the_key(override, message, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     override, message = (x.replace("{tmp}", str(tmp_path)) for x in (override, message))
-    result = subprocess.run(
-        [sys.executable, "-m", "eopd.train", "pair=tiny_random", f"output_root={tmp_path}/outputs", override],
-        cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-    output = result.stdout + result.stderr
+    result, output = run_train_command(f"output_root={tmp_path}/outputs", override)
     assert result.returncode == 2, output
     assert message in output
     assert "Traceback" not in output and "Error:" not in output.replace("ERROR", "")
