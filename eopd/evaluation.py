@@ -264,16 +264,12 @@ def evaluate(
                 student.tokenizer.decode(batch.responses[i][mask[i]].tolist(), skip_special_tokens=True)
                 for i in range(batch.batch_size)
             ]
-            for index, record in enumerate(chunk):
-                block = range(index * spec.n_samples, (index + 1) * spec.n_samples)
-                correct.append([grader.grade(record, texts[i]) for i in block])
-                answers.append([grader.answer(record, texts[i]) for i in block])
-                # maj@k votes over final answers, so an answer's correctness is the answer's alone (a right
-                # answer after wrong steps counts for the vote, unlike for Avg@k).
-                answer_flags.append([grader.answer_is_correct(record, a) for a in answers[-1]])
-                paths.append(
-                    [grader.path(record, texts[i]) if correct[-1][j] else None for j, i in enumerate(block)]
-                )
+            for found, more in zip(
+                (correct, answers, answer_flags, paths),
+                _grade(grader, chunk, texts, spec.n_samples),
+                strict=True,
+            ):
+                found.extend(more)
             truncated += float(batch.truncated.float().sum())
             # The n samples of a prompt are adjacent rows: each prompt is read once per model.
             hidden = response_hidden_states_shared_prompts(model, batch, pack=True)[mask]
@@ -300,12 +296,7 @@ def evaluate(
         model.train(was_training)
 
     n = spec.n_samples
-    results: dict[str, float] = {f"avg@{n}": sum(map(sum, correct)) / (len(correct) * n)}
-    results.update({f"pass@{k}": v for k, v in pass_at_k_curve(correct).items()})
-    results[f"maj@{n}"] = sum(maj_at_k(a, c, n) for a, c in zip(answers, answer_flags, strict=True)) / len(
-        correct
-    )
-    results["paths/distinct"] = sum(distinct_correct_paths(p) for p in paths) / len(paths)
+    results = _accuracy_metrics(correct, answers, answer_flags, paths, n)
     spread = even_spread(grader, records, [sum(bool(c) for c in row) for row in correct])
     if spread is not None:
         results["paths/even_spread"] = spread
@@ -327,6 +318,31 @@ def evaluate(
         paths=tuple(distinct_correct_paths(p) for p in paths),
     )
     return EvalResult(results, problems)
+
+
+def _grade(grader: Grader, chunk: Sequence[dict[str, Any]], texts: Sequence[str], n: int) -> tuple[list, ...]:
+    """Per record of `chunk` (its n samples are adjacent in `texts`): the samples' correctness, answers,
+    answers' correctness and, for the correct ones, paths."""
+    correct, answers, answer_flags, paths = [], [], [], []
+    for index, record in enumerate(chunk):
+        block = range(index * n, (index + 1) * n)
+        correct.append([grader.grade(record, texts[i]) for i in block])
+        answers.append([grader.answer(record, texts[i]) for i in block])
+        # maj@k votes over final answers, so an answer's correctness is the answer's alone (a right
+        # answer after wrong steps counts for the vote, unlike for Avg@k).
+        answer_flags.append([grader.answer_is_correct(record, a) for a in answers[-1]])
+        paths.append([grader.path(record, texts[i]) if correct[-1][j] else None for j, i in enumerate(block)])
+    return correct, answers, answer_flags, paths
+
+
+def _accuracy_metrics(correct, answers, answer_flags, paths, n: int) -> dict[str, float]:
+    """avg@n, every pass@k, maj@n and paths/distinct over the graded samples (n per problem)."""
+    results: dict[str, float] = {f"avg@{n}": sum(map(sum, correct)) / (len(correct) * n)}
+    results.update({f"pass@{k}": v for k, v in pass_at_k_curve(correct).items()})
+    votes = sum(maj_at_k(a, c, n) for a, c in zip(answers, answer_flags, strict=True))
+    results[f"maj@{n}"] = votes / len(correct)
+    results["paths/distinct"] = sum(distinct_correct_paths(p) for p in paths) / len(paths)
+    return results
 
 
 def _logits_at(source: LinearLogits, mask: torch.Tensor):

@@ -92,7 +92,7 @@ LONG_FUNCTIONS = {
     "eopd/plan.py:plan": 182,
     "eopd/rollout.py:sample": 142,
     "eopd/objectives/presets.py:preset": 126,
-    "eopd/evaluation.py:evaluate": 124,
+    "eopd/evaluation.py:evaluate": 115,
     "eopd/decode_step.py:fused_layer": 122,
     "eopd/module.py:update": 108,
     "eopd/objectives/closed_form.py:loss_and_grad": 104,
